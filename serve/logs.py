@@ -1,0 +1,69 @@
+"""Logging set-up for the server: human text or one JSON object per line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+from typing import TextIO
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+FORMATS = ("text", "json")
+
+# Attributes every LogRecord has; anything else was passed through `extra=` and is logged too.
+_STANDARD = frozenset(
+    vars(logging.LogRecord("", logging.INFO, "", 0, "", None, None))
+) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, msg, any extras, and exc on errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_") and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def _text_formatter() -> logging.Formatter:
+    formatter = logging.Formatter(
+        "%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+    )
+    formatter.converter = time.gmtime
+    return formatter
+
+
+def configure(level: str, fmt: str, *, stream: TextIO | None = None) -> None:
+    """Send logs at ``level`` and above to stderr (or ``stream``) as ``fmt`` ("text" or "json").
+
+    Calling it again replaces the handler it installed before; other handlers are left alone.
+    """
+    if level.lower() not in LEVELS:
+        raise ValueError(f"expected a log level in {LEVELS}, got {level!r}; pass one of them")
+    if fmt not in FORMATS:
+        raise ValueError(f"expected a log format in {FORMATS}, got {fmt!r}; pass one of them")
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_serve_logs", False):
+            root.removeHandler(old)
+            old.close()
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else _text_formatter())
+    handler._serve_logs = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level.upper())

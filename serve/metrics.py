@@ -1,0 +1,162 @@
+"""Prometheus metrics for the server, on a registry of their own, served over HTTP."""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+
+OUTCOMES = (
+    "success",
+    "invalid",
+    "not_found",
+    "rejected",
+    "deadline",
+    "cancelled",
+    "unavailable",
+    "unauthenticated",
+    "internal",
+)
+
+# Latencies from half a millisecond (a small CPU batch) to tens of seconds (a stuck queue).
+_SECONDS_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+# Powers of two, the bucket sizes the batcher pads to.
+_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """The server's metrics: one instance per server, each with its own registry.
+
+    Names (all labelled by ``model``):
+    ``serve_requests_total{outcome}`` (counter), ``serve_request_duration_seconds``,
+    ``serve_queue_duration_seconds``, ``serve_compute_duration_seconds``,
+    ``serve_batch_size`` (histogram of real rows per executed batch),
+    ``serve_queue_depth`` and ``serve_model_ready`` (gauges).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._requests = Counter(
+            "serve_requests",
+            "Finished inference requests by model and outcome.",
+            ("model", "outcome"),
+            registry=self.registry,
+        )
+        self._request_seconds = Histogram(
+            "serve_request_duration_seconds",
+            "Time from receiving an inference request to answering it.",
+            ("model",),
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self._queue_seconds = Histogram(
+            "serve_queue_duration_seconds",
+            "Time a request waited between being queued and its batch starting.",
+            ("model",),
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self._compute_seconds = Histogram(
+            "serve_compute_duration_seconds",
+            "Time ONNX Runtime spent on one batch.",
+            ("model",),
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self._batch_rows = Histogram(
+            "serve_batch_size",
+            "Real (unpadded) rows per executed batch; mean batch size is _sum / _count.",
+            ("model",),
+            buckets=_ROWS_BUCKETS,
+            registry=self.registry,
+        )
+        self._queue_depth = Gauge(
+            "serve_queue_depth",
+            "Requests waiting in the model's queue.",
+            ("model",),
+            registry=self.registry,
+        )
+        self._model_ready = Gauge(
+            "serve_model_ready",
+            "1 when the model is loaded, warmed up and accepting requests, else 0.",
+            ("model",),
+            registry=self.registry,
+        )
+        self._http: WSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+
+    def request(self, model: str, outcome: str, seconds: float) -> None:
+        """Count one finished inference request and observe its latency."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"expected an outcome in {OUTCOMES}, got {outcome!r}; use one of them")
+        self._requests.labels(model, outcome).inc()
+        self._request_seconds.labels(model).observe(seconds)
+
+    def queued(self, model: str, seconds: float) -> None:
+        """Observe how long one request waited from enqueue to the start of its batch."""
+        self._queue_seconds.labels(model).observe(seconds)
+
+    def batch(self, model: str, rows: int, seconds: float) -> None:
+        """Observe one executed batch: its real rows and its compute time."""
+        self._batch_rows.labels(model).observe(rows)
+        self._compute_seconds.labels(model).observe(seconds)
+
+    def queue_depth(self, model: str, depth: int) -> None:
+        """Set the number of requests waiting in the model's queue."""
+        self._queue_depth.labels(model).set(depth)
+
+    def model_ready(self, model: str, ready: bool) -> None:
+        """Set whether the model accepts requests; also makes its series appear at zero."""
+        self._model_ready.labels(model).set(1 if ready else 0)
+        # Zero-valued series from the start, so rate() and absent() work before traffic.
+        for outcome in OUTCOMES:
+            self._requests.labels(model, outcome)
+        self._request_seconds.labels(model)
+        self._queue_seconds.labels(model)
+        self._compute_seconds.labels(model)
+        self._batch_rows.labels(model)
+        self._queue_depth.labels(model)
+
+    def serve_http(self, host: str, port: int) -> None:
+        """Serve ``/metrics`` over HTTP on ``host:port`` in a daemon thread; port 0 disables it."""
+        if port == 0:
+            return
+        if self._http is not None:
+            raise RuntimeError("expected serve_http to be called once, got a second call")
+        try:
+            self._http, self._http_thread = start_http_server(port, host, registry=self.registry)
+        except OSError as e:
+            raise OSError(
+                f"expected a free metrics port, got {host}:{port} unavailable ({e.strerror}); "
+                "pass another --metrics-port, or 0 to disable metrics"
+            ) from e
+
+    @property
+    def http_port(self) -> int | None:
+        """The port ``/metrics`` is served on, or None when not serving."""
+        return None if self._http is None else self._http.server_port
+
+    def render(self) -> bytes:
+        """The current metrics in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint, if started; safe to call more than once."""
+        if self._http is None:
+            return
+        self._http.shutdown()
+        self._http.server_close()
+        if self._http_thread is not None:
+            self._http_thread.join(timeout=5)
+        self._http = None
+        self._http_thread = None

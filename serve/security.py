@@ -1,0 +1,163 @@
+"""Transport security (TLS, mTLS) and bearer-token authentication for the gRPC server."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+from grpc import aio
+
+_log = logging.getLogger(__name__)
+
+# Probes and tooling must work without a token: kubelet's gRPC probe cannot send metadata.
+EXEMPT_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+
+def _read(path: Path, what: str, flag: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(
+            f"expected a readable {what} file, got {str(path)!r} ({e.strerror}); "
+            f"fix the path given to {flag}"
+        ) from e
+    if not data.strip():
+        raise ValueError(
+            f"expected a {what} in {str(path)!r}, got an empty file; fill it or fix {flag}"
+        )
+    return data
+
+
+def server_credentials(
+    cert: Path | None, key: Path | None, client_ca: Path | None
+) -> grpc.ServerCredentials | None:
+    """TLS credentials for the gRPC port, or None for a plaintext port.
+
+    ``cert`` and ``key`` are PEM files (the certificate may be a chain); with ``client_ca`` the
+    server also requires client certificates signed by that CA (mutual TLS).
+    Raises ValueError with a message that says which flag to fix.
+    """
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ValueError(
+                "expected --tls-cert and --tls-key with --tls-client-ca, got only the client CA; "
+                "mutual TLS needs the server's own certificate and key too"
+            )
+        return None
+    if cert is None or key is None:
+        given, missing = ("--tls-cert", "--tls-key") if key is None else ("--tls-key", "--tls-cert")
+        raise ValueError(
+            f"expected {given} and {missing} together, got only {given}; pass {missing}"
+        )
+    cert_pem = _read(cert, "PEM certificate", "--tls-cert")
+    key_pem = _read(key, "PEM private key", "--tls-key")
+    if b"-----BEGIN" not in cert_pem or b"CERTIFICATE" not in cert_pem:
+        raise ValueError(
+            f"expected a PEM certificate in {str(cert)!r}, got something else; "
+            "pass the certificate (-----BEGIN CERTIFICATE-----) to --tls-cert"
+        )
+    if b"PRIVATE KEY-----" not in key_pem:
+        raise ValueError(
+            f"expected a PEM private key in {str(key)!r}, got something else; "
+            "pass the unencrypted key (-----BEGIN ... PRIVATE KEY-----) to --tls-key"
+        )
+    ca_pem = None
+    if client_ca is not None:
+        ca_pem = _read(client_ca, "PEM CA certificate", "--tls-client-ca")
+        if b"CERTIFICATE" not in ca_pem:
+            raise ValueError(
+                f"expected a PEM CA certificate in {str(client_ca)!r}, got something else; "
+                "pass the CA that signs client certificates to --tls-client-ca"
+            )
+    return grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)],
+        root_certificates=ca_pem,
+        require_client_auth=ca_pem is not None,
+    )
+
+
+def read_token(token_file: Path) -> str:
+    """The bearer token in ``token_file``, stripped of surrounding whitespace."""
+    token = _read(token_file, "bearer token", "--token-file").decode("utf-8", "replace").strip()
+    if any(c.isspace() for c in token) or not token.isprintable():
+        raise ValueError(
+            f"expected one token without spaces in {str(token_file)!r}, got whitespace or "
+            "control characters inside it; put a single token on one line"
+        )
+    return token
+
+
+def check_bearer(metadata: object, token: str) -> str | None:
+    """None when ``metadata`` holds ``authorization: Bearer <token>``, else why not."""
+    values = [value for key, value in (metadata or ()) if key.lower() == "authorization"]
+    if not values:
+        return (
+            "expected metadata 'authorization: Bearer <token>', got no authorization; "
+            "send the server's token (the contents of its --token-file)"
+        )
+    expected = token.encode()
+    for value in values:
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        scheme, _, given = text.strip().partition(" ")
+        # compare_digest keeps the comparison time independent of where the tokens differ.
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected):
+            return None
+    return (
+        "expected metadata 'authorization: Bearer <token>' with the server's token, got a wrong "
+        "token or scheme; send the contents of the server's --token-file"
+    )
+
+
+def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that fails with UNAUTHENTICATED."""
+
+    async def abort(_request: object, context: aio.ServicerContext) -> None:
+        _log.warning("unauthenticated call from %s: %s", context.peer(), message)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort, **serializers)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort, **serializers)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort, **serializers)
+    return grpc.unary_unary_rpc_method_handler(abort, **serializers)
+
+
+class BearerTokenInterceptor(aio.ServerInterceptor):
+    """Rejects calls without the right bearer token, except health checks and reflection."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("expected a non-empty bearer token, got an empty one; set a token")
+        self._token = token
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or method.startswith(EXEMPT_PREFIXES):
+            return handler
+        problem = check_bearer(handler_call_details.invocation_metadata, self._token)
+        return handler if problem is None else _deny(handler, problem)
+
+
+def auth_interceptor(token_file: Path | None) -> aio.ServerInterceptor | None:
+    """An interceptor requiring the bearer token stored in ``token_file``; None without one."""
+    if token_file is None:
+        return None
+    return BearerTokenInterceptor(read_token(token_file))

@@ -1,0 +1,105 @@
+"""serve/metrics.py: the registry on its own, its HTTP endpoint, and counts after real traffic."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve.metrics import OUTCOMES, Metrics
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_counts_and_histograms_follow_the_calls() -> None:
+    m = Metrics()
+    m.model_ready("digits", True)
+    for _ in range(3):
+        m.request("digits", "success", 0.01)
+    m.request("digits", "invalid", 0.001)
+    m.queued("digits", 0.002)
+    m.batch("digits", 3, 0.004)
+    m.batch("digits", 5, 0.004)
+    m.queue_depth("digits", 7)
+    got = _samples(m.render().decode())
+    assert got[("serve_requests_total", (("model", "digits"), ("outcome", "success")))] == 3
+    assert got[("serve_requests_total", (("model", "digits"), ("outcome", "invalid")))] == 1
+    assert got[("serve_requests_total", (("model", "digits"), ("outcome", "deadline")))] == 0
+    assert got[("serve_request_duration_seconds_count", (("model", "digits"),))] == 4
+    assert got[("serve_queue_duration_seconds_count", (("model", "digits"),))] == 1
+    assert got[("serve_batch_size_sum", (("model", "digits"),))] == 8
+    assert got[("serve_batch_size_count", (("model", "digits"),))] == 2
+    assert got[("serve_compute_duration_seconds_count", (("model", "digits"),))] == 2
+    assert got[("serve_queue_depth", (("model", "digits"),))] == 7
+    assert got[("serve_model_ready", (("model", "digits"),))] == 1
+    m.model_ready("digits", False)
+    assert _samples(m.render().decode())[("serve_model_ready", (("model", "digits"),))] == 0
+
+
+def test_model_ready_creates_every_outcome_at_zero() -> None:
+    m = Metrics()
+    m.model_ready("a", True)
+    got = _samples(m.render().decode())
+    for outcome in OUTCOMES:
+        assert got[("serve_requests_total", (("model", "a"), ("outcome", outcome)))] == 0
+
+
+def test_instances_do_not_share_a_registry() -> None:
+    a, b = Metrics(), Metrics()
+    a.request("m", "success", 0.1)
+    assert b'model="m"' in a.render()
+    assert b'model="m"' not in b.render()
+
+
+def test_unknown_outcome_is_refused() -> None:
+    with pytest.raises(ValueError, match="expected an outcome in"):
+        Metrics().request("m", "ok", 0.1)
+
+
+def test_http_endpoint_serves_and_closes() -> None:
+    m = Metrics()
+    m.request("m", "rejected", 0.5)
+    port = _free_port()
+    m.serve_http("127.0.0.1", port)
+    try:
+        assert m.http_port == port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        got = _samples(text)
+        assert got[("serve_requests_total", (("model", "m"), ("outcome", "rejected")))] == 1
+    finally:
+        m.close()
+    m.close()  # a second close is harmless
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_port_zero_disables_http() -> None:
+    m = Metrics()
+    m.serve_http("127.0.0.1", 0)
+    assert m.http_port is None
+    m.close()
+
+
+def test_busy_port_gives_a_clear_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(OSError, match="--metrics-port"):
+            Metrics().serve_http("127.0.0.1", port)

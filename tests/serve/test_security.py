@@ -1,0 +1,352 @@
+"""serve/security.py: TLS, mutual TLS and bearer tokens, on a small real grpc.aio server and on
+the real `python -m serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from serve.security import auth_interceptor, check_bearer, read_token, server_credentials
+
+# --- a throwaway PKI ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path  # a CA that signed nothing here
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def _ca(common: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common))
+        .issuer_name(_name(common))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _leaf(
+    common: str,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    usage: x509.ObjectIdentifier,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def make_pki(directory: Path) -> Pki:
+    """A CA, a server certificate for localhost/127.0.0.1, a client certificate, a stranger CA."""
+    ca_key, ca_cert = _ca("test CA")
+    _, other_cert = _ca("other CA")
+    server_key, server_cert = _leaf("localhost", ca_key, ca_cert, ExtendedKeyUsageOID.SERVER_AUTH)
+    client_key, client_cert = _leaf("client", ca_key, ca_cert, ExtendedKeyUsageOID.CLIENT_AUTH)
+    pki = Pki(
+        ca=directory / "ca.pem",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client.key",
+        other_ca=directory / "other-ca.pem",
+    )
+    pem = serialization.Encoding.PEM
+    pki.ca.write_bytes(ca_cert.public_bytes(pem))
+    pki.other_ca.write_bytes(other_cert.public_bytes(pem))
+    pki.server_cert.write_bytes(server_cert.public_bytes(pem))
+    pki.client_cert.write_bytes(client_cert.public_bytes(pem))
+    _write_key(pki.server_key, server_key)
+    _write_key(pki.client_key, client_key)
+    return pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+# --- server_credentials: refusals -----------------------------------------------------------
+
+
+def test_no_certificate_means_plaintext() -> None:
+    assert server_credentials(None, None, None) is None
+
+
+def test_certificate_without_key_is_refused(pki: Pki) -> None:
+    with pytest.raises(ValueError, match="pass --tls-key"):
+        server_credentials(pki.server_cert, None, None)
+    with pytest.raises(ValueError, match="pass --tls-cert"):
+        server_credentials(None, pki.server_key, None)
+
+
+def test_client_ca_alone_is_refused(pki: Pki) -> None:
+    with pytest.raises(ValueError, match="--tls-client-ca"):
+        server_credentials(None, None, pki.ca)
+
+
+def test_unreadable_or_wrong_files_are_refused(pki: Pki, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="readable PEM certificate"):
+        server_credentials(tmp_path / "missing.pem", pki.server_key, None)
+    with pytest.raises(ValueError, match="PEM private key"):
+        server_credentials(pki.server_cert, pki.server_cert, None)
+    with pytest.raises(ValueError, match="PEM certificate"):
+        server_credentials(pki.server_key, pki.server_key, None)
+    empty = tmp_path / "empty.pem"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty file"):
+        server_credentials(pki.server_cert, pki.server_key, empty)
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+def test_token_file_is_stripped(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("  s3cret-token\n")
+    assert read_token(path) == "s3cret-token"
+
+
+@pytest.mark.parametrize("text", ["", "\n", "two words\n"])
+def test_bad_token_files_are_refused(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "token"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="token"):
+        read_token(path)
+
+
+def test_missing_token_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--token-file"):
+        auth_interceptor(tmp_path / "nope")
+    assert auth_interceptor(None) is None
+
+
+def test_check_bearer() -> None:
+    assert check_bearer((("authorization", "Bearer abc"),), "abc") is None
+    assert check_bearer((("authorization", "bearer abc"),), "abc") is None
+    assert check_bearer((("x", "y"), ("authorization", "Bearer abd")), "abc") is not None
+    assert check_bearer((("authorization", "Basic abc"),), "abc") is not None
+    assert check_bearer((("authorization", "Bearer abcd"),), "abc") is not None
+    assert "no authorization" in (check_bearer((), "abc") or "")
+
+
+# --- a small real grpc.aio server: every handler kind -----------------------------------------
+
+_IDENTITY = {"request_deserializer": None, "response_serializer": None}
+
+
+async def _unary_unary(request: bytes, _context: aio.ServicerContext) -> bytes:
+    return b"uu:" + request
+
+
+async def _unary_stream(request: bytes, _context: aio.ServicerContext) -> AsyncIterator[bytes]:
+    for i in range(2):
+        yield b"us%d:" % i + request
+
+
+async def _stream_unary(requests: AsyncIterator[bytes], _context: aio.ServicerContext) -> bytes:
+    return b"su:" + b"".join([r async for r in requests])
+
+
+async def _stream_stream(
+    requests: AsyncIterator[bytes], _context: aio.ServicerContext
+) -> AsyncIterator[bytes]:
+    async for r in requests:
+        yield b"ss:" + r
+
+
+def _echo_handler() -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(
+        "test.Echo",
+        {
+            "UU": grpc.unary_unary_rpc_method_handler(_unary_unary, **_IDENTITY),
+            "US": grpc.unary_stream_rpc_method_handler(_unary_stream, **_IDENTITY),
+            "SU": grpc.stream_unary_rpc_method_handler(_stream_unary, **_IDENTITY),
+            "SS": grpc.stream_stream_rpc_method_handler(_stream_stream, **_IDENTITY),
+        },
+    )
+
+
+async def _start(
+    token_file: Path | None, credentials: grpc.ServerCredentials | None
+) -> tuple[aio.Server, int]:
+    interceptor = auth_interceptor(token_file)
+    server = aio.server(interceptors=[interceptor] if interceptor else None)
+    server.add_generic_rpc_handlers((_echo_handler(),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    return server, port
+
+
+async def _call_all(channel: aio.Channel, metadata: tuple[tuple[str, str], ...]) -> list[object]:
+    """The four handler kinds' answers, or the status code each failed with."""
+    calls = [
+        channel.unary_unary("/test.Echo/UU")(b"a", metadata=metadata, timeout=10),
+        _collect(channel.unary_stream("/test.Echo/US")(b"b", metadata=metadata, timeout=10)),
+        channel.stream_unary("/test.Echo/SU")(_two(), metadata=metadata, timeout=10),
+        _collect(channel.stream_stream("/test.Echo/SS")(_two(), metadata=metadata, timeout=10)),
+    ]
+    results: list[object] = []
+    for call in calls:
+        try:
+            results.append(await call)
+        except aio.AioRpcError as e:
+            results.append(e.code())
+    return results
+
+
+async def _two() -> AsyncIterator[bytes]:
+    yield b"x"
+    yield b"y"
+
+
+async def _collect(call: aio.UnaryStreamCall | aio.StreamStreamCall) -> list[bytes]:
+    return [r async for r in call]
+
+
+_ANSWERS = [b"uu:a", [b"us0:b", b"us1:b"], b"su:xy", [b"ss:x", b"ss:y"]]
+
+
+def test_token_guards_every_handler_kind_but_not_health(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("right-token\n")
+
+    async def scenario() -> None:
+        server, port = await _start(token_file, None)
+        try:
+            async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                unauth = [grpc.StatusCode.UNAUTHENTICATED] * 4
+                assert await _call_all(channel, ()) == unauth
+                assert await _call_all(channel, (("authorization", "Bearer wrong"),)) == unauth
+                good = (("authorization", "Bearer right-token"),)
+                assert await _call_all(channel, good) == _ANSWERS
+                try:
+                    await channel.unary_unary("/test.Echo/UU")(b"a", timeout=10)
+                except aio.AioRpcError as e:
+                    assert "authorization: Bearer <token>" in (e.details() or "")
+                else:
+                    pytest.fail("a call without a token was answered")
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_no_token_file_lets_everything_through() -> None:
+    async def scenario() -> None:
+        server, port = await _start(None, None)
+        try:
+            async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                assert await _call_all(channel, ()) == _ANSWERS
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def _tls_channel(port: int, ca: Path, cert: Path | None = None, key: Path | None = None):
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None,
+    )
+    return aio.secure_channel(f"127.0.0.1:{port}", creds)
+
+
+def test_tls_and_mutual_tls(pki: Pki) -> None:
+    async def scenario() -> None:
+        creds = server_credentials(pki.server_cert, pki.server_key, None)
+        server, port = await _start(None, creds)
+        try:
+            async with _tls_channel(port, pki.ca) as channel:
+                assert await _call_all(channel, ()) == _ANSWERS
+            async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                assert await _call_all(channel, ()) == [grpc.StatusCode.UNAVAILABLE] * 4
+            async with _tls_channel(port, pki.other_ca) as channel:
+                assert await _call_all(channel, ()) == [grpc.StatusCode.UNAVAILABLE] * 4
+        finally:
+            await server.stop(None)
+
+        creds = server_credentials(pki.server_cert, pki.server_key, pki.ca)
+        server, port = await _start(None, creds)
+        try:
+            async with _tls_channel(port, pki.ca, pki.client_cert, pki.client_key) as channel:
+                assert await _call_all(channel, ()) == _ANSWERS
+            async with _tls_channel(port, pki.ca) as channel:
+                assert await _call_all(channel, ()) == [grpc.StatusCode.UNAVAILABLE] * 4
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
