@@ -1,0 +1,151 @@
+"""Health probe: ``python -m serve.health HOST:PORT [--model NAME]``.
+
+Asks the server's grpc.health.v1 Check for the whole server (service "") or one model and exits
+0 when it answers SERVING, 1 otherwise (not serving, unknown model, unreachable), printing one
+line. Meant for container HEALTHCHECKs, scripts and humans; Kubernetes can use its native gRPC
+probe instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+EXIT_SERVING = 0
+EXIT_NOT_SERVING = 1
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Where and how to probe; built from the command line."""
+
+    target: str
+    service: str = ""
+    timeout: float = 5.0
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.target.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"expected HOST:PORT, got {self.target!r}; pass e.g. 127.0.0.1:8001"
+            )
+        if not self.timeout > 0:
+            raise ValueError(f"expected --timeout > 0 seconds, got {self.timeout}; pass e.g. 5")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                "expected --tls-cert and --tls-key together, got only one; pass both for mutual TLS"
+            )
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError(
+                "expected --tls-ca with --tls-cert, got a client certificate without a CA; "
+                "pass the CA that signed the server's certificate"
+            )
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ValueError(
+            f"expected a readable file for {flag}, got {str(path)!r} ({e.strerror}); fix the path"
+        ) from e
+
+
+def open_channel(config: ProbeConfig) -> grpc.Channel:
+    """A plaintext channel, or a TLS one when a CA is given (with a client cert for mTLS)."""
+    if config.tls_ca is None:
+        return grpc.insecure_channel(config.target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(config.tls_ca, "--tls-ca"),
+        private_key=_read(config.tls_key, "--tls-key") if config.tls_key else None,
+        certificate_chain=_read(config.tls_cert, "--tls-cert") if config.tls_cert else None,
+    )
+    options = []
+    if config.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", config.tls_server_name))
+    return grpc.secure_channel(config.target, credentials, options=options)
+
+
+def probe(config: ProbeConfig) -> tuple[int, str]:
+    """The exit code and the one-line message for one health check."""
+    what = f"model {config.service!r}" if config.service else "server"
+    with open_channel(config) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=config.service), timeout=config.timeout
+            )
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details()
+            if code == grpc.StatusCode.NOT_FOUND:
+                return EXIT_NOT_SERVING, (
+                    f"UNKNOWN: {what} at {config.target} is not served there ({details}); "
+                    "check the model name"
+                )
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return EXIT_NOT_SERVING, (
+                    f"UNREACHABLE: {config.target} did not answer within {config.timeout:g}s; "
+                    "check the address and port, or raise --timeout"
+                )
+            if code == grpc.StatusCode.UNAVAILABLE:
+                return EXIT_NOT_SERVING, (
+                    f"UNREACHABLE: {config.target} ({details}); "
+                    "check the address, the port and the TLS flags"
+                )
+            return EXIT_NOT_SERVING, f"ERROR: {what} at {config.target}: {code.name}: {details}"
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    return (EXIT_SERVING if serving else EXIT_NOT_SERVING), f"{status}: {what} at {config.target}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m serve.health``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m serve.health",
+        description="Check a server's gRPC health: exit 0 when SERVING, 1 otherwise.",
+    )
+    parser.add_argument("target", metavar="HOST:PORT", help="the server's gRPC address")
+    parser.add_argument("--model", default="", help="check one model instead of the server")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server's certificate")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
+    parser.add_argument("--tls-key", type=Path, help="client private key (PEM) for mutual TLS")
+    parser.add_argument("--tls-server-name", help="name to verify in the server's certificate")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the probe; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = ProbeConfig(
+            target=args.target,
+            service=args.model,
+            timeout=args.timeout,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
+        )
+        code, message = probe(config)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(message, file=sys.stdout if code == EXIT_SERVING else sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
