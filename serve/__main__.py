@@ -1,0 +1,113 @@
+"""``python -m serve MODEL.onnx [MODEL.onnx ...]`` or ``python -m serve --model-repository DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from serve import logs
+from serve.config import DEFAULT_MAX_MESSAGE_BYTES, DEVICES, ServerConfig
+
+_log = logging.getLogger("serve")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m serve",
+        description="Serve ONNX image classifiers over gRPC (KServe v2 / Triton protocol, "
+        "classifier.v1.Classifier, health, reflection) with dynamic batching.",
+    )
+    p.add_argument("models", nargs="*", type=Path, metavar="MODEL.onnx", help="models to serve")
+    p.add_argument("--model-repository", type=Path, metavar="DIR",
+                   help="folder with one subfolder per model: NAME/model.onnx or NAME/1/model.onnx")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8001, help="gRPC port; 0 picks a free one")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics; 0 = off")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-queue-delay-us", type=int, default=0,
+                   help="how long a batch may wait for more requests (default: no waiting)")
+    p.add_argument("--max-queue-size", type=int, default=1024,
+                   help="queued requests per model before RESOURCE_EXHAUSTED")
+    p.add_argument("--instances", type=int, default=1, help="batches run concurrently per model")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to drain on SIGTERM/SIGINT")
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="larger encoded images are refused before decoding")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--intra-op-threads", type=int, default=0, help="0 = ONNX Runtime's default")
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
+    p.add_argument("--auth-token-file", type=Path, help="require 'authorization: Bearer TOKEN'")
+    p.add_argument("--log-level", default="info", choices=logs.LEVELS)
+    p.add_argument("--log-format", default="text", choices=logs.FORMATS)
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        models=tuple(args.models),
+        model_repository=args.model_repository,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
+        max_queue_size=args.max_queue_size,
+        instances=args.instances,
+        grace=args.grace,
+        max_message_bytes=args.max_message_bytes,
+        max_image_pixels=args.max_image_pixels,
+        device=args.device,
+        intra_op_threads=args.intra_op_threads,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file,
+    )
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain within ``config.grace``."""
+    from serve.server import Server  # after logging is configured: imports ORT and gRPC
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    server = Server(config)
+    try:
+        await server.start()
+        waiter = asyncio.create_task(server.wait())
+        signalled = asyncio.create_task(stop.wait())
+        await asyncio.wait({waiter, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        signalled.cancel()
+        if stop.is_set():
+            _log.info("signal received; shutting down")
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    try:
+        config = build_config(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(config))
+    except (ValueError, OSError, RuntimeError) as e:
+        _log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

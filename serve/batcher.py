@@ -1,0 +1,236 @@
+"""The dynamic batcher: a bounded queue of requests per model, collected into padded batches."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+
+from serve.errors import ServeError, unavailable
+from serve.runtime import Runtime, bucket_for
+
+if TYPE_CHECKING:
+    from serve.metrics import Metrics
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Pending:
+    """One queued piece of work: rows of one request (or a slice of a split request)."""
+
+    rows: np.ndarray  # [r, *sample_shape] float32
+    future: asyncio.Future[np.ndarray]
+    deadline: float | None  # loop.time() after which computing it is pointless
+    enqueued: float  # loop.time()
+
+
+async def collect(
+    queue: asyncio.Queue[Pending], held: Pending | None, max_rows: int, delay: float
+) -> tuple[list[Pending], Pending | None]:
+    """Take one batch from ``queue``: everything waiting, up to ``max_rows`` rows.
+
+    Waits for the first request (or starts from ``held``, the request that did not fit last
+    time), then takes whatever is already queued; only with ``delay`` > 0 seconds does it wait
+    that long for more. Requests whose futures are already done (cancelled by their client)
+    are dropped. Returns the batch and the request that would have overflowed it, if any.
+    """
+    loop = asyncio.get_running_loop()
+    batch: list[Pending] = []
+    rows = 0
+    item = held
+    until: float | None = None
+    while True:
+        if item is None:
+            if not batch:
+                item = await queue.get()
+            elif not queue.empty():
+                item = queue.get_nowait()
+            else:
+                until = loop.time() + delay if until is None else until
+                remaining = until - loop.time()
+                if remaining <= 0:
+                    return batch, None
+                try:
+                    # A cancelled Queue.get leaves its item in the queue, so nothing is lost.
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    return batch, None
+        if item.future.done():
+            item = None
+            continue
+        if batch and rows + len(item.rows) > max_rows:
+            return batch, item
+        batch.append(item)
+        rows += len(item.rows)
+        item = None
+        if rows >= max_rows:
+            return batch, None
+
+
+class Batcher:
+    """Queues requests for one model and runs them in batches on ``instances`` workers.
+
+    ``batch_rows`` counts executed batches by their real (unpadded) row count.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        max_queue_size: int,
+        max_queue_delay_s: float,
+        instances: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.name = runtime.info.name
+        self.batch_rows: collections.Counter[int] = collections.Counter()
+        self._delay = max_queue_delay_s
+        self._instances = instances
+        self._metrics = metrics
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=max_queue_size)
+        self._executor = ThreadPoolExecutor(instances, thread_name_prefix=f"ort-{self.name}")
+        self._workers: list[asyncio.Task[None]] = []
+        self._open = False
+
+    def start(self) -> None:
+        """Start the workers; call from the event loop that will submit requests."""
+        self._open = True
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"batcher-{self.name}-{i}")
+            for i in range(self._instances)
+        ]
+
+    @property
+    def depth(self) -> int:
+        """Queued requests (slices of split requests count one each)."""
+        return self._queue.qsize()
+
+    async def infer(self, rows: np.ndarray, deadline: float | None) -> np.ndarray:
+        """Logits [N, K] for ``rows`` [N, *sample_shape]; splits N above the max batch."""
+        if not self._open:
+            raise unavailable(
+                f"model {self.name} is not accepting requests; retry on another replica"
+            )
+        loop = asyncio.get_running_loop()
+        step = self.runtime.max_batch
+        pieces = [rows[i : i + step] for i in range(0, len(rows), step)]
+        free = self._queue.maxsize - self._queue.qsize()
+        if len(pieces) > free:
+            raise ServeError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"expected room in the queue of model {self.name}, got {self._queue.qsize()} of "
+                f"{self._queue.maxsize} requests waiting; "
+                "retry with backoff or raise --max-queue-size",
+            )
+        now = loop.time()
+        futures = []
+        for piece in pieces:
+            future: asyncio.Future[np.ndarray] = loop.create_future()
+            self._queue.put_nowait(Pending(piece, future, deadline, now))
+            futures.append(future)
+        if self._metrics is not None:
+            self._metrics.queue_depth(self.name, self._queue.qsize())
+        if len(futures) == 1:
+            return await futures[0]
+        try:
+            return np.concatenate(await asyncio.gather(*futures))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+    async def close(self) -> None:
+        """Stop the workers and fail whatever is still queued with UNAVAILABLE."""
+        self._open = False
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        while not self._queue.empty():
+            _fail([self._queue.get_nowait()], unavailable(f"model {self.name} was unloaded"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        held: Pending | None = None
+        live: list[Pending] = []
+        try:
+            while True:
+                batch, held = await collect(self._queue, held, self.runtime.max_batch, self._delay)
+                now = loop.time()
+                live = []
+                for pending in batch:
+                    if pending.future.done():
+                        continue
+                    if pending.deadline is not None and pending.deadline <= now:
+                        waited = now - pending.enqueued
+                        pending.future.set_exception(
+                            ServeError(
+                                grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"expected to start before the deadline, got {waited:.3f} s queued "
+                                f"for model {self.name}; raise the client deadline or add capacity",
+                            )
+                        )
+                        continue
+                    live.append(pending)
+                if self._metrics is not None:
+                    self._metrics.queue_depth(self.name, self._queue.qsize())
+                    for pending in live:
+                        self._metrics.queued(self.name, now - pending.enqueued)
+                if live:
+                    await self._run(loop, live)
+                live = []
+        except asyncio.CancelledError:
+            message = unavailable(f"model {self.name} stopped before the request was answered")
+            _fail(live + ([held] if held is not None else []), message)
+            raise
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, live: list[Pending]) -> None:
+        rows = sum(len(p.rows) for p in live)
+        size = bucket_for(rows, self.runtime.buckets)
+        parts = [p.rows for p in live]
+        if size > rows:
+            sample = self.runtime.info.sample_shape
+            parts.append(np.zeros((size - rows, *sample), dtype=np.float32))
+        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        started = time.perf_counter()
+        try:
+            logits = await loop.run_in_executor(self._executor, self.runtime.run, batch)
+        except Exception as e:
+            _log.exception("model %s failed on a batch of %d rows", self.name, rows)
+            _fail(live, ServeError(grpc.StatusCode.INTERNAL, f"model {self.name} failed: {e}"))
+            return
+        seconds = time.perf_counter() - started
+        if logits.shape[0] != size:
+            _fail(
+                live,
+                ServeError(
+                    grpc.StatusCode.INTERNAL,
+                    f"expected {size} output rows from model {self.name}, got {logits.shape[0]}",
+                ),
+            )
+            return
+        self.batch_rows[rows] += 1
+        if self._metrics is not None:
+            self._metrics.batch(self.name, rows, seconds)
+        offset = 0
+        for pending in live:
+            count = len(pending.rows)
+            if not pending.future.done():
+                pending.future.set_result(logits[offset : offset + count])
+            offset += count
+
+
+def _fail(pending: list[Pending], error: Exception) -> None:
+    for item in pending:
+        if not item.future.done():
+            item.future.set_exception(error)

@@ -1,0 +1,77 @@
+"""Our own ``classifier.v1.Classifier`` service: images or tensors in, top-k labels out."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+from grpc import aio
+
+from protos import classifier_pb2 as pb
+from protos import classifier_pb2_grpc as pb_grpc
+from serve import images, tensors
+from serve.errors import invalid
+from serve.state import VERSION, Model, ServingState
+
+DEFAULT_TOP_K = 5
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    """Decodes each image (Pillow, in a worker thread), batches, and answers with top-k."""
+
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    async def Classify(self, request: pb.ClassifyRequest, context: aio.ServicerContext):
+        async def work() -> pb.ClassifyResponse:
+            model = self.state.model(request.model, request.version)
+            if not request.images:
+                raise invalid("expected at least one image in ClassifyRequest.images, got none")
+            rows = await asyncio.to_thread(_decode_all, model, request, self.state.max_image_pixels)
+            logits = await model.batcher.infer(rows, self.state.deadline(context))
+            return _encode(model, logits, request.top_k or DEFAULT_TOP_K)
+
+        return await self.state.run(context, request.model, work)
+
+
+def _decode_all(model: Model, request: pb.ClassifyRequest, max_pixels: int) -> np.ndarray:
+    info = model.info
+    out = np.empty((len(request.images), *info.sample_shape), dtype=np.float32)
+    count = math.prod(info.sample_shape)
+    for i, image in enumerate(request.images):
+        source = image.WhichOneof("source")
+        if source == "encoded":
+            out[i] = images.decode(info, image.encoded, i, max_pixels)
+        elif source == "tensor":
+            shape = tuple(image.tensor.shape)
+            if shape != info.sample_shape:
+                raise invalid(
+                    f"expected tensor {i} of shape {list(info.sample_shape)} for model "
+                    f"{info.name}, got {list(shape)}; send one image without a batch axis"
+                )
+            if len(image.tensor.data) != count * 4:
+                raise invalid(
+                    f"expected {count * 4} bytes of little-endian float32 in tensor {i}, got "
+                    f"{len(image.tensor.data)}; send product(shape) float32 values"
+                )
+            out[i] = np.frombuffer(image.tensor.data, dtype="<f4").reshape(shape)
+        else:
+            raise invalid(f"expected image {i} to set encoded or tensor, got neither; set one")
+    return out
+
+
+def _encode(model: Model, logits: np.ndarray, k: int) -> pb.ClassifyResponse:
+    info = model.info
+    best = tensors.top_k(logits, k)
+    probabilities = tensors.softmax(logits)
+    results = []
+    for row, (values, probs) in enumerate(zip(logits, probabilities, strict=True)):
+        labels = [
+            pb.Label(
+                index=int(i), label=info.labels[i], score=float(probs[i]), logit=float(values[i])
+            )
+            for i in best[row]
+        ]
+        results.append(pb.Classification(labels=labels))
+    return pb.ClassifyResponse(model=info.name, version=VERSION, results=results)

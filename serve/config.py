@@ -1,0 +1,73 @@
+"""The server's configuration: one frozen dataclass, checked once where it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``python -m serve`` accepts; see ``docs/serving.md`` for each field.
+
+    Raises ValueError on construction when a value is out of range, with a message that names
+    the flag to fix.
+    """
+
+    models: tuple[Path, ...] = ()
+    model_repository: Path | None = None
+    host: str = "0.0.0.0"
+    port: int = 8001
+    metrics_port: int = 8002
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 1024
+    instances: int = 1
+    grace: float = 30.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    device: str = "auto"
+    intra_op_threads: int = 0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
+    max_image_pixels: int = 40_000_000
+
+    def __post_init__(self) -> None:
+        if not self.models and self.model_repository is None:
+            raise ValueError(
+                "expected at least one MODEL.onnx or --model-repository DIR, got neither; "
+                "pass the model to serve"
+            )
+        if self.models and self.model_repository is not None:
+            raise ValueError(
+                "expected MODEL.onnx files or --model-repository, got both; pass one of them"
+            )
+        _check_range("--port", self.port, 0, 65535)
+        _check_range("--metrics-port", self.metrics_port, 0, 65535)
+        _check_range("--max-batch-size", self.max_batch_size, 1, 4096)
+        _check_range("--max-queue-delay-us", self.max_queue_delay_us, 0, 10_000_000)
+        _check_range("--max-queue-size", self.max_queue_size, 1, 10_000_000)
+        _check_range("--instances", self.instances, 1, 64)
+        _check_range("--intra-op-threads", self.intra_op_threads, 0, 1024)
+        _check_range("--max-message-bytes", self.max_message_bytes, 1024, 2**31 - 1)
+        if not self.grace >= 0:
+            raise ValueError(f"expected --grace >= 0 seconds, got {self.grace}; pass e.g. 30")
+        if self.device not in DEVICES:
+            raise ValueError(
+                f"expected --device in {', '.join(DEVICES)}, got {self.device!r}; pick one"
+            )
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        return self.max_queue_delay_us / 1e6
+
+
+def _check_range(flag: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ValueError(
+            f"expected {flag} between {low} and {high}, got {value}; pass a value in range"
+        )

@@ -1,0 +1,165 @@
+"""What the server needs to know about one ONNX classifier, read from its graph and metadata."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One servable classifier: tensor names, per-sample input shape, labels, preprocessing."""
+
+    name: str
+    path: Path
+    input_name: str
+    output_name: str
+    sample_shape: tuple[int, ...]  # input shape without the batch axis, e.g. (3, 224, 224)
+    num_classes: int
+    labels: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    fixed_batch: int | None  # the graph's batch size when it is not symbolic
+    metadata: dict[str, str]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) when the model takes images, else None."""
+        if len(self.sample_shape) != 3:
+            return None
+        c, h, w = self.sample_shape
+        return c, h, w
+
+
+def _static_dims(value_info: onnx.ValueInfoProto) -> list[int | None]:
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    text = text.strip()
+    values = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+    return tuple(int(v) for v in values)
+
+
+def _parse_floats(text: str, what: str, path: Path) -> tuple[float, ...]:
+    try:
+        values = json.loads(text)
+        return tuple(float(v) for v in (values if isinstance(values, list) else [values]))
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"expected metadata {what!r} of {path} to be a JSON list of numbers, got {text!r}; "
+            "re-export the model or fix its metadata_props"
+        ) from e
+
+
+def read_model_info(name: str, path: Path) -> ModelInfo:
+    """Read and check the graph interface and metadata of the ONNX file at ``path``.
+
+    Raises ValueError naming what is wrong with the model and what to do about it.
+    """
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, OSError, ... for a bad file
+        raise ValueError(
+            f"expected a readable ONNX model at {path}, got {type(e).__name__}: {e}; "
+            "pass a file written by `python -m export`"
+        ) from e
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    outputs = list(model.graph.output)
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError(
+            f"expected a classifier with one input and one output, got {len(inputs)} inputs and "
+            f"{len(outputs)} outputs in {path}; export with one `input` and one `logits` tensor"
+        )
+    (inp,), (out,) = inputs, outputs
+    if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise ValueError(
+            f"expected a float32 input in {path}, got "
+            f"{onnx.TensorProto.DataType.Name(inp.type.tensor_type.elem_type)}; export in float32"
+        )
+    meta = {p.key: p.value for p in model.metadata_props}
+    in_dims = _static_dims(inp)
+    out_dims = _static_dims(out)
+    if len(in_dims) < 2 or len(out_dims) != 2:
+        raise ValueError(
+            f"expected input [batch, ...] and output [batch, classes] in {path}, got ranks "
+            f"{len(in_dims)} and {len(out_dims)}; export a batched classifier"
+        )
+    sample = in_dims[1:]
+    if "input_shape" in meta:
+        try:
+            declared = _parse_shape(meta["input_shape"])
+        except ValueError as e:
+            raise ValueError(
+                f"expected metadata input_shape of {path} as 'C,H,W' or a JSON list, got "
+                f"{meta['input_shape']!r}; fix the model's metadata_props"
+            ) from e
+        if len(declared) != len(sample) or any(
+            g is not None and g != d for g, d in zip(sample, declared, strict=True)
+        ):
+            raise ValueError(
+                f"expected metadata input_shape {list(declared)} of {path} to fit the graph's "
+                f"input {sample}; re-export the model"
+            )
+        sample = list(declared)
+    if any(d is None for d in sample):
+        raise ValueError(
+            f"expected fixed input dimensions after the batch axis in {path}, got {sample}; "
+            "export with a fixed C,H,W or add metadata input_shape"
+        )
+    num_classes = out_dims[1]
+    if num_classes is None and "num_classes" in meta:
+        num_classes = int(meta["num_classes"])
+    if num_classes is None:
+        raise ValueError(
+            f"expected a fixed number of classes in the output of {path}, got a symbolic axis; "
+            "export with a fixed output size or add metadata num_classes"
+        )
+    labels = tuple(f"class_{i}" for i in range(num_classes))
+    if "labels" in meta:
+        try:
+            given = json.loads(meta["labels"])
+        except ValueError:
+            given = None
+        if isinstance(given, list) and len(given) == num_classes:
+            labels = tuple(str(v) for v in given)
+        else:
+            _log.warning(
+                "model %s: metadata labels is not a JSON list of %d strings; using class_i",
+                name,
+                num_classes,
+            )
+    channels = sample[0] if len(sample) == 3 else 1
+    mean = _parse_floats(meta["mean"], "mean", path) if "mean" in meta else (0.0,) * channels
+    std = _parse_floats(meta["std"], "std", path) if "std" in meta else (1.0,) * channels
+    if len(mean) == 1:
+        mean = mean * channels
+    if len(std) == 1:
+        std = std * channels
+    if len(mean) != channels or len(std) != channels or any(s == 0 for s in std):
+        raise ValueError(
+            f"expected metadata mean and std of {path} with {channels} values and std != 0, got "
+            f"mean={list(mean)} std={list(std)}; fix the model's metadata_props"
+        )
+    batch = in_dims[0]
+    return ModelInfo(
+        name=name,
+        path=path,
+        input_name=inp.name,
+        output_name=out.name,
+        sample_shape=tuple(int(d) for d in sample),
+        num_classes=int(num_classes),
+        labels=labels,
+        mean=mean,
+        std=std,
+        fixed_batch=batch,
+        metadata=meta,
+    )

@@ -1,0 +1,100 @@
+"""ONNX Runtime sessions: provider choice (CUDA, else CPU), batch-size buckets, warm-up."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+
+from serve.model_info import ModelInfo
+
+_log = logging.getLogger(__name__)
+
+
+def buckets_for(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes the accelerator sees: powers of two below ``max_batch``, then ``max_batch``."""
+    sizes = []
+    size = 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    sizes.append(max_batch)
+    return tuple(sizes)
+
+
+def bucket_for(rows: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds ``rows``."""
+    for size in buckets:
+        if size >= rows:
+            return size
+    raise ValueError(f"expected at most {buckets[-1]} rows in a batch, got {rows}")
+
+
+def _providers(device: str) -> list[str]:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        if device == "cuda":
+            raise RuntimeError(
+                "expected onnxruntime with CUDAExecutionProvider for --device cuda, got "
+                f"{available}; install onnxruntime-gpu or pass --device auto"
+            )
+        return ["CPUExecutionProvider"]
+    # CUDA and cuDNN may come from pip wheels (the [cuda] extra); preload_dlls finds them.
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as e:  # a missing wheel only means CUDA will not be created
+            _log.debug("onnxruntime.preload_dlls() failed: %s", e)
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class Runtime:
+    """One ONNX Runtime session of one model, with its batch buckets warmed up.
+
+    ``run`` is thread-safe (ONNX Runtime allows concurrent ``InferenceSession.run``) and
+    releases the GIL, so callers run it in worker threads.
+    """
+
+    def __init__(
+        self, info: ModelInfo, *, device: str, max_batch_size: int, intra_op_threads: int
+    ) -> None:
+        self.info = info
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        options.log_severity_level = 3  # CUDA-provider creation failures are reported below
+        requested = _providers(device)
+        self.session = ort.InferenceSession(str(info.path), options, providers=requested)
+        active = self.session.get_providers()
+        self.provider = active[0]
+        if device == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise RuntimeError(
+                f"expected the CUDA execution provider for --device cuda, got {active}; "
+                "check the GPU driver and CUDA libraries (pip install '.[cuda]') "
+                "or pass --device auto"
+            )
+        _log.info(
+            "model %s runs on %s%s",
+            info.name,
+            self.provider,
+            " (CUDA requested but unusable, CPU fallback)"
+            if "CUDAExecutionProvider" in requested and self.provider != "CUDAExecutionProvider"
+            else "",
+        )
+        limit = max_batch_size if info.fixed_batch is None else info.fixed_batch
+        self.max_batch = limit
+        self.buckets = (info.fixed_batch,) if info.fixed_batch else buckets_for(limit)
+
+    def warm_up(self) -> None:
+        """Run every bucket once so no request pays for first-shape setup."""
+        for size in self.buckets:
+            self.run(np.zeros((size, *self.info.sample_shape), dtype=np.float32))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits [N, K] for a float32 batch [N, *sample_shape] whose N is a bucket size."""
+        (logits,) = self.session.run([self.info.output_name], {self.info.input_name: batch})
+        return logits

@@ -1,0 +1,180 @@
+"""The gRPC server: owns models, batchers, health, reflection and metrics; starts and drains."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos import classifier_pb2_grpc
+from serve import kserve, reflection, security
+from serve.batcher import Batcher
+from serve.classify import ClassifierServicer
+from serve.config import ServerConfig
+from serve.metrics import Metrics
+from serve.model_info import read_model_info
+from serve.repository import find_models
+from serve.runtime import Runtime
+from serve.state import Model, ServingState
+
+_log = logging.getLogger(__name__)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _load(name: str, path: Path, config: ServerConfig) -> Runtime:
+    info = read_model_info(name, path)
+    runtime = Runtime(
+        info,
+        device=config.device,
+        max_batch_size=config.max_batch_size,
+        intra_op_threads=config.intra_op_threads,
+    )
+    runtime.warm_up()
+    _log.info(
+        "model %s loaded from %s: input %s %s, %d classes, buckets %s",
+        name,
+        path,
+        info.input_name,
+        [-1, *info.sample_shape],
+        info.num_classes,
+        list(runtime.buckets),
+    )
+    return runtime
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class Server:
+    """One serving process: ``await start()`` (returns the bound port), ``await stop()``.
+
+    Use as ``async with Server(config) as server:``; ``stop`` drains: health turns NOT_SERVING,
+    new requests get UNAVAILABLE, in-flight requests get up to ``grace`` seconds to finish.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.state = ServingState({}, self.metrics, config.max_image_pixels)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: aio.Server | None = None
+        self._stopped = False
+
+    @property
+    def models(self) -> dict[str, Model]:
+        return self.state.models
+
+    async def start(self) -> int:
+        """Bind, start answering (not ready), load and warm every model, then turn ready."""
+        paths = find_models(self.config)
+        self._server = self._build()
+        self.port = self._bind(self._server)
+        await self._server.start()
+        await self.health.set("", _NOT_SERVING)
+        _log.info("listening on %s", _address(self.config.host, self.port))
+        for name, path in paths.items():
+            runtime = await asyncio.to_thread(_load, name, path, self.config)
+            batcher = Batcher(
+                runtime,
+                max_queue_size=self.config.max_queue_size,
+                max_queue_delay_s=self.config.max_queue_delay_s,
+                instances=self.config.instances,
+                metrics=self.metrics,
+            )
+            batcher.start()
+            self.state.models[name] = Model(runtime.info, batcher)
+        self.metrics.serve_http(self.config.host, self.config.metrics_port)
+        self.state.ready = True
+        for name in self.state.models:
+            await self.health.set(name, _SERVING)
+            self.metrics.model_ready(name, True)
+        await self.health.set("", _SERVING)
+        _log.info("ready: serving %s on port %d", ", ".join(self.state.models), self.port)
+        return self.port
+
+    def _build(self) -> aio.Server:
+        limit = self.config.max_message_bytes
+        interceptor = security.auth_interceptor(self.config.auth_token_file)
+        server = aio.server(
+            interceptors=[interceptor] if interceptor is not None else None,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # Two servers on one port would silently split the traffic.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        server.add_generic_rpc_handlers((kserve.handler(kserve.KServeServicer(self.state)),))
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable(server)
+        return server
+
+    def _bind(self, server: aio.Server) -> int:
+        address = _address(self.config.host, self.config.port)
+        credentials = security.server_credentials(
+            self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca
+        )
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError as e:
+            port = 0
+            cause: Exception | None = e
+        else:
+            cause = None
+        if not port:
+            raise OSError(
+                f"expected to bind gRPC on {address}, got it refused (in use or not a local "
+                "address); pass another --port or --host"
+            ) from cause
+        return port
+
+    async def wait(self) -> None:
+        """Wait until the gRPC server has stopped."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; safe to call more than once and after a failed ``start``."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace if grace is None else grace
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+        self.state.draining = True
+        await self.health.enter_graceful_shutdown()
+        for name in self.state.models:
+            self.metrics.model_ready(name, False)
+        _log.info("draining: %d requests in flight, grace %.1f s", self.state.in_flight, grace)
+        if not await self.state.wait_idle(grace):
+            _log.warning(
+                "grace period over with %d requests in flight; cancelling them",
+                self.state.in_flight,
+            )
+        if self._server is not None:
+            await self._server.stop(max(0.0, until - loop.time()))
+        for model in self.state.models.values():
+            await model.batcher.close()
+        self.metrics.close()
+        _log.info("stopped")
+
+    async def __aenter__(self) -> Server:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop(0)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()

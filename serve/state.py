@@ -1,0 +1,119 @@
+"""What every servicer shares: the loaded models, readiness, draining, in-flight requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import grpc
+from grpc import aio
+
+from serve.batcher import Batcher
+from serve.errors import ServeError, not_found, outcome, unavailable
+from serve.model_info import ModelInfo
+
+if TYPE_CHECKING:
+    from serve.metrics import Metrics
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Model:
+    """A loaded model: its interface and the batcher in front of its runtime."""
+
+    info: ModelInfo
+    batcher: Batcher
+
+
+class ServingState:
+    """Models by name, plus the server-wide flags and the in-flight request count."""
+
+    def __init__(self, models: dict[str, Model], metrics: Metrics | None, max_image_pixels: int):
+        self.models = models
+        self.metrics = metrics
+        self.max_image_pixels = max_image_pixels
+        self.ready = False
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def model(self, name: str, version: str) -> Model:
+        """The model ``name`` at ``version`` ("" or "1"); NOT_FOUND otherwise."""
+        model = self.models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise not_found(f"expected a model name among [{known}], got {name!r}; check the name")
+        if version not in ("", VERSION):
+            raise not_found(
+                f"expected version '' or {VERSION!r} of model {name}, got {version!r}; "
+                f"this server serves version {VERSION} only"
+            )
+        return model
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no inference request is in flight; False when ``timeout`` ran out."""
+        if self._idle.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def deadline(self, context: aio.ServicerContext) -> float | None:
+        """The client's deadline on the event loop's clock, or None without one."""
+        remaining = context.time_remaining()
+        return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+    async def run(
+        self,
+        context: aio.ServicerContext,
+        model_name: str,
+        work: Callable[[], Awaitable[T]],
+    ) -> T:
+        """Run one inference request: refuse while not ready, map errors to statuses, count it."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            if self.draining:
+                raise unavailable("the server is shutting down; retry on another replica")
+            if not self.ready:
+                raise unavailable("the server is still loading models; retry when ServerReady")
+            return await work()
+        except ServeError as e:
+            code = e.code
+            await context.abort(e.code, e.message)
+            raise  # abort raises; this keeps type checkers informed
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as e:
+            if isinstance(e, aio.AbortError):
+                raise
+            code = grpc.StatusCode.INTERNAL
+            _log.exception("request to model %s failed", model_name)
+            await context.abort(code, f"internal error ({type(e).__name__}: {e}); please report it")
+            raise
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+            seconds = time.perf_counter() - started
+            _log.debug("request model=%s status=%s seconds=%.6f", model_name, code.name, seconds)
+            if self.metrics is not None:
+                label = model_name if model_name in self.models else "_unknown"
+                self.metrics.request(label, outcome(code), seconds)

@@ -1,0 +1,83 @@
+"""Decode request tensors and encode results: KServe raw/typed contents, top-k, BYTES strings."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+
+from serve.errors import invalid
+from serve.model_info import ModelInfo
+
+
+def check_rows(info: ModelInfo, shape: tuple[int, ...], what: str) -> int:
+    """The row count of a tensor of ``shape`` [N, *sample_shape]; INVALID_ARGUMENT if it differs."""
+    expected = [-1, *info.sample_shape]
+    if len(shape) != len(expected) or tuple(shape[1:]) != info.sample_shape or shape[0] < 0:
+        raise invalid(
+            f"expected {what} of shape {expected} for model {info.name}, got {list(shape)}; "
+            "send [batch, *dims] as ModelMetadata lists"
+        )
+    if shape[0] == 0:
+        raise invalid(
+            f"expected at least one row in {what}, got shape {list(shape)}; send 1 or more"
+        )
+    return shape[0]
+
+
+def from_raw(info: ModelInfo, shape: tuple[int, ...], raw: bytes, what: str) -> np.ndarray:
+    """A read-only float32 view [N, *sample_shape] of little-endian ``raw`` bytes."""
+    rows = check_rows(info, shape, what)
+    count = rows * math.prod(info.sample_shape)
+    if len(raw) != count * 4:
+        raise invalid(
+            f"expected {count * 4} bytes ({count} float32) for {what} of shape {list(shape)}, "
+            f"got {len(raw)}; send the tensor as little-endian float32"
+        )
+    return np.frombuffer(raw, dtype="<f4").reshape(shape)
+
+
+def from_values(info: ModelInfo, shape: tuple[int, ...], values: object, what: str) -> np.ndarray:
+    """A float32 array [N, *sample_shape] from a repeated float field."""
+    rows = check_rows(info, shape, what)
+    count = rows * math.prod(info.sample_shape)
+    array = np.asarray(values, dtype=np.float32)
+    if array.size != count:
+        raise invalid(
+            f"expected {count} fp32_contents values for {what} of shape {list(shape)}, "
+            f"got {array.size}; send one value per element"
+        )
+    return array.reshape(shape)
+
+
+def top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Indices [N, k] of the k largest values per row, best first (ties: lower index first)."""
+    k = min(k, logits.shape[1])
+    if k == 1:
+        return np.argmax(logits, axis=1)[:, None]
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64; rows with NaN stay NaN, +Inf wins its row."""
+    values = logits.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        shifted = values - np.max(values, axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        return exp / np.sum(exp, axis=1, keepdims=True)
+
+
+def classification_strings(logits: np.ndarray, k: int, labels: tuple[str, ...]) -> list[bytes]:
+    """The classification extension's "score:index:label" elements, row-major [N, k]."""
+    indices = top_k(logits, k)
+    out = []
+    for row, best in zip(logits, indices, strict=True):
+        for index in best:
+            out.append(f"{float(row[index]):f}:{int(index)}:{labels[index]}".encode())
+    return out
+
+
+def encode_bytes(elements: list[bytes]) -> bytes:
+    """KServe raw BYTES: each element as a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)

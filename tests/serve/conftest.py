@@ -1,0 +1,137 @@
+"""Shared fixtures: tiny ONNX classifiers built with onnx.helper, and real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from serve.background import BackgroundServer
+from serve.config import ServerConfig
+
+
+def make_classifier(
+    path: Path,
+    *,
+    channels: int = 3,
+    size: int = 8,
+    classes: int = 5,
+    seed: int = 0,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a Conv → Relu → Flatten → Gemm classifier: input [batch,C,H,W], logits [batch,K]."""
+    rng = np.random.default_rng(seed)
+    filters = 4
+    conv_w = rng.normal(0, 0.5, (filters, channels, 3, 3)).astype(np.float32)
+    conv_b = rng.normal(0, 0.1, (filters,)).astype(np.float32)
+    gemm_w = rng.normal(0, 0.2, (classes, filters * size * size)).astype(np.float32)
+    gemm_b = rng.normal(0, 0.1, (classes,)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "gemm_w", "gemm_b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", channels, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[
+            numpy_helper.from_array(conv_w, "conv_w"),
+            numpy_helper.from_array(conv_b, "conv_b"),
+            numpy_helper.from_array(gemm_w, "gemm_w"),
+            numpy_helper.from_array(gemm_b, "gemm_b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    meta = {
+        "arch": "tiny",
+        "num_classes": str(classes),
+        "input_shape": f"{channels},{size},{size}",
+        "labels": json.dumps([f"label{i}" for i in range(classes)]),
+        "mean": json.dumps([0.5] * channels),
+        "std": json.dumps([0.25] * channels),
+    }
+    if metadata is not None:
+        meta = metadata
+    helper.set_model_props(model, meta)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def reference(path: Path, batch: np.ndarray) -> np.ndarray:
+    """Logits of ``batch`` from a local CPU ONNX Runtime session (one row at a time)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rows = [session.run(None, {"input": batch[i : i + 1]})[0] for i in range(len(batch))]
+    return np.concatenate(rows)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def classifier_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_classifier(tmp_path_factory.mktemp("models") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def base_config(classifier_path: Path) -> ServerConfig:
+    return ServerConfig(
+        models=(classifier_path,),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        max_batch_size=8,
+        grace=5,
+        device="cpu",
+        intra_op_threads=1,
+    )
+
+
+@pytest.fixture
+def start_server(base_config: ServerConfig) -> Iterator[Callable[..., BackgroundServer]]:
+    """Start a real server with ``base_config`` plus overrides; every one is stopped after."""
+    started: list[BackgroundServer] = []
+
+    def start(**overrides: object) -> BackgroundServer:
+        server = BackgroundServer(replace(base_config, **overrides))
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, classifier_path: Path
+) -> Iterator[BackgroundServer]:
+    """One default server per test module, for tests that do not need special settings."""
+    config = ServerConfig(
+        models=(classifier_path,),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        max_batch_size=8,
+        grace=5,
+        device="cpu",
+        intra_op_threads=1,
+    )
+    with BackgroundServer(config) as server:
+        yield server
