@@ -85,7 +85,8 @@ def server_credentials(
 
 def read_token(token_file: Path) -> str:
     """The bearer token in ``token_file``, stripped of surrounding whitespace."""
-    token = _read(token_file, "bearer token", "--token-file").decode("utf-8", "replace").strip()
+    raw = _read(token_file, "bearer token", "--auth-token-file")
+    token = raw.decode("utf-8", "replace").strip()
     if any(c.isspace() for c in token) or not token.isprintable():
         raise ValueError(
             f"expected one token without spaces in {str(token_file)!r}, got whitespace or "
@@ -100,7 +101,7 @@ def check_bearer(metadata: object, token: str) -> str | None:
     if not values:
         return (
             "expected metadata 'authorization: Bearer <token>', got no authorization; "
-            "send the server's token (the contents of its --token-file)"
+            "send the server's token (the contents of its --auth-token-file)"
         )
     expected = token.encode()
     for value in values:
@@ -111,7 +112,7 @@ def check_bearer(metadata: object, token: str) -> str | None:
             return None
     return (
         "expected metadata 'authorization: Bearer <token>' with the server's token, got a wrong "
-        "token or scheme; send the contents of the server's --token-file"
+        "token or scheme; send the contents of the server's --auth-token-file"
     )
 
 

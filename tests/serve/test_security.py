@@ -180,7 +180,7 @@ def test_bad_token_files_are_refused(tmp_path: Path, text: str) -> None:
 
 
 def test_missing_token_file_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--token-file"):
+    with pytest.raises(ValueError, match="--auth-token-file"):
         auth_interceptor(tmp_path / "nope")
     assert auth_interceptor(None) is None
 
