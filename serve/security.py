@@ -12,6 +12,8 @@ from grpc import aio
 
 _log = logging.getLogger(__name__)
 
+Reject = Callable[[str, object], None]
+
 # Probes and tooling must work without a token: kubelet's gRPC probe cannot send metadata.
 EXEMPT_PREFIXES = (
     "/grpc.health.v1.Health/",
@@ -116,11 +118,17 @@ def check_bearer(metadata: object, token: str) -> str | None:
     )
 
 
-def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _deny(
+    handler: grpc.RpcMethodHandler, method: str, message: str, on_reject: Reject | None
+) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that fails with UNAUTHENTICATED."""
 
-    async def abort(_request: object, context: aio.ServicerContext) -> None:
-        _log.warning("unauthenticated call from %s: %s", context.peer(), message)
+    async def abort(request: object, context: aio.ServicerContext) -> None:
+        _log.info("unauthenticated call to %s from %s: %s", method, context.peer(), message)
+        if on_reject is not None:
+            # Streaming calls get None: their requests are never read.
+            unary = not handler.request_streaming
+            on_reject(method, request if unary else None)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     serializers = {
@@ -139,10 +147,11 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
 class BearerTokenInterceptor(aio.ServerInterceptor):
     """Rejects calls without the right bearer token, except health checks and reflection."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, on_reject: Reject | None = None) -> None:
         if not token:
             raise ValueError("expected a non-empty bearer token, got an empty one; set a token")
         self._token = token
+        self._on_reject = on_reject
 
     async def intercept_service(
         self,
@@ -154,11 +163,19 @@ class BearerTokenInterceptor(aio.ServerInterceptor):
         if handler is None or method.startswith(EXEMPT_PREFIXES):
             return handler
         problem = check_bearer(handler_call_details.invocation_metadata, self._token)
-        return handler if problem is None else _deny(handler, problem)
+        if problem is None:
+            return handler
+        return _deny(handler, method, problem, self._on_reject)
 
 
-def auth_interceptor(token_file: Path | None) -> aio.ServerInterceptor | None:
-    """An interceptor requiring the bearer token stored in ``token_file``; None without one."""
+def auth_interceptor(
+    token_file: Path | None, *, on_reject: Reject | None = None
+) -> aio.ServerInterceptor | None:
+    """An interceptor requiring the bearer token stored in ``token_file``; None without one.
+
+    ``on_reject(method, request)`` is called for every refused call (``request`` is None for
+    client-streaming methods), e.g. to count it in the metrics.
+    """
     if token_file is None:
         return None
-    return BearerTokenInterceptor(read_token(token_file))
+    return BearerTokenInterceptor(read_token(token_file), on_reject)

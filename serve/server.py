@@ -23,6 +23,7 @@ from serve.state import Model, ServingState
 _log = logging.getLogger(__name__)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_INFERENCE_METHODS = (f"/{kserve.SERVICE}/ModelInfer", "/classifier.v1.Classifier/Classify")
 
 
 def _load(name: str, path: Path, config: ServerConfig) -> Runtime:
@@ -100,7 +101,9 @@ class Server:
 
     def _build(self) -> aio.Server:
         limit = self.config.max_message_bytes
-        interceptor = security.auth_interceptor(self.config.auth_token_file)
+        interceptor = security.auth_interceptor(
+            self.config.auth_token_file, on_reject=self._count_unauthenticated
+        )
         server = aio.server(
             interceptors=[interceptor] if interceptor is not None else None,
             options=[
@@ -115,6 +118,14 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable(server)
         return server
+
+    def _count_unauthenticated(self, method: str, request: object) -> None:
+        """Count refused inference calls under their model, as `state.run` counts the rest."""
+        if method not in _INFERENCE_METHODS:
+            return
+        name = getattr(request, "model_name", None) or getattr(request, "model", None)
+        label = name if name in self.state.models else "_unknown"
+        self.metrics.request(label, "unauthenticated", 0.0)
 
     def _bind(self, server: aio.Server) -> int:
         address = _address(self.config.host, self.config.port)

@@ -6,19 +6,26 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+from conftest import reference
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
+from protos import kserve_pb2
+from serve.health import ProbeConfig, probe
 from serve.security import auth_interceptor, check_bearer, read_token, server_credentials
 
 # --- a throwaway PKI ------------------------------------------------------------------------
@@ -232,9 +239,12 @@ def _echo_handler() -> grpc.GenericRpcHandler:
 
 
 async def _start(
-    token_file: Path | None, credentials: grpc.ServerCredentials | None
+    token_file: Path | None,
+    credentials: grpc.ServerCredentials | None,
+    rejected: list[tuple[str, object]] | None = None,
 ) -> tuple[aio.Server, int]:
-    interceptor = auth_interceptor(token_file)
+    on_reject = None if rejected is None else (lambda m, r: rejected.append((m, r)))
+    interceptor = auth_interceptor(token_file, on_reject=on_reject)
     server = aio.server(interceptors=[interceptor] if interceptor else None)
     server.add_generic_rpc_handlers((_echo_handler(),))
     health_servicer = health.aio.HealthServicer()
@@ -280,12 +290,23 @@ def test_token_guards_every_handler_kind_but_not_health(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("right-token\n")
 
+    rejected: list[tuple[str, object]] = []
+
     async def scenario() -> None:
-        server, port = await _start(token_file, None)
+        server, port = await _start(token_file, None, rejected)
         try:
             async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 unauth = [grpc.StatusCode.UNAUTHENTICATED] * 4
                 assert await _call_all(channel, ()) == unauth
+                assert sorted(rejected, key=str) == sorted(
+                    [
+                        ("/test.Echo/UU", b"a"),
+                        ("/test.Echo/US", b"b"),
+                        ("/test.Echo/SU", None),
+                        ("/test.Echo/SS", None),
+                    ],
+                    key=str,
+                )
                 assert await _call_all(channel, (("authorization", "Bearer wrong"),)) == unauth
                 good = (("authorization", "Bearer right-token"),)
                 assert await _call_all(channel, good) == _ANSWERS
@@ -350,3 +371,119 @@ def test_tls_and_mutual_tls(pki: Pki) -> None:
             await server.stop(None)
 
     asyncio.run(scenario())
+
+
+# --- the real server: python -m serve's Server with TLS, mTLS and a token ---------------------
+
+_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _infer_request(model: str, batch: np.ndarray) -> bytes:
+    request = kserve_pb2.ModelInferRequest(model_name=model)
+    request.inputs.add(name="input", datatype="FP32", shape=list(batch.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(batch, "<f4").tobytes())
+    return request.SerializeToString()
+
+
+def _logits(reply: bytes) -> np.ndarray:
+    response = kserve_pb2.ModelInferResponse.FromString(reply)
+    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(response.outputs[0].shape)
+
+
+def _sync_call(
+    channel: grpc.Channel, payload: bytes, metadata: tuple[tuple[str, str], ...] = ()
+) -> bytes | grpc.StatusCode:
+    try:
+        return channel.unary_unary(_INFER)(payload, metadata=metadata, timeout=15)
+    except grpc.RpcError as e:
+        return e.code()
+
+
+def _health(channel: grpc.Channel) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=15).status
+
+
+def _sync_tls(port: int, pki: Pki, client_cert: bool) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.read_bytes(),
+        private_key=pki.client_key.read_bytes() if client_cert else None,
+        certificate_chain=pki.client_cert.read_bytes() if client_cert else None,
+    )
+    return grpc.secure_channel(f"127.0.0.1:{port}", creds)
+
+
+@pytest.fixture
+def batch() -> np.ndarray:
+    return np.random.default_rng(7).normal(size=(2, 3, 8, 8)).astype(np.float32)
+
+
+def test_server_over_tls(start_server, classifier_path: Path, pki: Pki, batch) -> None:
+    bg = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key)
+    with _sync_tls(bg.port, pki, client_cert=False) as channel:
+        got = _sync_call(channel, _infer_request("tiny", batch))
+        np.testing.assert_allclose(_logits(got), reference(classifier_path, batch), atol=1e-5)
+    with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
+        assert _sync_call(channel, _infer_request("tiny", batch)) == grpc.StatusCode.UNAVAILABLE
+    code, message = probe(ProbeConfig(f"127.0.0.1:{bg.port}", tls_ca=pki.ca, timeout=10))
+    assert (code, message.split(":")[0]) == (0, "SERVING")
+    assert probe(ProbeConfig(f"127.0.0.1:{bg.port}", timeout=5))[0] == 1
+
+
+def test_server_with_mutual_tls(start_server, classifier_path: Path, pki: Pki, batch) -> None:
+    bg = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
+    with _sync_tls(bg.port, pki, client_cert=True) as channel:
+        got = _sync_call(channel, _infer_request("tiny", batch))
+        np.testing.assert_allclose(_logits(got), reference(classifier_path, batch), atol=1e-5)
+    with _sync_tls(bg.port, pki, client_cert=False) as channel:
+        assert _sync_call(channel, _infer_request("tiny", batch)) == grpc.StatusCode.UNAVAILABLE
+    target = f"127.0.0.1:{bg.port}"
+    mtls = ProbeConfig(target, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key)
+    assert probe(mtls)[0] == 0
+    assert probe(ProbeConfig(target, tls_ca=pki.ca, timeout=5))[0] == 1
+
+
+def test_server_with_token(start_server, classifier_path: Path, tmp_path: Path, batch) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken-for-tests\n")
+    bg = start_server(auth_token_file=token_file)
+    payload = _infer_request("tiny", batch)
+    with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
+        assert _sync_call(channel, payload) == grpc.StatusCode.UNAUTHENTICATED
+        wrong = (("authorization", "Bearer t0ken-for-test"),)
+        assert _sync_call(channel, payload, wrong) == grpc.StatusCode.UNAUTHENTICATED
+        unknown = _infer_request("nope", batch)
+        assert _sync_call(channel, unknown) == grpc.StatusCode.UNAUTHENTICATED
+        right = (("authorization", "Bearer t0ken-for-tests"),)
+        got = _sync_call(channel, payload, right)
+        np.testing.assert_allclose(_logits(got), reference(classifier_path, batch), atol=1e-5)
+        assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+        # Metadata calls are guarded too; only health and reflection are open.
+        metadata = channel.unary_unary("/inference.GRPCInferenceService/ServerMetadata")
+        with pytest.raises(grpc.RpcError) as info:
+            metadata(kserve_pb2.ServerMetadataRequest().SerializeToString(), timeout=15)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "authorization: Bearer <token>" in (info.value.details() or "")
+    counts = _samples(bg.server.metrics.render().decode())
+    assert counts[("tiny", "unauthenticated")] == 2
+    assert counts[("_unknown", "unauthenticated")] == 1
+    assert counts[("tiny", "success")] == 1
+
+
+def _samples(text: str) -> dict[tuple[str, str], float]:
+    return {
+        (s.labels["model"], s.labels["outcome"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "serve_requests_total"
+    }
+
+
+def test_cli_refuses_half_tls_config(classifier_path: Path, pki: Pki) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "serve", str(classifier_path), "--port", "0",
+         "--metrics-port", "0", "--tls-cert", str(pki.server_cert)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--tls-key" in done.stderr and "Traceback" not in done.stderr
