@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
+from v2 import INFER, infer_payload, reply_logits, request_counts
 
 from protos import kserve_pb2
 from serve.health import ProbeConfig, probe
@@ -375,28 +375,18 @@ def test_tls_and_mutual_tls(pki: Pki) -> None:
 
 # --- the real server: python -m serve's Server with TLS, mTLS and a token ---------------------
 
-_INFER = "/inference.GRPCInferenceService/ModelInfer"
-
-
-def _infer_request(model: str, batch: np.ndarray) -> bytes:
-    request = kserve_pb2.ModelInferRequest(model_name=model)
-    request.inputs.add(name="input", datatype="FP32", shape=list(batch.shape))
-    request.raw_input_contents.append(np.ascontiguousarray(batch, "<f4").tobytes())
-    return request.SerializeToString()
-
-
-def _logits(reply: bytes) -> np.ndarray:
-    response = kserve_pb2.ModelInferResponse.FromString(reply)
-    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(response.outputs[0].shape)
-
-
 def _sync_call(
     channel: grpc.Channel, payload: bytes, metadata: tuple[tuple[str, str], ...] = ()
 ) -> bytes | grpc.StatusCode:
     try:
-        return channel.unary_unary(_INFER)(payload, metadata=metadata, timeout=15)
+        return channel.unary_unary(INFER)(payload, metadata=metadata, timeout=15)
     except grpc.RpcError as e:
         return e.code()
+
+
+def _assert_answer(got: object, model: Path, batch: np.ndarray) -> None:
+    assert isinstance(got, bytes), got
+    np.testing.assert_allclose(reply_logits(got)[1], reference(model, batch), atol=1e-5)
 
 
 def _health(channel: grpc.Channel) -> int:
@@ -421,10 +411,10 @@ def batch() -> np.ndarray:
 def test_server_over_tls(start_server, classifier_path: Path, pki: Pki, batch) -> None:
     bg = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key)
     with _sync_tls(bg.port, pki, client_cert=False) as channel:
-        got = _sync_call(channel, _infer_request("tiny", batch))
-        np.testing.assert_allclose(_logits(got), reference(classifier_path, batch), atol=1e-5)
+        got = _sync_call(channel, infer_payload("tiny", batch))
+        _assert_answer(got, classifier_path, batch)
     with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
-        assert _sync_call(channel, _infer_request("tiny", batch)) == grpc.StatusCode.UNAVAILABLE
+        assert _sync_call(channel, infer_payload("tiny", batch)) == grpc.StatusCode.UNAVAILABLE
     code, message = probe(ProbeConfig(f"127.0.0.1:{bg.port}", tls_ca=pki.ca, timeout=10))
     assert (code, message.split(":")[0]) == (0, "SERVING")
     assert probe(ProbeConfig(f"127.0.0.1:{bg.port}", timeout=5))[0] == 1
@@ -433,10 +423,10 @@ def test_server_over_tls(start_server, classifier_path: Path, pki: Pki, batch) -
 def test_server_with_mutual_tls(start_server, classifier_path: Path, pki: Pki, batch) -> None:
     bg = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
     with _sync_tls(bg.port, pki, client_cert=True) as channel:
-        got = _sync_call(channel, _infer_request("tiny", batch))
-        np.testing.assert_allclose(_logits(got), reference(classifier_path, batch), atol=1e-5)
+        got = _sync_call(channel, infer_payload("tiny", batch))
+        _assert_answer(got, classifier_path, batch)
     with _sync_tls(bg.port, pki, client_cert=False) as channel:
-        assert _sync_call(channel, _infer_request("tiny", batch)) == grpc.StatusCode.UNAVAILABLE
+        assert _sync_call(channel, infer_payload("tiny", batch)) == grpc.StatusCode.UNAVAILABLE
     target = f"127.0.0.1:{bg.port}"
     mtls = ProbeConfig(target, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key)
     assert probe(mtls)[0] == 0
@@ -447,16 +437,16 @@ def test_server_with_token(start_server, classifier_path: Path, tmp_path: Path, 
     token_file = tmp_path / "token"
     token_file.write_text("t0ken-for-tests\n")
     bg = start_server(auth_token_file=token_file)
-    payload = _infer_request("tiny", batch)
+    payload = infer_payload("tiny", batch)
     with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
         assert _sync_call(channel, payload) == grpc.StatusCode.UNAUTHENTICATED
         wrong = (("authorization", "Bearer t0ken-for-test"),)
         assert _sync_call(channel, payload, wrong) == grpc.StatusCode.UNAUTHENTICATED
-        unknown = _infer_request("nope", batch)
+        unknown = infer_payload("nope", batch)
         assert _sync_call(channel, unknown) == grpc.StatusCode.UNAUTHENTICATED
         right = (("authorization", "Bearer t0ken-for-tests"),)
         got = _sync_call(channel, payload, right)
-        np.testing.assert_allclose(_logits(got), reference(classifier_path, batch), atol=1e-5)
+        _assert_answer(got, classifier_path, batch)
         assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
         # Metadata calls are guarded too; only health and reflection are open.
         metadata = channel.unary_unary("/inference.GRPCInferenceService/ServerMetadata")
@@ -464,19 +454,10 @@ def test_server_with_token(start_server, classifier_path: Path, tmp_path: Path, 
             metadata(kserve_pb2.ServerMetadataRequest().SerializeToString(), timeout=15)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "authorization: Bearer <token>" in (info.value.details() or "")
-    counts = _samples(bg.server.metrics.render().decode())
+    counts = request_counts(bg.server.metrics.render().decode())
     assert counts[("tiny", "unauthenticated")] == 2
     assert counts[("_unknown", "unauthenticated")] == 1
     assert counts[("tiny", "success")] == 1
-
-
-def _samples(text: str) -> dict[tuple[str, str], float]:
-    return {
-        (s.labels["model"], s.labels["outcome"]): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "serve_requests_total"
-    }
 
 
 def test_cli_refuses_half_tls_config(classifier_path: Path, pki: Pki) -> None:
