@@ -6,9 +6,13 @@ import socket
 import urllib.error
 import urllib.request
 
+import grpc
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from v2 import INFER, infer_payload, request_counts, samples
 
+from protos import kserve_pb2
 from serve.metrics import OUTCOMES, Metrics
 
 
@@ -103,3 +107,61 @@ def test_busy_port_gives_a_clear_error() -> None:
         port = s.getsockname()[1]
         with pytest.raises(OSError, match="--metrics-port"):
             Metrics().serve_http("127.0.0.1", port)
+
+
+# --- a real server: counts after known traffic ------------------------------------------------
+
+
+def _call(channel: grpc.Channel, payload: bytes) -> grpc.StatusCode:
+    try:
+        channel.unary_unary(INFER)(payload, timeout=30)
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def test_scrape_matches_the_traffic_sent(start_server, classifier_path) -> None:
+    metrics_port = _free_port()
+    bg = start_server(metrics_port=metrics_port)
+    rng = np.random.default_rng(3)
+    row_counts = [1, 2, 3, 5, 8, 13]  # 13 > max batch 8: split in two batches
+    bad_shape = rng.normal(size=(2, 3, 7, 8)).astype(np.float32)
+    codes: list[grpc.StatusCode] = []
+    with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
+        for rows in row_counts:
+            batch = rng.normal(size=(rows, 3, 8, 8)).astype(np.float32)
+            codes.append(_call(channel, infer_payload("tiny", batch)))
+        for _ in range(4):
+            codes.append(_call(channel, infer_payload("tiny", bad_shape)))
+        for _ in range(3):
+            codes.append(_call(channel, infer_payload("missing", bad_shape)))
+        bad_version = kserve_pb2.ModelInferRequest.FromString(
+            infer_payload("tiny", bad_shape[:1, :, :, :])
+        )
+        bad_version.model_version = "7"
+        codes.append(_call(channel, bad_version.SerializeToString()))
+    status = grpc.StatusCode
+    assert codes == [status.OK] * 6 + [status.INVALID_ARGUMENT] * 4 + [status.NOT_FOUND] * 4
+
+    text = _scrape(metrics_port)
+    counts = request_counts(text)
+    assert counts[("tiny", "success")] == 6
+    assert counts[("tiny", "invalid")] == 4
+    assert counts[("tiny", "not_found")] == 1  # a known model at an unknown version
+    assert counts[("_unknown", "not_found")] == 3
+    for outcome in ("rejected", "deadline", "cancelled", "unavailable", "internal"):
+        assert counts[("tiny", outcome)] == 0
+    assert samples(text, "serve_request_duration_seconds_count", "tiny") == 11
+    # One queue wait per queued piece: the 13-row request is queued as 8 + 5.
+    assert samples(text, "serve_queue_duration_seconds_count", "tiny") == 7
+    assert samples(text, "serve_batch_size_sum", "tiny") == sum(row_counts)
+    batches = samples(text, "serve_batch_size_count", "tiny")
+    assert batches == samples(text, "serve_compute_duration_seconds_count", "tiny")
+    assert batches >= 7  # sequential calls: no two requests share a batch
+    assert samples(text, "serve_model_ready", "tiny") == 1
+    assert samples(text, "serve_queue_depth", "tiny") == 0
