@@ -43,7 +43,11 @@ def make_classifier(
     graph = helper.make_graph(
         nodes,
         "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", channels, size, size])],
+        [
+            helper.make_tensor_value_info(
+                "input", TensorProto.FLOAT, ["batch", channels, size, size]
+            )
+        ],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         initializer=[
             numpy_helper.from_array(conv_w, "conv_w"),
@@ -81,6 +85,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(name="make_classifier", scope="session")
+def make_classifier_fixture() -> Callable[..., Path]:
+    """``make_classifier(path, channels=3, size=8, classes=5, seed=0, metadata=None)``."""
+    return make_classifier
+
+
+@pytest.fixture(name="reference", scope="session")
+def reference_fixture() -> Callable[[Path, np.ndarray], np.ndarray]:
+    """``reference(path, batch)``: logits from a local CPU ONNX Runtime session."""
+    return reference
 
 
 @pytest.fixture(scope="session")

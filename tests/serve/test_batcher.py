@@ -1,0 +1,173 @@
+"""serve/batcher.py: batch collection over a real asyncio queue, buckets, splitting."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from serve.batcher import Batcher, Pending, collect
+from serve.errors import ServeError
+from serve.model_info import read_model_info
+from serve.runtime import Runtime, bucket_for, buckets_for
+
+
+def _pending(loop: asyncio.AbstractEventLoop, rows: int, tag: float = 0.0) -> Pending:
+    data = np.full((rows, 1), tag, dtype=np.float32)
+    return Pending(data, loop.create_future(), None, loop.time())
+
+
+def test_buckets_are_powers_of_two_then_the_max() -> None:
+    assert buckets_for(1) == (1,)
+    assert buckets_for(8) == (1, 2, 4, 8)
+    assert buckets_for(12) == (1, 2, 4, 8, 12)
+    assert bucket_for(3, buckets_for(12)) == 4
+    assert bucket_for(9, buckets_for(12)) == 12
+    with pytest.raises(ValueError, match="at most 12 rows"):
+        bucket_for(13, buckets_for(12))
+
+
+def test_collect_takes_everything_queued_without_waiting() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Pending] = asyncio.Queue()
+        items = [_pending(loop, 1, i) for i in range(5)]
+        for item in items:
+            queue.put_nowait(item)
+        started = loop.time()
+        batch, held = await collect(queue, None, max_rows=64, delay=0.0)
+        assert batch == items and held is None
+        assert loop.time() - started < 1.0  # no idle waiting (generous bound)
+
+    asyncio.run(scenario())
+
+
+def test_collect_stops_at_max_rows_and_holds_the_overflow() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Pending] = asyncio.Queue()
+        a, b, c = _pending(loop, 3), _pending(loop, 4), _pending(loop, 2)
+        for item in (a, b, c):
+            queue.put_nowait(item)
+        batch, held = await collect(queue, None, max_rows=5, delay=0.0)
+        assert batch == [a] and held is b
+        batch, held = await collect(queue, held, max_rows=5, delay=0.0)
+        assert batch == [b] and held is c
+        batch, held = await collect(queue, held, max_rows=5, delay=0.0)
+        assert batch == [c] and held is None and queue.empty()
+
+    asyncio.run(scenario())
+
+
+def test_collect_waits_for_more_only_with_a_delay() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Pending] = asyncio.Queue()
+        first, late = _pending(loop, 1), _pending(loop, 1)
+        queue.put_nowait(first)
+        loop.call_later(0.05, queue.put_nowait, late)
+        batch, _ = await collect(queue, None, max_rows=8, delay=0.0)
+        assert batch == [first]
+        batch, _ = await collect(queue, None, max_rows=8, delay=0.0)
+        assert batch == [late]
+        third, fourth = _pending(loop, 1), _pending(loop, 1)
+        queue.put_nowait(third)
+        loop.call_later(0.05, queue.put_nowait, fourth)
+        batch, _ = await collect(queue, None, max_rows=8, delay=2.0)
+        assert batch == [third, fourth]  # the window stayed open for the late one
+
+    asyncio.run(scenario())
+
+
+def test_collect_returns_when_the_window_fills() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Pending] = asyncio.Queue()
+        items = [_pending(loop, 2) for _ in range(3)]
+        queue.put_nowait(items[0])
+        loop.call_later(0.02, queue.put_nowait, items[1])
+        loop.call_later(0.04, queue.put_nowait, items[2])
+        started = loop.time()
+        batch, held = await collect(queue, None, max_rows=6, delay=30.0)
+        assert batch == items and held is None
+        assert loop.time() - started < 10.0  # full batch ends the window, not the 30 s delay
+
+    asyncio.run(scenario())
+
+
+def test_collect_skips_cancelled_requests() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Pending] = asyncio.Queue()
+        gone, kept = _pending(loop, 4), _pending(loop, 4)
+        gone.future.cancel()
+        queue.put_nowait(gone)
+        queue.put_nowait(kept)
+        batch, held = await collect(queue, None, max_rows=4, delay=0.0)
+        assert batch == [kept] and held is None
+
+    asyncio.run(scenario())
+
+
+def test_batcher_splits_pads_and_reassembles(classifier_path: Path) -> None:
+    info = read_model_info("tiny", classifier_path)
+    runtime = Runtime(info, device="cpu", max_batch_size=4, intra_op_threads=1)
+    runtime.warm_up()
+    rows = np.random.default_rng(3).normal(size=(11, *info.sample_shape)).astype(np.float32)
+    expected = np.concatenate([runtime.run(rows[i : i + 1]) for i in range(len(rows))])
+
+    async def scenario() -> np.ndarray:
+        batcher = Batcher(runtime, max_queue_size=16, max_queue_delay_s=0, instances=2)
+        batcher.start()
+        try:
+            return await batcher.infer(rows, None)
+        finally:
+            await batcher.close()
+
+    got = asyncio.run(scenario())
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batcher_refuses_what_the_queue_cannot_hold(classifier_path: Path) -> None:
+    info = read_model_info("tiny", classifier_path)
+    runtime = Runtime(info, device="cpu", max_batch_size=2, intra_op_threads=1)
+    rows = np.zeros((7, *info.sample_shape), dtype=np.float32)
+
+    async def scenario() -> None:
+        batcher = Batcher(runtime, max_queue_size=3, max_queue_delay_s=0, instances=1)
+        batcher.start()
+        try:
+            with pytest.raises(ServeError) as caught:
+                await batcher.infer(rows, None)  # 4 pieces of 2 rows, room for 3
+            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-queue-size" in caught.value.message
+            assert batcher.depth == 0  # nothing half-queued
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_expired_deadline_is_dropped_before_compute(classifier_path: Path) -> None:
+    info = read_model_info("tiny", classifier_path)
+    runtime = Runtime(info, device="cpu", max_batch_size=4, intra_op_threads=1)
+    rows = np.zeros((1, *info.sample_shape), dtype=np.float32)
+
+    async def scenario() -> None:
+        batcher = Batcher(runtime, max_queue_size=8, max_queue_delay_s=0, instances=1)
+        batcher.start()
+        try:
+            loop = asyncio.get_running_loop()
+            with pytest.raises(ServeError) as caught:
+                await batcher.infer(rows, loop.time() - 1)
+            assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert sum(batcher.batch_rows.values()) == 0
+            await batcher.infer(rows, loop.time() + 60)
+            assert batcher.batch_rows == {1: 1}
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,141 @@
+"""serve/classify.py + serve/images.py: the Classifier API with encoded images and tensors."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from protos import classifier_pb2, classifier_pb2_grpc
+from serve.background import BackgroundServer
+
+Reference = Callable[[Path, np.ndarray], np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def stub(shared_server: BackgroundServer):
+    channel = grpc.insecure_channel(f"127.0.0.1:{shared_server.port}")
+    yield classifier_pb2_grpc.ClassifierStub(channel)
+    channel.close()
+
+
+def _png(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _expected_input(data: bytes) -> np.ndarray:
+    """The preprocessing the model's metadata asks for (mean 0.5, std 0.25, 8x8 RGB)."""
+    image = Image.open(io.BytesIO(data)).convert("RGB").resize((8, 8), Image.Resampling.BILINEAR)
+    x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return ((x - 0.5) / 0.25).astype(np.float32)
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height; the pixel data is never reached."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def test_encoded_images_are_preprocessed_from_metadata(
+    stub, classifier_path: Path, reference: Reference
+) -> None:
+    rng = np.random.default_rng(1)
+    images = [
+        _png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)),  # already the input size
+        _png(rng.integers(0, 256, (20, 13, 3), dtype=np.uint8)),  # resized
+        _png(rng.integers(0, 256, (8, 8), dtype=np.uint8)),  # grey → RGB
+        _png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "JPEG"),
+    ]
+    request = classifier_pb2.ClassifyRequest(model="tiny", top_k=3)
+    for data in images:
+        request.images.add(encoded=data)
+    response = stub.Classify(request, timeout=30)
+    expected = reference(classifier_path, np.stack([_expected_input(d) for d in images]))
+    assert response.model == "tiny" and response.version == "1"
+    assert len(response.results) == len(images)
+    for result, logits in zip(response.results, expected, strict=True):
+        order = np.argsort(-logits, kind="stable")[:3]
+        assert [label.index for label in result.labels] == list(order)
+        assert [label.label for label in result.labels] == [f"label{i}" for i in order]
+        np.testing.assert_allclose(
+            [label.logit for label in result.labels], logits[order], atol=1e-4
+        )
+        probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        np.testing.assert_allclose(
+            [label.score for label in result.labels], probs[order], atol=1e-5
+        )
+
+
+def test_tensors_and_default_top_k(stub, classifier_path: Path, reference: Reference) -> None:
+    x = np.random.default_rng(2).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    request = classifier_pb2.ClassifyRequest(model="tiny")  # top_k 0 → 5
+    for row in x:
+        request.images.add(tensor=classifier_pb2.Tensor(shape=row.shape, data=row.tobytes()))
+    response = stub.Classify(request, timeout=30)
+    expected = reference(classifier_path, x)
+    for result, logits in zip(response.results, expected, strict=True):
+        assert len(result.labels) == 5
+        assert result.labels[0].index == int(np.argmax(logits))
+
+
+def _classify_error(stub, *images: classifier_pb2.Image, model: str = "tiny") -> grpc.RpcError:
+    request = classifier_pb2.ClassifyRequest(model=model, images=list(images))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Classify(request, timeout=30)
+    return caught.value
+
+
+def test_bad_images_are_invalid_argument(stub) -> None:
+    good = _png(np.zeros((8, 8, 3), dtype=np.uint8))
+    cases = {
+        "undecodable": b"this is not an image",
+        "truncated": _png(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))[:300],
+        "bomb": _bomb_png(20000, 20000),
+        "above the pixel limit": _bomb_png(10000, 5000),
+    }
+    for name, data in cases.items():
+        error = _classify_error(
+            stub, classifier_pb2.Image(encoded=good), classifier_pb2.Image(encoded=data)
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert "image 1" in error.details(), name
+
+
+def test_bad_tensors_and_requests(stub) -> None:
+    ok = np.zeros((3, 8, 8), dtype=np.float32)
+    wrong_shape = classifier_pb2.Tensor(shape=[3, 8, 9], data=np.zeros(216, np.float32).tobytes())
+    short = classifier_pb2.Tensor(shape=[3, 8, 8], data=ok.tobytes()[:-4])
+    for tensor in (wrong_shape, short):
+        error = _classify_error(stub, classifier_pb2.Image(tensor=tensor))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _classify_error(stub).code() == grpc.StatusCode.INVALID_ARGUMENT  # zero images
+    assert _classify_error(stub, classifier_pb2.Image()).code() == grpc.StatusCode.INVALID_ARGUMENT
+    tensor = classifier_pb2.Tensor(shape=[3, 8, 8], data=ok.tobytes())
+    error = _classify_error(stub, classifier_pb2.Image(tensor=tensor), model="nope")
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_bomb_is_refused_before_decoding(stub) -> None:
+    # 20000 x 20000 RGBA would take 1.6 GB; the refusal must come from the header alone.
+    data = _bomb_png(20000, 20000)
+    assert len(data) < 2000
+    error = _classify_error(stub, classifier_pb2.Image(encoded=data))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "resize" in error.details()

@@ -1,0 +1,174 @@
+"""serve/kserve.py: the KServe v2 service through the official tritonclient.grpc client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from serve.background import BackgroundServer
+
+Reference = Callable[[Path, np.ndarray], np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def triton(shared_server: BackgroundServer) -> tc.InferenceServerClient:
+    return tc.InferenceServerClient(f"127.0.0.1:{shared_server.port}")
+
+
+def _input(array: np.ndarray, name: str = "input", datatype: str = "FP32") -> tc.InferInput:
+    tensor = tc.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _status(error: InferenceServerException) -> str:
+    return error.status()
+
+
+def test_server_and_model_metadata(triton: tc.InferenceServerClient) -> None:
+    assert triton.is_server_live()
+    assert triton.is_server_ready()
+    assert triton.is_model_ready("tiny")
+    assert triton.is_model_ready("tiny", "1")
+    assert not triton.is_model_ready("nope")
+    server = triton.get_server_metadata()
+    assert "classification" in server.extensions
+    meta = triton.get_model_metadata("tiny")
+    assert meta.name == "tiny" and list(meta.versions) == ["1"]
+    assert meta.platform == "onnxruntime_onnx"
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("input", "FP32", [-1, 3, 8, 8])
+    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("logits", "FP32", [-1, 5])
+    ]
+    config = triton.get_model_config("tiny").config
+    assert config.name == "tiny" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 8
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, 8, 8])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [5])]
+    assert config.input[0].data_type == tc.model_config_pb2.TYPE_FP32
+
+
+def test_infer_raw_fp32_matches_local_onnxruntime(
+    triton: tc.InferenceServerClient, classifier_path: Path, reference: Reference
+) -> None:
+    x = np.random.default_rng(7).normal(size=(5, 3, 8, 8)).astype(np.float32)
+    result = triton.infer("tiny", [_input(x)], request_id="req-7")
+    assert result.get_response().id == "req-7"
+    assert result.get_response().model_version == "1"
+    np.testing.assert_allclose(result.as_numpy("logits"), reference(classifier_path, x), atol=1e-5)
+
+
+def test_infer_more_rows_than_the_max_batch_is_split_and_answered_in_full(
+    triton: tc.InferenceServerClient, classifier_path: Path, reference: Reference
+) -> None:
+    x = np.random.default_rng(8).normal(size=(29, 3, 8, 8)).astype(np.float32)  # max batch 8
+    result = triton.infer("tiny", [_input(x)])
+    assert result.as_numpy("logits").shape == (29, 5)
+    np.testing.assert_allclose(result.as_numpy("logits"), reference(classifier_path, x), atol=1e-5)
+
+
+def test_classification_extension_matches_local_top_k(
+    triton: tc.InferenceServerClient, classifier_path: Path, reference: Reference
+) -> None:
+    x = np.random.default_rng(9).normal(size=(6, 3, 8, 8)).astype(np.float32)
+    k = 3
+    output = tc.InferRequestedOutput("logits", class_count=k)
+    result = triton.infer("tiny", [_input(x)], outputs=[output])
+    strings = result.as_numpy("logits")
+    assert strings.shape == (6, k)
+    expected = reference(classifier_path, x)
+    for row, values in zip(strings, expected, strict=True):
+        order = np.argsort(-values, kind="stable")[:k]
+        parsed = [s.decode().split(":") for s in row]
+        assert [int(p[1]) for p in parsed] == list(order)
+        assert [p[2] for p in parsed] == [f"label{i}" for i in order]
+        np.testing.assert_allclose([float(p[0]) for p in parsed], values[order], atol=1e-5)
+
+
+def test_class_count_above_the_classes_is_capped(triton: tc.InferenceServerClient) -> None:
+    x = np.zeros((2, 3, 8, 8), dtype=np.float32)
+    output = tc.InferRequestedOutput("logits", class_count=50)
+    assert triton.infer("tiny", [_input(x)], outputs=[output]).as_numpy("logits").shape == (2, 5)
+
+
+def test_typed_fp32_contents_are_accepted(
+    shared_server: BackgroundServer, classifier_path: Path, reference: Reference
+) -> None:
+    from protos import kserve_pb2
+
+    x = np.random.default_rng(10).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    request = kserve_pb2.ModelInferRequest(model_name="tiny")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=x.shape)
+    tensor.contents.fp32_contents.extend(x.ravel().tolist())
+    with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=kserve_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=kserve_pb2.ModelInferResponse.FromString,
+        )
+        response = infer(request, timeout=30)
+    got = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(2, 5)
+    np.testing.assert_allclose(got, reference(classifier_path, x), atol=1e-5)
+
+
+def test_nan_and_inf_are_served_not_crashed(triton: tc.InferenceServerClient) -> None:
+    x = np.zeros((3, 3, 8, 8), dtype=np.float32)
+    x[0, 0, 0, 0] = np.nan
+    x[1, 1, 2, 3] = np.inf
+    logits = triton.infer("tiny", [_input(x)]).as_numpy("logits")
+    assert logits.shape == (3, 5)
+    assert np.isnan(logits[0]).any()
+    assert np.isfinite(logits[2]).all()
+    output = tc.InferRequestedOutput("logits", class_count=2)
+    assert triton.infer("tiny", [_input(x)], outputs=[output]).as_numpy("logits").shape == (3, 2)
+    assert triton.is_server_ready()
+
+
+BAD_REQUESTS = {
+    "unknown model": ("StatusCode.NOT_FOUND", dict(model_name="nope")),
+    "unknown version": ("StatusCode.NOT_FOUND", dict(model_version="2")),
+    "wrong tensor name": ("StatusCode.INVALID_ARGUMENT", dict(name="pixels")),
+    "wrong dtype": ("StatusCode.INVALID_ARGUMENT", dict(datatype="FP64")),
+    "wrong shape": ("StatusCode.INVALID_ARGUMENT", dict(shape=(2, 3, 8, 9))),
+    "zero rows": ("StatusCode.INVALID_ARGUMENT", dict(shape=(0, 3, 8, 8))),
+    "byte size": ("StatusCode.INVALID_ARGUMENT", dict(truncate=True)),
+    "wrong output": ("StatusCode.INVALID_ARGUMENT", dict(output="probs")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_requests_get_their_status(triton: tc.InferenceServerClient, case: str) -> None:
+    status, change = BAD_REQUESTS[case]
+    shape = change.get("shape", (2, 3, 8, 8))
+    datatype = change.get("datatype", "FP32")
+    array = np.zeros(shape, dtype=np.float64 if datatype == "FP64" else np.float32)
+    tensor = _input(array, change.get("name", "input"), datatype)
+    if change.get("truncate"):
+        tensor._raw_content = tensor._raw_content[:-4]
+    outputs = [tc.InferRequestedOutput(change["output"])] if "output" in change else None
+    with pytest.raises(InferenceServerException) as caught:
+        triton.infer(
+            change.get("model_name", "tiny"),
+            [tensor],
+            model_version=change.get("model_version", ""),
+            outputs=outputs,
+        )
+    assert _status(caught.value) == status
+    assert "expected" in caught.value.message()
+    assert triton.is_server_ready()
+
+
+def test_metadata_of_unknown_model_is_not_found(triton: tc.InferenceServerClient) -> None:
+    for call in (triton.get_model_metadata, triton.get_model_config):
+        with pytest.raises(InferenceServerException) as caught:
+            call("nope")
+        assert _status(caught.value) == "StatusCode.NOT_FOUND"
+        assert "tiny" in caught.value.message()  # names the models that exist

@@ -1,0 +1,83 @@
+"""serve/reflection.py: reflection lists all four services and describes inference.* upstream."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import grpc
+import pytest
+import tritonclient.grpc as tc  # registers inference.* in the default pool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from protos import classifier_pb2, kserve_pb2
+from serve.background import BackgroundServer
+
+SERVICES = {
+    "inference.GRPCInferenceService",
+    "classifier.v1.Classifier",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+}
+
+
+def test_tritonclient_and_our_modules_share_one_process() -> None:
+    upstream = tc.service_pb2.ModelInferRequest.DESCRIPTOR
+    ours = kserve_pb2.ModelInferRequest.DESCRIPTOR
+    assert upstream.full_name == "inference.ModelInferRequest"
+    assert ours.full_name == "kserve.v2.ModelInferRequest"
+    assert classifier_pb2.DESCRIPTOR.package == "classifier.v1"
+    # Same field numbers, so the same bytes decode the same either way.
+    message = tc.service_pb2.ModelInferRequest(model_name="m", raw_input_contents=[b"\x01"])
+    message.inputs.add(name="input", datatype="FP32", shape=[1, 2])
+    decoded = kserve_pb2.ModelInferRequest.FromString(message.SerializeToString())
+    assert decoded.model_name == "m" and list(decoded.inputs[0].shape) == [1, 2]
+    assert decoded.SerializeToString() == message.SerializeToString()
+
+
+def test_wire_field_numbers_match_upstream() -> None:
+    pairs = [
+        (tc.service_pb2.DESCRIPTOR, kserve_pb2.DESCRIPTOR),
+        (tc.model_config_pb2.DESCRIPTOR, kserve_pb2.DESCRIPTOR),
+    ]
+    checked = 0
+    for upstream_file, our_file in pairs:
+        for name, ours in our_file.message_types_by_name.items():
+            upstream = upstream_file.message_types_by_name.get(name)
+            if upstream is None:
+                continue
+            for field in ours.fields:
+                theirs = upstream.fields_by_name[field.name]
+                assert (field.number, field.type) == (theirs.number, theirs.type), field.full_name
+                checked += 1
+    assert checked > 40
+
+
+def test_reflection_lists_and_describes_every_service(shared_server: BackgroundServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert set(database.get_services()) == SERVICES
+        from google.protobuf.descriptor_pool import DescriptorPool
+
+        pool = DescriptorPool(database)
+        service = pool.FindServiceByName("inference.GRPCInferenceService")
+        infer = service.methods_by_name["ModelInfer"]
+        assert infer.input_type.full_name == "inference.ModelInferRequest"
+        assert infer.output_type.fields_by_name["raw_output_contents"].number == 6
+        classify = pool.FindServiceByName("classifier.v1.Classifier").methods_by_name["Classify"]
+        assert classify.input_type.full_name == "classifier.v1.ClassifyRequest"
+        assert pool.FindServiceByName("grpc.health.v1.Health").methods_by_name["Check"]
+
+
+@pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl is not installed")
+def test_grpcurl_lists_all_four_services(shared_server: BackgroundServer) -> None:
+    listed = subprocess.run(
+        ["grpcurl", "-plaintext", f"127.0.0.1:{shared_server.port}", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert set(listed) == SERVICES
