@@ -1,0 +1,157 @@
+"""Read a checkpoint file into a state_dict (or, when trusted, a whole module), safely."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from export.errors import UsageError
+
+STATE_DICT_ENTRIES = ("state_dict", "model_state_dict", "model", "net", "state_dict_ema")
+STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint file held: its weights, and a ready module when it carried one."""
+
+    path: Path
+    sha256: str
+    format: str
+    state_dict: Mapping[str, Tensor]
+    arch: str | None = None
+    module: nn.Module | None = field(default=None, compare=False)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
+    """Load a torch.save file (weights only unless `trust_pickle`), safetensors or TorchScript."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(
+            f"expected a checkpoint file, got {path} which does not exist; check the path"
+        )
+    if path.stat().st_size == 0:
+        raise UsageError(f"expected a checkpoint, got an empty file {path}; save the model again")
+    digest = sha256_of(path)
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        return Checkpoint(path, digest, "safetensors", _load_safetensors(path))
+    if _is_torchscript(path):
+        module = torch.jit.load(str(path), map_location="cpu")
+        return Checkpoint(path, digest, "torchscript", module.state_dict(), module=module)
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        return Checkpoint(path, digest, "pickled module", obj.state_dict(), module=obj)
+    state_dict, arch = _find_state_dict(obj, path)
+    return Checkpoint(path, digest, "state_dict", state_dict, arch=arch)
+
+
+def key_variants(state_dict: Mapping[str, Tensor]) -> Iterator[dict[str, Tensor]]:
+    """The state_dict as saved, then with each wrapper prefix that every key shares removed.
+
+    A prefix is only a candidate: the `mlp` zoo model's own keys start with `model.`, so the
+    caller keeps the variant whose keys fit the architecture.
+    """
+    current = dict(state_dict)
+    yield current
+    while current:
+        prefix = next(
+            (p for p in STRIPPABLE_PREFIXES if all(k.startswith(p) for k in current)), None
+        )
+        if prefix is None:
+            return
+        current = {k[len(prefix) :]: v for k, v in current.items()}
+        yield current
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            raise UsageError(
+                f"expected a checkpoint of plain tensors, got pickled Python objects in {path} "
+                "that cannot be loaded safely (a whole nn.Module or custom classes); save "
+                "model.state_dict() instead, or, only if you trust the file, re-run with "
+                "--trust-pickle"
+            ) from e
+        raise _not_a_checkpoint(path) from e
+    except (RuntimeError, EOFError, ValueError, UnicodeDecodeError, zipfile.BadZipFile) as e:
+        raise _not_a_checkpoint(path) from e
+    except (AttributeError, ModuleNotFoundError, ImportError) as e:
+        raise UsageError(
+            f"expected the classes pickled in {path} to be importable, got {e}; run from the "
+            "project that defines the model, or save model.state_dict() instead"
+        ) from e
+
+
+def _not_a_checkpoint(path: Path) -> UsageError:
+    return UsageError(
+        f"expected a PyTorch checkpoint (torch.save, .safetensors or TorchScript), got {path} "
+        "which is none of these; pass the file written by torch.save(model.state_dict(), ...)"
+    )
+
+
+def _find_state_dict(obj: object, path: Path) -> tuple[dict[str, Tensor], str | None]:
+    if not isinstance(obj, Mapping):
+        raise UsageError(
+            f"expected a state_dict (a dict of tensors), got a {type(obj).__name__} in {path}; "
+            "save model.state_dict()"
+        )
+    arch = obj.get("arch") if isinstance(obj.get("arch"), str) else None
+    for entry in STATE_DICT_ENTRIES:
+        inner = obj.get(entry)
+        if isinstance(inner, Mapping) and _tensors(inner):
+            return _tensors(inner), arch
+    tensors = _tensors(obj)
+    if not tensors:
+        raise UsageError(
+            f"expected tensors in {path}, got a dict of {len(obj)} entries without any; "
+            f"put the weights under one of {', '.join(STATE_DICT_ENTRIES)} "
+            "or save model.state_dict()"
+        )
+    return tensors, arch
+
+
+def _tensors(mapping: Mapping[object, object]) -> dict[str, Tensor]:
+    return {k: v for k, v in mapping.items() if isinstance(k, str) and isinstance(v, Tensor)}
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise UsageError(
+            f"expected a valid .safetensors file, got {path} which cannot be read ({e}); "
+            "write it again with safetensors.torch.save_file"
+        ) from e
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("/constants.pkl") or "/code/" in name for name in z.namelist())

@@ -1,0 +1,110 @@
+"""`python -m export CKPT`: argument parsing and the human summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from export.config import ExportConfig, parse_floats, parse_shape
+from export.errors import ExportError
+from export.onnx_export import EXPORTERS, MIN_OPSET
+from export.pipeline import ExportResult, export_checkpoint
+from export.zoo import architectures
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}; see python -m export --help\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m export",
+        description="Export a trained PyTorch classifier checkpoint to a parity-checked ONNX file.",
+        epilog="exit codes: 0 exported and checked; 1 a graph or parity check failed (no .onnx "
+        "left at the output path); 2 bad input or usage",
+    )
+    p.add_argument(
+        "checkpoint", type=Path, help="checkpoint (.ckpt/.pt/.pth, .safetensors, TorchScript)"
+    )
+    p.add_argument("-o", "--output", type=Path, help="output .onnx path (default: CKPT with .onnx)")
+    p.add_argument("--arch", help=f"zoo name ({', '.join(architectures())}) or module.path:factory")
+    p.add_argument("--input-shape", metavar="C,H,W", help="input shape without the batch axis")
+    p.add_argument("--labels", type=Path, metavar="FILE", help="class labels, one per line")
+    p.add_argument("--mean", metavar="M[,M...]", help="per-channel mean for preprocessing")
+    p.add_argument("--std", metavar="S[,S...]", help="per-channel std for preprocessing")
+    p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
+    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
+    p.add_argument("--sample", type=Path, metavar="FILE.npy", help="extra inputs for parity")
+    p.add_argument(
+        "--exporter",
+        choices=EXPORTERS,
+        default="auto",
+        help="auto: TorchScript-based exporter, dynamo where it cannot express an op",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow checkpoints holding pickled objects (runs code from the file)",
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ExportConfig:
+    return ExportConfig(
+        checkpoint=args.checkpoint,
+        output=args.output,
+        arch=args.arch,
+        input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+        labels_file=args.labels,
+        mean=parse_floats(args.mean, "--mean") if args.mean else None,
+        std=parse_floats(args.std, "--std") if args.std else None,
+        opset=args.opset,
+        atol=args.atol,
+        rtol=args.rtol,
+        sample=args.sample,
+        trust_pickle=args.trust_pickle,
+        exporter=args.exporter,
+    )
+
+
+def format_summary(result: ExportResult) -> str:
+    shape = "×".join(map(str, result.input_shape))
+    lines = [
+        f"exported {result.arch} → {result.output}",
+        f"  parameters   {result.frozen.parameters:,}",
+        f"  batchnorm    {result.frozen.batchnorm_layers} layer(s) frozen (eval mode)",
+        f"  input        {shape} float32, batch axis symbolic; {result.num_classes} classes",
+        f"  opset        {result.opset} ({result.exporter} exporter)",
+        f"  file size    {result.file_bytes / 2**20:.1f} MiB",
+        "  parity       provider / batch: max abs err, max rel err",
+    ]
+    for r in result.parity.results:
+        provider = r.provider.replace("ExecutionProvider", "")
+        lines.append(
+            f"    {provider:<5} batch {r.batch:>6}: {r.max_abs_err:.2e}  {r.max_rel_err:.2e}  "
+            f"{'ok' if r.passed else 'FAIL'}"
+        )
+    lines.append(f"  report       {result.report_path}")
+    lines.append(f"  time         {result.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = export_checkpoint(config_from_args(args))
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; no .onnx written", file=sys.stderr)
+        return 130
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    print(format_summary(result))
+    return 0

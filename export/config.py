@@ -1,0 +1,83 @@
+"""The exporter's options, checked once where they are built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.errors import UsageError
+from export.onnx_export import EXPORTERS, MIN_OPSET
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything one export needs. Paths are checked when the export runs."""
+
+    checkpoint: Path
+    output: Path | None = None
+    arch: str | None = None
+    input_shape: tuple[int, int, int] | None = None
+    labels_file: Path | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    opset: int = MIN_OPSET
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    sample: Path | None = None
+    trust_pickle: bool = False
+    exporter: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checkpoint", Path(self.checkpoint))
+        for name in ("output", "labels_file", "sample"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        if self.opset < MIN_OPSET:
+            raise UsageError(f"expected --opset >= {MIN_OPSET}, got {self.opset}; pass 18 or newer")
+        if not (self.atol >= 0 and self.rtol >= 0):
+            raise UsageError(f"expected --atol and --rtol >= 0, got {self.atol} and {self.rtol}")
+        if self.exporter not in EXPORTERS:
+            raise UsageError(f"expected --exporter in {EXPORTERS}, got {self.exporter!r}")
+        if self.input_shape is not None and (
+            len(self.input_shape) != 3 or min(self.input_shape) < 1
+        ):
+            raise UsageError(
+                f"expected --input-shape C,H,W with three positive integers, got "
+                f"{self.input_shape}; e.g. --input-shape 3,224,224"
+            )
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise UsageError(f"expected --std values > 0, got {self.std}")
+
+    @property
+    def output_path(self) -> Path:
+        return self.output if self.output is not None else self.checkpoint.with_suffix(".onnx")
+
+    @property
+    def report_path(self) -> Path:
+        out = self.output_path
+        return out.with_name(out.stem + ".parity.json")
+
+
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as e:
+        raise UsageError(
+            f"expected {option} as comma-separated numbers, got {text!r}; e.g. {option} 0.5,0.5,0.5"
+        ) from e
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError as e:
+        raise UsageError(
+            f"expected --input-shape C,H,W as integers, got {text!r}; e.g. --input-shape 3,224,224"
+        ) from e
+    if len(dims) != 3 or min(dims) < 1:
+        raise UsageError(
+            f"expected --input-shape C,H,W with three positive integers, got {text!r}; "
+            "e.g. --input-shape 3,224,224"
+        )
+    return dims  # type: ignore[return-value]

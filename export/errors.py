@@ -1,0 +1,21 @@
+"""Exceptions that carry the exporter's exit codes (DESIGN.md: 1 check failed, 2 bad input)."""
+
+from __future__ import annotations
+
+
+class ExportError(Exception):
+    """Base class: the message is meant for the user and says what to do."""
+
+    exit_code = 2
+
+
+class UsageError(ExportError):
+    """Bad input or usage: unreadable or unsafe checkpoint, unknown architecture, bad option."""
+
+    exit_code = 2
+
+
+class CheckFailed(ExportError):
+    """A graph or parity check failed; no `.onnx` is left at the output path."""
+
+    exit_code = 1

@@ -1,0 +1,244 @@
+"""One export from checkpoint to checked `.onnx`: load, resolve, freeze, export, check, write."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.checkpoint import load_checkpoint
+from export.config import ExportConfig
+from export.errors import CheckFailed, UsageError
+from export.freeze import Frozen, check_unchanged, freeze
+from export.onnx_export import as_json, check_graph, export_onnx, write_metadata
+from export.parity import ParityReport, Tolerance, check_parity, make_inputs
+from export.resolve import Resolved, resolve
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export produced; `parity.passed` is True whenever a result is returned."""
+
+    output: Path
+    report_path: Path
+    arch: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    frozen: Frozen
+    opset: int
+    exporter: str
+    file_bytes: int
+    parity: ParityReport
+    metadata: dict[str, str]
+    seconds: float
+    warnings: tuple[str, ...]
+
+
+def export_checkpoint(config: ExportConfig) -> ExportResult:
+    """Export `config.checkpoint`; raises UsageError (exit 2) or CheckFailed (exit 1)."""
+    started = time.perf_counter()
+    output, report_path = config.output_path, config.report_path
+    _check_writable(output.parent)
+    checkpoint = load_checkpoint(config.checkpoint, trust_pickle=config.trust_pickle)
+    resolved = resolve(checkpoint, config.arch)
+    frozen = freeze(resolved.model)
+    notes = []
+    if frozen.untrained_batchnorms:
+        notes.append(
+            f"{len(frozen.untrained_batchnorms)} BatchNorm layer(s) still have their initial "
+            "statistics (mean 0, var 1), the model looks untrained: "
+            + ", ".join(frozen.untrained_batchnorms[:3])
+        )
+    input_shape = _input_shape(config, resolved)
+    num_classes = _probe(resolved.model, input_shape, resolved.arch)
+    labels = _labels(config.labels_file, num_classes)
+    mean, std = _stats(config, resolved, input_shape[0])
+    sample = _sample(config.sample, input_shape)
+
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{output.stem}.", suffix=".onnx.tmp", dir=output.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        exported = export_onnx(
+            resolved.model, input_shape, tmp, opset=config.opset, exporter=config.exporter
+        )
+        if exported.fallback_reason:
+            notes.append(f"legacy exporter failed ({exported.fallback_reason}); used dynamo")
+        problems = check_graph(tmp, input_shape)
+        tolerance = Tolerance(atol=config.atol, rtol=config.rtol)
+        batches = make_inputs(input_shape, sample)
+        parity = check_parity(resolved.model, tmp, batches, tolerance, problems)
+        check_unchanged(resolved.model, frozen)
+        _write_report(report_path, parity, resolved.arch, exported.exporter)
+        if not parity.passed:
+            raise CheckFailed(
+                "expected the ONNX model to match the torch model, got:\n  "
+                + "\n  ".join(parity.failures())
+                + f"\nno .onnx written; details in {report_path}"
+            )
+        metadata = {
+            "arch": resolved.arch,
+            "num_classes": str(num_classes),
+            "input_shape": ",".join(map(str, input_shape)),
+            "labels": as_json(labels),
+            "mean": as_json(list(mean)),
+            "std": as_json(list(std)),
+            "checkpoint_sha256": checkpoint.sha256,
+            "torch_version": torch.__version__,
+            "parity": as_json({**parity.summary(), "exporter": exported.exporter}),
+        }
+        write_metadata(tmp, metadata)
+        tmp.chmod(_default_mode())  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, output)
+    except CheckFailed:
+        # DESIGN.md: after a failed check no .onnx is left at the output path.
+        output.unlink(missing_ok=True)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportResult(
+        output=output,
+        report_path=report_path,
+        arch=resolved.arch,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        frozen=frozen,
+        opset=config.opset,
+        exporter=exported.exporter,
+        file_bytes=output.stat().st_size,
+        parity=parity,
+        metadata=metadata,
+        seconds=time.perf_counter() - started,
+        warnings=tuple(notes),
+    )
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _check_writable(directory: Path) -> None:
+    if not directory.is_dir():
+        raise UsageError(
+            f"expected an existing output directory, got {directory}; create it or pass -o"
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"expected a writable output directory, got {directory} (permission denied); "
+            "pass -o with a path you can write"
+        )
+
+
+def _input_shape(config: ExportConfig, resolved: Resolved) -> tuple[int, int, int]:
+    if config.input_shape is not None:
+        shape = config.input_shape
+    elif resolved.spec is not None and resolved.in_channels is not None:
+        shape = resolved.spec.default_input_shape(resolved.in_channels)
+    else:
+        raise UsageError(
+            f"expected --input-shape C,H,W for {resolved.arch}, which has no default input "
+            "shape; e.g. --input-shape 3,224,224"
+        )
+    if resolved.in_channels is not None and shape[0] != resolved.in_channels:
+        raise UsageError(
+            f"expected {resolved.in_channels} input channels (read from the weights of "
+            f"{resolved.arch}), got --input-shape {','.join(map(str, shape))}; fix C"
+        )
+    return shape
+
+
+def _probe(model: nn.Module, input_shape: tuple[int, int, int], arch: str) -> int:
+    """Run one small batch to prove the shape fits and learn the number of classes."""
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as e:
+        raise UsageError(
+            f"expected {arch} to accept inputs of shape {','.join(map(str, input_shape))}, got "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}; pass a matching "
+            "--input-shape C,H,W"
+        ) from e
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UsageError(
+            f"expected {arch} to return one logits tensor of shape N×K, got {got}; wrap the "
+            "model so forward returns the logits only"
+        )
+    return int(out.shape[1])
+
+
+def _labels(path: Path | None, num_classes: int) -> list[str]:
+    if path is None:
+        return [f"class_{i}" for i in range(num_classes)]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"expected a readable UTF-8 labels file, got {path}: {e}") from e
+    labels = [line.strip() for line in lines]
+    while labels and not labels[-1]:
+        labels.pop()
+    if len(labels) != num_classes or not all(labels):
+        raise UsageError(
+            f"expected {num_classes} non-empty labels (one per line) in {path}, got "
+            f"{len(labels)}; write one label per class in class-index order"
+        )
+    return labels
+
+
+def _stats(
+    config: ExportConfig, resolved: Resolved, channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if resolved.spec is not None:
+        mean, std = resolved.spec.default_stats(channels)
+    else:
+        mean, std = (0.0,) * channels, (1.0,) * channels
+    chosen = []
+    for option, given, default in (("--mean", config.mean, mean), ("--std", config.std, std)):
+        if given is None:
+            chosen.append(default)
+        elif len(given) == 1:
+            chosen.append(given * channels)
+        elif len(given) == channels:
+            chosen.append(given)
+        else:
+            raise UsageError(
+                f"expected {option} with 1 or {channels} values (one per channel), got {len(given)}"
+            )
+    return chosen[0], chosen[1]
+
+
+def _sample(path: Path | None, input_shape: tuple[int, int, int]) -> np.ndarray | None:
+    if path is None:
+        return None
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"expected --sample to be a .npy file, got {path}: {e}") from e
+    if array.shape == input_shape:
+        array = array[None]
+    if array.ndim != 4 or tuple(array.shape[1:]) != input_shape or len(array) == 0:
+        raise UsageError(
+            f"expected --sample of shape (N,{','.join(map(str, input_shape))}) or "
+            f"({','.join(map(str, input_shape))}), got {array.shape}; save the preprocessed inputs"
+        )
+    if not np.issubdtype(array.dtype, np.number):
+        raise UsageError(f"expected a numeric --sample array, got dtype {array.dtype}")
+    return array.astype(np.float32)
+
+
+def _write_report(path: Path, parity: ParityReport, arch: str, exporter: str) -> None:
+    report = {"arch": arch, "exporter": exporter, **parity.to_dict()}
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

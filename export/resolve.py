@@ -1,0 +1,206 @@
+"""Decide which network a checkpoint holds and build it with the checkpoint's weights."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from export.checkpoint import Checkpoint, key_variants
+from export.errors import UsageError
+from export.zoo import ArchSpec, architectures
+
+# BatchNorm's step counter is absent from old checkpoints and plays no part in eval mode.
+IGNORED_SUFFIXES = ("num_batches_tracked",)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How one architecture's expected keys and shapes compare with a state_dict's."""
+
+    arch: str
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+    mismatched: tuple[str, ...]
+
+    @property
+    def exact(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    @property
+    def errors(self) -> int:
+        return len(self.missing) + len(self.unexpected) + len(self.mismatched)
+
+    def describe(self, limit: int = 4) -> str:
+        parts = []
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                            ("wrong shape", self.mismatched)):  # fmt: skip
+            if keys:
+                more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+                parts.append(f"{label} {', '.join(keys[:limit])}{more}")
+        return f"{self.arch}: " + "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A built eval-ready network with its weights loaded, and where it came from."""
+
+    arch: str
+    model: nn.Module
+    num_classes: int | None
+    in_channels: int | None
+    spec: ArchSpec | None
+
+
+def resolve(checkpoint: Checkpoint, arch: str | None) -> Resolved:
+    """Build the network: `arch` (a zoo name or `module.path:factory`), else the checkpoint's
+    own `arch` entry, else the zoo architecture whose keys and shapes fit the weights."""
+    name = arch or checkpoint.arch
+    if name is not None and ":" in name:
+        return _build_factory(name, checkpoint)
+    zoo = architectures()
+    if name is not None and name not in zoo:
+        source = "--arch" if arch else f"the checkpoint's 'arch' entry in {checkpoint.path}"
+        raise UsageError(
+            f"expected an architecture from the zoo ({', '.join(zoo)}) or module.path:factory, "
+            f"got {name!r} from {source}; pass --arch with one of these"
+        )
+    specs = [zoo[name]] if name is not None else list(zoo.values())
+    fits: list[tuple[Fit, ArchSpec, dict[str, Tensor]]] = []
+    for variant in key_variants(checkpoint.state_dict):
+        for spec in specs:
+            fit, weights = _fit(spec, variant)
+            if fit.exact:
+                return _build_zoo(spec, weights, checkpoint)
+            fits.append((fit, spec, weights))
+    closest: dict[str, Fit] = {}
+    for fit, _, _ in sorted(fits, key=lambda f: f[0].errors):
+        closest.setdefault(fit.arch, fit)
+    if checkpoint.module is not None and name is None:
+        # A TorchScript or trusted pickled module that is not a zoo network exports as it is.
+        guesses = _guess_sizes(checkpoint.state_dict)
+        label = type(checkpoint.module).__name__
+        if checkpoint.format == "torchscript":
+            label = getattr(checkpoint.module, "original_name", label)
+        return Resolved(label, checkpoint.module, guesses["num_classes"],
+                        guesses["in_channels"], None)  # fmt: skip
+    described = "\n  ".join(f.describe() for f in list(closest.values())[:3])
+    if name is not None:
+        raise UsageError(
+            f"expected weights of {name!r}, got keys that do not fit it:\n  {described}\n"
+            "pass the right --arch, or module.path:factory for your own network"
+        )
+    raise UsageError(
+        f"expected weights of a zoo architecture, got keys that fit none; closest:\n  {described}\n"
+        "pass --arch NAME, or --arch module.path:factory to build your own network"
+    )
+
+
+def _fit(spec: ArchSpec, state_dict: Mapping[str, Tensor]) -> tuple[Fit, dict[str, Tensor]]:
+    weights = {k: v for k, v in state_dict.items() if not k.startswith(spec.ignored_prefixes)}
+    sizes = spec.sizes(weights)
+    num_classes, in_channels = sizes if sizes is not None else (10, 3)
+    with torch.device("meta"):
+        expected = spec.build(num_classes=num_classes, in_channels=in_channels).state_dict()
+    return compare(spec.name, expected, weights), weights
+
+
+def compare(arch: str, expected: Mapping[str, Tensor], actual: Mapping[str, Tensor]) -> Fit:
+    """Keys missing from, unexpected in, and of the wrong shape in `actual`."""
+    want = {k: v for k, v in expected.items() if not k.endswith(IGNORED_SUFFIXES)}
+    have = {k: v for k, v in actual.items() if not k.endswith(IGNORED_SUFFIXES)}
+    return Fit(
+        arch=arch,
+        missing=tuple(k for k in want if k not in have),
+        unexpected=tuple(k for k in have if k not in want),
+        mismatched=tuple(k for k in want if k in have and want[k].shape != have[k].shape),
+    )
+
+
+def _build_zoo(spec: ArchSpec, weights: dict[str, Tensor], checkpoint: Checkpoint) -> Resolved:
+    num_classes, in_channels = spec.sizes(weights) or (None, None)
+    if checkpoint.module is not None:
+        model = checkpoint.module
+    else:
+        model = spec.build(num_classes=num_classes, in_channels=in_channels)
+        _load(model, weights, spec.name)
+    return Resolved(spec.name, model, num_classes, in_channels, spec)
+
+
+def _build_factory(target: str, checkpoint: Checkpoint) -> Resolved:
+    factory = _import_factory(target)
+    params = _parameters(factory)
+    guesses = _guess_sizes(checkpoint.state_dict)
+    kwargs = {k: v for k, v in guesses.items() if k in params and v is not None}
+    try:
+        model = factory(**kwargs)
+    except Exception as e:
+        raise UsageError(
+            f"expected {target}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) to build a "
+            f"model, got {type(e).__name__}: {e}; fix the factory or its defaults"
+        ) from e
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"expected {target} to return a torch.nn.Module, got {type(model).__name__}; "
+            "make the factory return the network"
+        )
+    expected = model.state_dict()
+    best: tuple[Fit, dict[str, Tensor]] | None = None
+    for variant in key_variants(checkpoint.state_dict):
+        fit = compare(target, expected, variant)
+        if best is None or fit.errors < best[0].errors:
+            best = (fit, variant)
+    assert best is not None  # key_variants always yields the state_dict itself
+    if not best[0].exact:
+        raise UsageError(
+            f"expected weights that fit {target}, got {best[0].describe()}; check that the "
+            "factory builds the network the checkpoint was trained with"
+        )
+    _load(model, best[1], target)
+    return Resolved(target, model, kwargs.get("num_classes"), kwargs.get("in_channels"), None)
+
+
+def _import_factory(target: str) -> Callable[..., object]:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(
+            f"expected an importable module for --arch {target}, got {type(e).__name__}: {e}; "
+            "run from the directory that holds it or add it to PYTHONPATH"
+        ) from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(
+            f"expected a callable {attr!r} in module {module_name}, got "
+            f"{type(factory).__name__}; pass --arch module.path:function_or_class"
+        )
+    return factory
+
+
+def _parameters(factory: Callable[..., object]) -> set[str]:
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _guess_sizes(state_dict: Mapping[str, Tensor]) -> dict[str, int | None]:
+    """num_classes from the last 2-D+ weight, in_channels from the first 4-D weight."""
+    weights = [v for k, v in state_dict.items() if k.endswith("weight") and v.dim() >= 2]
+    convs = [v for v in weights if v.dim() == 4]
+    return {
+        "num_classes": int(weights[-1].shape[0]) if weights else None,
+        "in_channels": int(convs[0].shape[1]) if convs else None,
+    }
+
+
+def _load(model: nn.Module, weights: Mapping[str, Tensor], arch: str) -> None:
+    try:
+        model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        raise UsageError(f"expected weights that load into {arch}, got: {e}; check --arch") from e
