@@ -83,37 +83,45 @@ class ServingState:
         model_name: str,
         work: Callable[[], Awaitable[T]],
     ) -> T:
-        """Run one inference request: refuse while not ready, map errors to statuses, count it."""
+        """Run one inference request: refuse while not ready, map errors to statuses, count it.
+
+        The request is counted before its status goes out, so a client that sees the answer
+        also sees it in the metrics.
+        """
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
         self._in_flight += 1
         self._idle.clear()
         try:
-            if self.draining:
-                raise unavailable("the server is shutting down; retry on another replica")
-            if not self.ready:
-                raise unavailable("the server is still loading models; retry when ServerReady")
-            return await work()
-        except ServeError as e:
-            code = e.code
-            await context.abort(e.code, e.message)
-            raise  # abort raises; this keeps type checkers informed
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as e:
-            if isinstance(e, aio.AbortError):
+            error: ServeError | None = None
+            try:
+                if self.draining:
+                    raise unavailable("the server is shutting down; retry on another replica")
+                if not self.ready:
+                    raise unavailable("the server is still loading models; retry when ServerReady")
+                result = await work()
+            except ServeError as e:
+                error = e
+            except asyncio.CancelledError:
+                self._count(model_name, grpc.StatusCode.CANCELLED, started)
                 raise
-            code = grpc.StatusCode.INTERNAL
-            _log.exception("request to model %s failed", model_name)
-            await context.abort(code, f"internal error ({type(e).__name__}: {e}); please report it")
-            raise
+            except Exception as e:
+                _log.exception("request to model %s failed", model_name)
+                error = ServeError(
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error ({type(e).__name__}: {e}); please report it",
+                )
+            self._count(model_name, grpc.StatusCode.OK if error is None else error.code, started)
+            if error is not None:
+                await context.abort(error.code, error.message)
+            return result
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-            seconds = time.perf_counter() - started
-            _log.debug("request model=%s status=%s seconds=%.6f", model_name, code.name, seconds)
-            if self.metrics is not None:
-                label = model_name if model_name in self.models else "_unknown"
-                self.metrics.request(label, outcome(code), seconds)
+
+    def _count(self, model_name: str, code: grpc.StatusCode, started: float) -> None:
+        seconds = time.perf_counter() - started
+        _log.debug("request model=%s status=%s seconds=%.6f", model_name, code.name, seconds)
+        if self.metrics is not None:
+            label = model_name if model_name in self.models else "_unknown"
+            self.metrics.request(label, outcome(code), seconds)
