@@ -94,18 +94,19 @@ class Client:
     def wait_ready(self, model: str | None = None, timeout: float = 30.0) -> None:
         """Block until the server (and ``model``) is ready; ClientError after ``timeout``."""
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError as e:
+            options = {"timeout": timeout, "wait_for_ready": True, "metadata": self._metadata}
+            if model is None:
+                ready = self._server_ready(kserve_pb2.ServerReadyRequest(), **options).ready
+            else:
+                ready = self._model_ready(kserve_pb2.ModelReadyRequest(name=model), **options).ready
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise _client_error(self.target, e) from e
             raise ClientError(
                 grpc.StatusCode.UNAVAILABLE,
-                f"expected a server at {self.target}, got no connection within {timeout:g} s; "
+                f"expected a server at {self.target}, got no answer within {timeout:g} s; "
                 "check the address and that `python -m serve` is running",
             ) from e
-        if model is None:
-            ready = self._call(self._server_ready, kserve_pb2.ServerReadyRequest(), timeout).ready
-        else:
-            request = kserve_pb2.ModelReadyRequest(name=model)
-            ready = self._call(self._model_ready, request, timeout).ready
         if not ready:
             raise ClientError(
                 grpc.StatusCode.UNAVAILABLE,

@@ -1,0 +1,106 @@
+"""serve/__main__.py: the real `python -m serve` process: start-up, repository, signals, errors."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from conftest import free_port
+from procs import ServeProcess
+
+from serve.client import Client
+
+
+def _args(port: int, *more: str) -> list[str]:
+    return [*more, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+            "--max-batch-size", "4", "--device", "cpu", "--grace", "10"]  # fmt: skip
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serves_then_exits_0_on_signal(
+    classifier_path: Path, tmp_path: Path, signum: signal.Signals, reference: Callable
+) -> None:
+    port = free_port()
+    with ServeProcess(_args(port, str(classifier_path)), port, tmp_path / "log") as proc:
+        triton = tc.InferenceServerClient(proc.target)
+        assert triton.is_server_ready() and triton.is_model_ready("tiny")
+        x = np.random.default_rng(0).normal(size=(6, 3, 8, 8)).astype(np.float32)
+        with Client(proc.target) as client:
+            np.testing.assert_allclose(
+                client.infer("tiny", x), reference(classifier_path, x), atol=1e-5
+            )
+        assert proc.proc is not None
+        proc.proc.send_signal(signum)
+        assert proc.wait(60) == 0
+    log = proc.output()
+    provider_lines = [line for line in log.splitlines() if "runs on" in line]
+    assert len(provider_lines) == 1 and "CPUExecutionProvider" in provider_lines[0]
+    for event in ("listening on", "loaded from", "ready: serving tiny", "draining", "stopped"):
+        assert event in log, event
+    assert "Traceback" not in log
+
+
+def test_model_repository_serves_every_folder(
+    make_classifier: Callable[..., Path], tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    (repo / "plain").mkdir(parents=True)
+    (repo / "triton" / "1").mkdir(parents=True)
+    make_classifier(repo / "plain" / "model.onnx", classes=3)
+    make_classifier(
+        repo / "triton" / "1" / "model.onnx", channels=1, size=6, classes=4, metadata={}
+    )
+    port = free_port()
+    args = _args(port, "--model-repository", str(repo))
+    with ServeProcess(args, port, tmp_path / "log") as proc:
+        triton = tc.InferenceServerClient(proc.target)
+        assert triton.is_model_ready("plain") and triton.is_model_ready("triton")
+        meta = triton.get_model_metadata("triton")
+        assert list(meta.inputs[0].shape) == [-1, 1, 6, 6]
+        assert list(meta.outputs[0].shape) == [-1, 4]
+        with Client(proc.target) as client:
+            (top,) = client.classify_arrays("triton", np.zeros((1, 1, 6, 6), np.float32), top_k=4)
+        assert sorted(p.label for p in top) == [f"class_{i}" for i in range(4)]  # no metadata
+        proc.terminate()
+        assert proc.wait(60) == 0
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_usage_errors_are_one_clear_line(tmp_path: Path) -> None:
+    port = str(free_port())
+    cases = {
+        "no model": ([], "MODEL.onnx or --model-repository"),
+        "missing file": ([str(tmp_path / "nope.onnx")], "not a file"),
+        "not onnx": ([str(tmp_path / "junk.onnx")], "expected a readable ONNX model"),
+        "bad batch": (["x.onnx", "--max-batch-size", "0"], "--max-batch-size"),
+        "empty repository": (["--model-repository", str(tmp_path / "empty")], "at least one model"),
+    }
+    (tmp_path / "junk.onnx").write_bytes(b"definitely not protobuf")
+    (tmp_path / "empty").mkdir()
+    for name, (args, fragment) in cases.items():
+        done = _run(*args, "--port", port, "--metrics-port", "0")
+        assert done.returncode == 2, (name, done.stderr)
+        assert fragment in done.stderr, (name, done.stderr)
+        assert "Traceback" not in done.stderr, name
+
+
+def test_a_busy_port_is_reported(classifier_path: Path, tmp_path: Path) -> None:
+    port = free_port()
+    with ServeProcess(_args(port, str(classifier_path)), port, tmp_path / "log"):
+        done = _run(*_args(port, str(classifier_path)))
+    assert done.returncode == 1
+    assert "--port" in done.stderr and "Traceback" not in done.stderr
