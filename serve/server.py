@@ -23,6 +23,8 @@ from serve.state import Model, ServingState
 _log = logging.getLogger(__name__)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Drain ends once no request arrived for this long (see ServingState.wait_quiet).
+_QUIET_S = 0.2
 _INFERENCE_METHODS = (f"/{kserve.SERVICE}/ModelInfer", "/classifier.v1.Classifier/Classify")
 
 
@@ -167,7 +169,7 @@ class Server:
         for name in self.state.models:
             self.metrics.model_ready(name, False)
         _log.info("draining: %d requests in flight, grace %.1f s", self.state.in_flight, grace)
-        if not await self.state.wait_idle(grace):
+        if not await self.state.wait_quiet(_QUIET_S, grace):
             _log.warning(
                 "grace period over with %d requests in flight; cancelling them",
                 self.state.in_flight,

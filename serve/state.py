@@ -42,6 +42,7 @@ class ServingState:
         self.ready = False
         self.draining = False
         self._in_flight = 0
+        self._arrivals = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -72,6 +73,24 @@ class ServingState:
             return False
         return True
 
+    async def wait_quiet(self, quiet: float, timeout: float) -> bool:
+        """Wait until nothing is in flight and no request arrived for ``quiet`` seconds.
+
+        A call still inside gRPC's transport when the server stops is cancelled, not refused,
+        so a drain keeps answering UNAVAILABLE until callers go quiet. False on ``timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
+        while True:
+            seen = self._arrivals
+            if not await self.wait_idle(until - loop.time()):
+                return False
+            await asyncio.sleep(max(0.0, min(quiet, until - loop.time())))
+            if self._arrivals == seen and self._idle.is_set():
+                return True
+            if loop.time() >= until:
+                return False
+
     def deadline(self, context: aio.ServicerContext) -> float | None:
         """The client's deadline on the event loop's clock, or None without one."""
         remaining = context.time_remaining()
@@ -90,6 +109,7 @@ class ServingState:
         """
         started = time.perf_counter()
         self._in_flight += 1
+        self._arrivals += 1
         self._idle.clear()
         try:
             error: ServeError | None = None
