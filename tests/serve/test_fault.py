@@ -208,10 +208,10 @@ def test_mixed_faults_then_sigterm(classifier_path: Path, tmp_path: Path) -> Non
     assert samples(scraped, "serve_batch_size_sum", "tiny") == len(batch)
     assert samples(scraped, "serve_model_ready", "tiny") == 1
     for model, kind in (("cancel", "cancelled"), ("deadline", "deadline")):
+        # The server sees at most every such call (some die in the client), and it finished
+        # at least those the client got answers for.
         seen = sum(v for (m, _), v in counts.items() if m == model)
-        assert seen <= tally[(kind, grpc.StatusCode.CANCELLED)] + tally[(kind, OK)] + tally[
-            (kind, grpc.StatusCode.DEADLINE_EXCEEDED)
-        ]
+        assert seen <= sum(1 for r in results if r.spec.kind == kind)
         assert counts[(model, "success")] >= tally[(kind, OK)]
         for outcome in ("invalid", "not_found", "rejected", "internal"):
             assert counts[(model, outcome)] == 0, (model, outcome)
