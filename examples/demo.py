@@ -63,11 +63,81 @@ def step_report(trained: Trained, onnx_path: Path, onnx_accuracy: float) -> None
         raise SystemExit("expected equal accuracy from torch and ONNX, got different values")
 
 
+def _torch_predictions(trained: Trained, split: train_digits.Split) -> np.ndarray:
+    import torch
+
+    from export.zoo.resnet import resnet18_cifar
+
+    model = resnet18_cifar(num_classes=len(train_digits.LABELS), in_channels=3)
+    model.load_state_dict(torch.load(trained.checkpoint, weights_only=True))
+    return train_digits.predict(model, split.test_images).argmax(axis=1)
+
+
+def step_serve_and_classify(trained: Trained, onnx_path: Path, split: train_digits.Split) -> None:
+    """Serve the model with `python -m serve`, classify the held-out digits over gRPC, stop."""
+    import signal
+    import socket
+
+    from serve.client import Client, ClientError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = f"127.0.0.1:{port}"
+    print(f"4. python -m serve {onnx_path.relative_to(ROOT)} --port {port}", flush=True)
+    log = (OUT_DIR / "serve.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serve", str(onnx_path), "--host", "127.0.0.1",
+         "--port", str(port), "--metrics-port", "0"],
+        cwd=ROOT, stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        with Client(target, timeout=60) as client:
+            client.wait_ready(onnx_path.stem, timeout=120)
+            inputs = train_digits.preprocess(split.test_images)
+            served = np.concatenate([
+                [top[0].index for top in client.classify_arrays(onnx_path.stem, chunk, top_k=1)]
+                for chunk in np.array_split(inputs, max(1, len(inputs) // 64))
+            ])  # fmt: skip
+            pngs = [_png(image) for image in train_digits.to_uint8_images(split.test_images)]
+            from_png = [top[0].index for top in client.classify(onnx_path.stem, pngs, top_k=1)]
+    except ClientError as e:
+        raise SystemExit(f"serving failed: {e} (server log: {log.name})") from e
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(60)
+        log.close()
+    torch_top1 = _torch_predictions(trained, split)
+    served_accuracy = float((served == split.test_labels).mean())
+    png_accuracy = float((np.asarray(from_png) == split.test_labels).mean())
+    print("5. served over gRPC (classifier.v1.Classify)")
+    print(f"   held-out accuracy   torch {trained.torch_accuracy:.4f}   "
+          f"served {served_accuracy:.4f}   (from PNG files {png_accuracy:.4f})")  # fmt: skip
+    print(f"   server stopped with SIGTERM, exit code {code}")
+    disagree = int((served != torch_top1).sum())
+    if disagree:
+        raise SystemExit(f"expected the served top-1 to equal torch's on every image, got "
+                         f"{disagree} of {len(served)} different")  # fmt: skip
+    if code != 0:
+        raise SystemExit(f"expected the server to exit 0 after SIGTERM, got {code}")
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def main() -> int:
     split = train_digits.load_digits_split()
     trained = step_train(OUT_DIR, split)
     onnx_path = step_export(trained)
     step_report(trained, onnx_path, step_onnx_accuracy(onnx_path, split))
+    step_serve_and_classify(trained, onnx_path, split)
     return 0
 
 
