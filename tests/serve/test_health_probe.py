@@ -5,12 +5,18 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+from conftest import free_port
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from procs import ServeProcess
+from v2 import INFER, infer_payload
 
 from serve.health import ProbeConfig, main, probe
 
@@ -93,3 +99,42 @@ def test_module_entry_point(health_server: tuple[str, health.HealthServicer]) ->
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("SERVING")
+
+
+# --- the real server ------------------------------------------------------------------------
+
+
+def test_probe_a_real_server_through_drain(classifier_path: Path, tmp_path: Path) -> None:
+    port = free_port()
+    args = [str(classifier_path), "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", "0", "--device", "cpu", "--grace", "20",
+            # Holds the one request below in the queue, so the drain lasts seconds.
+            "--max-queue-delay-us", "5000000"]
+    with ServeProcess(args, port, tmp_path / "serve.log") as server:
+        done = subprocess.run(
+            [sys.executable, "-m", "serve.health", server.target, "--model", "tiny"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert (done.returncode, done.stdout.strip()) == (
+            0, f"SERVING: model 'tiny' at {server.target}"
+        )
+        code, message = probe(ProbeConfig(server.target, service="other"))
+        assert code == 1 and message.startswith("UNKNOWN: model 'other'")
+
+        with grpc.insecure_channel(server.target) as channel:
+            batch = np.zeros((1, 3, 8, 8), np.float32)
+            pending = channel.unary_unary(INFER).future(infer_payload("tiny", batch), timeout=60)
+            time.sleep(0.5)
+            server.terminate()
+            seen = []
+            while not pending.done():
+                seen.append(probe(ProbeConfig(server.target, timeout=5)))
+                if seen[-1][0] != 0:
+                    break
+                time.sleep(0.02)
+            assert seen and seen[-1] == (1, f"NOT_SERVING: server at {server.target}")
+            assert not pending.done()
+            assert pending.exception(timeout=60) is None
+        assert server.wait(60) == 0
+    code, message = probe(ProbeConfig(server.target, timeout=5))
+    assert code == 1 and message.startswith("UNREACHABLE")

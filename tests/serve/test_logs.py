@@ -5,9 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from conftest import free_port
+from procs import ServeProcess
 
 from serve.logs import configure
 
@@ -62,3 +66,36 @@ def test_text_format_and_reconfigure(restore_root: None) -> None:
 def test_bad_choices_are_refused(level: str, fmt: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         configure(level, fmt)
+
+
+# --- a real server's stderr -------------------------------------------------------------------
+
+
+def _serve_and_stop(model: Path, tmp_path: Path, fmt: str) -> str:
+    port = free_port()
+    args = [str(model), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+            "--device", "cpu", "--log-format", fmt, "--log-level", "debug", "--grace", "5"]
+    with ServeProcess(args, port, tmp_path / f"serve-{fmt}.log") as server:
+        server.terminate()
+        assert server.wait(60) == 0, server.output()
+        return server.output()
+
+
+def test_server_logs_json_lines(classifier_path: Path, tmp_path: Path) -> None:
+    output = _serve_and_stop(classifier_path, tmp_path, "json")
+    entries = [json.loads(line) for line in output.splitlines() if line.strip()]
+    for entry in entries:
+        assert {"ts", "level", "logger", "msg"} <= entry.keys()
+    messages = [e["msg"] for e in entries if e["logger"].startswith("serve")]
+    assert any(m.startswith("ready: serving tiny") for m in messages), messages
+    assert any(m.startswith("draining") for m in messages)
+    assert messages[-1] == "stopped"
+    assert any(e["level"] == "debug" for e in entries)
+
+
+def test_server_logs_text_lines(classifier_path: Path, tmp_path: Path) -> None:
+    output = _serve_and_stop(classifier_path, tmp_path, "text")
+    line = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR)\s+\S+: ")
+    ours = [x for x in output.splitlines() if " serve" in x]
+    assert ours and all(line.match(x) for x in ours), ours
+    assert any("ready: serving tiny" in x for x in ours)
