@@ -35,7 +35,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=builder /opt/venv /opt/venv
-RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent serve \
+RUN groupadd --system --gid 10001 serve \
+    && useradd --system --uid 10001 --gid serve --no-create-home --home-dir /nonexistent serve \
     && mkdir /models \
     && chown serve:serve /models
 USER 10001:10001
@@ -62,7 +63,8 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
     && wheel="$(find /wheels -name 'onnx_classifier_serving-*.whl')" \
     && pip install --no-cache-dir "${wheel}[export]" \
     && rm -rf /wheels
-RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/export export
+RUN groupadd --system --gid 10001 export \
+    && useradd --system --uid 10001 --gid export --create-home --home-dir /home/export export
 USER 10001:10001
 WORKDIR /work
 ENTRYPOINT ["python", "-m", "export"]
