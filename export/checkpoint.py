@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -82,21 +83,23 @@ def _torch_load(path: Path, trust_pickle: bool) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
             raise UsageError(
-                f"expected a checkpoint of plain tensors, got pickled Python objects in {path} "
-                "that cannot be loaded safely (a whole nn.Module or custom classes); save "
+                f"expected a checkpoint of plain tensors, got a pickled Python object "
+                f"({found.group(1)}) in {path} that cannot be loaded safely; save "
                 "model.state_dict() instead, or, only if you trust the file, re-run with "
                 "--trust-pickle"
             ) from e
-        raise _not_a_checkpoint(path) from e
-    except (RuntimeError, EOFError, ValueError, UnicodeDecodeError, zipfile.BadZipFile) as e:
         raise _not_a_checkpoint(path) from e
     except (AttributeError, ModuleNotFoundError, ImportError) as e:
         raise UsageError(
             f"expected the classes pickled in {path} to be importable, got {e}; run from the "
             "project that defines the model, or save model.state_dict() instead"
         ) from e
+    except Exception as e:
+        # Garbage makes the unpickler fail in many ways (IndexError, KeyError, struct.error..).
+        raise _not_a_checkpoint(path) from e
 
 
 def _not_a_checkpoint(path: Path) -> UsageError:
@@ -138,12 +141,11 @@ def _looks_like_safetensors(path: Path) -> bool:
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorsError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path), device="cpu")
-    except (SafetensorsError, OSError, ValueError) as e:
+    except Exception as e:  # safetensors raises its own SafetensorError, OSError, ValueError
         raise UsageError(
             f"expected a valid .safetensors file, got {path} which cannot be read ({e}); "
             "write it again with safetensors.torch.save_file"

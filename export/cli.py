@@ -16,7 +16,6 @@ from export.zoo import architectures
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
         self.exit(2, f"error: {message}; see python -m export --help\n")
 
 

@@ -51,7 +51,11 @@ class ExportConfig:
 
     @property
     def output_path(self) -> Path:
-        return self.output if self.output is not None else self.checkpoint.with_suffix(".onnx")
+        if self.output is None:
+            return self.checkpoint.with_suffix(".onnx")
+        if self.output.is_dir():
+            return self.output / (self.checkpoint.stem + ".onnx")
+        return self.output
 
     @property
     def report_path(self) -> Path:

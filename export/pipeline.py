@@ -63,9 +63,15 @@ def export_checkpoint(config: ExportConfig) -> ExportResult:
     mean, std = _stats(config, resolved, input_shape[0])
     sample = _sample(config.sample, input_shape)
 
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{output.stem}.", suffix=".onnx.tmp", dir=output.parent
-    )
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{output.stem}.", suffix=".onnx.tmp", dir=output.parent
+        )
+    except OSError as e:
+        raise UsageError(
+            f"expected a writable output directory, got {output.parent} ({e.strerror}); "
+            "pass -o with a path you can write"
+        ) from e
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -37,6 +37,25 @@ def run_cli() -> RunCli:
     return run
 
 
+@pytest.fixture
+def run_main(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> RunCli:
+    """`export.cli.main(ARGS)` in this process (fast), with the same result shape as run_cli."""
+    from export.cli import main
+
+    def run(*args: object, extra_path: Path | None = None) -> subprocess.CompletedProcess[str]:
+        if extra_path is not None:
+            monkeypatch.syspath_prepend(str(extra_path))
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse usage errors
+            code = int(e.code or 0)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["export", *map(str, args)], code, out, err)
+
+    return run
+
+
 def train_briefly(model: nn.Module, input_shape: tuple[int, ...], steps: int = 2) -> nn.Module:
     """A few SGD steps in train mode, so weights and BatchNorm statistics leave their init."""
     torch.manual_seed(1)

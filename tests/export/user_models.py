@@ -1,0 +1,88 @@
+"""User-defined networks for `--arch user_models:FACTORY`, including deliberately broken ones.
+
+Not a test module: tests put this directory on the path (or PYTHONPATH for the CLI).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+SHAPE = (3, 8, 8)
+
+
+class TinyNet(nn.Module):
+    """A correct user network: conv → BN → relu → linear."""
+
+    def __init__(self, num_classes: int = 5, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 8 * 8, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def tiny_net(num_classes: int, in_channels: int) -> TinyNet:
+    return TinyNet(num_classes=num_classes, in_channels=in_channels)
+
+
+def tiny_net_no_args() -> TinyNet:
+    return TinyNet()
+
+
+class TrainingBatchNorm(TinyNet):
+    """Normalizes with batch statistics even in eval mode (momentum 0: buffers stay put)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self.bn
+        x = F.batch_norm(self.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                         training=True, momentum=0.0)  # fmt: skip
+        return self.head(F.relu(x).flatten(1))
+
+
+class BatchMean(TinyNet):
+    """Subtracts the batch mean: every row depends on the rest of the batch."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x - x.mean(dim=0, keepdim=True))
+
+
+class TrainingDropout(TinyNet):
+    """Dropout forced on at inference."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(self.conv(x))).flatten(1)
+        return self.head(F.dropout(x, p=0.5, training=True))
+
+
+class NoRunningStats(TinyNet):
+    """BatchNorm without running statistics: eval() would still use batch statistics."""
+
+    def __init__(self, num_classes: int = 5, in_channels: int = 3) -> None:
+        super().__init__(num_classes, in_channels)
+        self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+
+
+class Counter(TinyNet):
+    """Mutates a buffer on every forward call, so export changes the model."""
+
+    def __init__(self, num_classes: int = 5, in_channels: int = 3) -> None:
+        super().__init__(num_classes, in_channels)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls.add_(1)
+        return super().forward(x)
+
+
+def trained_state(model: nn.Module) -> dict[str, Tensor]:
+    """Move BN statistics away from their initial values, then return the state_dict."""
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, *SHAPE) * 2 + 1)
+    return model.eval().state_dict()
