@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -52,7 +53,9 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return Checkpoint(path, digest, "safetensors", _load_safetensors(path))
     if _is_torchscript(path):
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript archives still exist
+            module = torch.jit.load(str(path), map_location="cpu")
         return Checkpoint(path, digest, "torchscript", module.state_dict(), module=module)
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):

@@ -1,0 +1,95 @@
+"""Every checkpoint format and key prefix loads to the same weights and exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from export import ExportConfig, UsageError, export_checkpoint
+from export.checkpoint import key_variants, load_checkpoint
+from export.zoo.resnet import resnet18_cifar
+from export.zoo.small import mlp
+
+
+def export_ok(path: Path, **options: object):
+    result = export_checkpoint(ExportConfig(checkpoint=path, **options))
+    assert result.parity.passed
+    return result
+
+
+@pytest.mark.parametrize(
+    "entry", ["state_dict", "model_state_dict", "model", "net", "state_dict_ema"]
+)
+def test_state_dict_entries(small_ckpt, tmp_path: Path, entry: str) -> None:
+    _, state = small_ckpt
+    path = tmp_path / "wrapped.ckpt"
+    torch.save({entry: state, "epoch": 3, "optimizer": {"lr": torch.tensor(0.1)}}, path)
+    loaded = load_checkpoint(path)
+    assert set(loaded.state_dict) == set(state)
+    assert export_ok(path).arch == "resnet18-cifar"
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "module._orig_mod."])
+def test_prefixes_removed(small_ckpt, tmp_path: Path, prefix: str) -> None:
+    _, state = small_ckpt
+    path = tmp_path / "prefixed.ckpt"
+    torch.save({"state_dict": {prefix + k: v for k, v in state.items()}}, path)
+    result = export_ok(path)
+    assert result.arch == "resnet18-cifar"
+    assert result.num_classes == 4
+
+
+def test_mlp_keeps_its_own_model_prefix(tmp_path: Path) -> None:
+    # mlp's own keys are model.0.weight ...: stripping "model." must not be forced on them.
+    state = mlp(num_classes=10, in_channels=1).state_dict()
+    for wrapper in ("", "module."):
+        path = tmp_path / f"mlp{wrapper or '-bare'}.ckpt"
+        torch.save({wrapper + k: v for k, v in state.items()}, path)
+        assert export_ok(path).arch == "mlp"
+    variants = [sorted(v)[0] for v in key_variants({"module.model.0.weight": torch.zeros(1)})]
+    assert variants == ["module.model.0.weight", "model.0.weight", "0.weight"]
+
+
+def test_safetensors(small_ckpt, tmp_path: Path) -> None:
+    _, state = small_ckpt
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    assert load_checkpoint(path).format == "safetensors"
+    assert export_ok(path).arch == "resnet18-cifar"
+
+
+def test_torchscript_archive(small_ckpt, tmp_path: Path) -> None:
+    _, state = small_ckpt
+    model = resnet18_cifar(num_classes=4, in_channels=3)
+    model.load_state_dict(state)
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(model.eval()).save(str(path))
+    loaded = load_checkpoint(path)
+    assert loaded.format == "torchscript"
+    assert export_ok(path).arch == "resnet18-cifar"
+
+
+def test_missing_num_batches_tracked_is_fine(small_ckpt, tmp_path: Path) -> None:
+    _, state = small_ckpt
+    path = tmp_path / "old.ckpt"
+    torch.save({k: v for k, v in state.items() if "num_batches_tracked" not in k}, path)
+    assert export_ok(path).arch == "resnet18-cifar"
+
+
+def test_dict_without_tensors_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "meta.ckpt"
+    torch.save({"epoch": 3, "config": {"lr": 0.1}}, path)
+    with pytest.raises(UsageError, match="expected tensors"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_hash_in_metadata(small_ckpt, tmp_path: Path) -> None:
+    import hashlib
+
+    path, _ = small_ckpt
+    result = export_ok(path, output=tmp_path / "hashed.onnx")
+    assert result.metadata["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert result.metadata["torch_version"] == torch.__version__

@@ -1,0 +1,99 @@
+"""Architecture resolution: --arch, the checkpoint's `arch` entry, detection, user factories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import user_models
+
+from export import ExportConfig, UsageError, export_checkpoint
+from export.checkpoint import Checkpoint
+from export.resolve import resolve
+from export.zoo import architectures
+
+HERE = Path(__file__).resolve().parent
+
+
+def as_checkpoint(state: dict[str, torch.Tensor], arch: str | None = None) -> Checkpoint:
+    return Checkpoint(Path("mem.ckpt"), "0" * 64, "state_dict", state, arch=arch)
+
+
+@pytest.mark.parametrize("arch", list(architectures()))
+def test_detection_by_keys_and_shapes(arch: str) -> None:
+    channels, classes = (1, 6) if arch in ("mlp", "nin") else (3, 7)
+    state = architectures()[arch].build(num_classes=classes, in_channels=channels).state_dict()
+    resolved = resolve(as_checkpoint(state), None)
+    assert resolved.arch == arch
+    assert (resolved.num_classes, resolved.in_channels) == (classes, channels)
+
+
+def test_googlenet_aux_classifiers_are_ignored() -> None:
+    state = architectures()["googlenet"].build(num_classes=5, in_channels=3).state_dict()
+    state["aux1.conv.conv.weight"] = torch.zeros(128, 512, 1, 1)
+    state["aux2.fc2.weight"] = torch.zeros(5, 1024)
+    assert resolve(as_checkpoint(state), None).arch == "googlenet"
+
+
+def test_arch_entry_in_checkpoint(small_ckpt, tmp_path: Path) -> None:
+    _, state = small_ckpt
+    path = tmp_path / "tagged.ckpt"
+    torch.save({"arch": "resnet18-cifar", "state_dict": state}, path)
+    assert export_checkpoint(ExportConfig(checkpoint=path)).arch == "resnet18-cifar"
+    torch.save({"arch": "vgg16", "state_dict": state}, path)
+    with pytest.raises(UsageError, match="expected weights of 'vgg16'"):
+        export_checkpoint(ExportConfig(checkpoint=path))
+
+
+def test_wrong_shapes_are_named() -> None:
+    state = architectures()["lenet5"].build(num_classes=10, in_channels=3).state_dict()
+    state["fc_unit.0.weight"] = torch.zeros(120, 401)
+    with pytest.raises(UsageError) as info:
+        resolve(as_checkpoint(state), None)
+    assert "closest" in str(info.value)
+    assert "lenet5: wrong shape fc_unit.0.weight" in str(info.value)
+
+
+@pytest.mark.parametrize("factory", ["tiny_net", "tiny_net_no_args", "TinyNet"])
+def test_user_factory(factory: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(HERE))
+    path = tmp_path / "user.ckpt"
+    torch.save(
+        {"module." + k: v for k, v in user_models.trained_state(user_models.TinyNet()).items()},
+        path,
+    )
+    result = export_checkpoint(
+        ExportConfig(checkpoint=path, arch=f"user_models:{factory}", input_shape=(3, 8, 8))
+    )
+    assert result.arch == f"user_models:{factory}"
+    assert result.num_classes == 5
+    assert result.frozen.batchnorm_layers == 1
+
+
+def test_user_factory_via_cli(run_cli, tmp_path: Path) -> None:
+    path = tmp_path / "user.ckpt"
+    torch.save(user_models.trained_state(user_models.TinyNet(num_classes=3)), path)
+    done = run_cli(path, "--arch", "user_models:tiny_net", "--input-shape", "3,8,8",
+                   extra_path=HERE)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "exported user_models:tiny_net" in done.stdout
+
+
+def test_user_factory_needs_input_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(HERE))
+    path = tmp_path / "user.ckpt"
+    torch.save(user_models.trained_state(user_models.TinyNet()), path)
+    with pytest.raises(UsageError, match="--input-shape"):
+        export_checkpoint(ExportConfig(checkpoint=path, arch="user_models:tiny_net"))
+
+
+def test_user_factory_weights_must_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(HERE))
+    path = tmp_path / "user.ckpt"
+    state = user_models.trained_state(user_models.TinyNet())
+    state["extra.weight"] = torch.zeros(2, 2)
+    torch.save(state, path)
+    with pytest.raises(UsageError, match=r"unexpected extra\.weight"):
+        export_checkpoint(ExportConfig(checkpoint=path, arch="user_models:tiny_net",
+                                       input_shape=(3, 8, 8)))  # fmt: skip
