@@ -12,7 +12,6 @@ and torch, which the test environment does have, is simply not in that folder.
 from __future__ import annotations
 
 import importlib.metadata as metadata
-import importlib.util
 import json
 import os
 import pkgutil
@@ -31,19 +30,10 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.serve.conftest import free_port, make_classifier
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.install
-
-
-def _load_serve_fixtures():
-    """tests/serve/conftest.py, for its tiny ONNX classifier builder."""
-    spec = importlib.util.spec_from_file_location(
-        "serve_test_fixtures", ROOT / "tests" / "serve" / "conftest.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _requirement_closure(extra: str) -> dict[str, metadata.Distribution]:
@@ -153,11 +143,10 @@ def test_entrypoint_serves_a_model(serving_venv: Path, tmp_path: Path) -> None:
     done = _run([str(serving_venv), "-m", "serve", "--help"])
     assert done.returncode == 0 and "--model-repository" in done.stdout, done.stderr
 
-    fixtures = _load_serve_fixtures()
     repository = tmp_path / "models"
     (repository / "tiny" / "1").mkdir(parents=True)
-    fixtures.make_classifier(repository / "tiny" / "1" / "model.onnx")
-    port, metrics_port = fixtures.free_port(), fixtures.free_port()
+    make_classifier(repository / "tiny" / "1" / "model.onnx")
+    port, metrics_port = free_port(), free_port()
     log = tmp_path / "serve.log"
     with log.open("wb") as err:
         proc = subprocess.Popen(

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from conftest import free_port, reference
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from procs import ServeProcess
-from v2 import INFER, infer_payload, reply_logits
+
+from tests.serve.conftest import free_port, reference
+from tests.serve.procs import ServeProcess
+from tests.serve.v2 import INFER, infer_payload, reply_logits
 
 GRACE = 20
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from conftest import free_port, reference
 from grpc import aio
-from procs import ServeProcess
-from v2 import INFER, infer_payload, reply_logits, request_counts, samples
 
 from protos import kserve_pb2
+from tests.serve.conftest import free_port, reference
+from tests.serve.procs import ServeProcess
+from tests.serve.v2 import INFER, infer_payload, reply_logits, request_counts, samples
 
 TOTAL = 1200
 CLIENTS = 32

@@ -13,12 +13,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import free_port
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from procs import ServeProcess
-from v2 import INFER, infer_payload
 
 from serve.health import ProbeConfig, main, probe
+from tests.serve.conftest import free_port
+from tests.serve.procs import ServeProcess
+from tests.serve.v2 import INFER, infer_payload
 
 ServingStatus = health_pb2.HealthCheckResponse.ServingStatus
 

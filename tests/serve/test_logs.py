@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
-from procs import ServeProcess
 
 from serve.logs import configure
+from tests.serve.conftest import free_port
+from tests.serve.procs import ServeProcess
 
 
 @pytest.fixture

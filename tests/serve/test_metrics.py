@@ -10,10 +10,10 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from v2 import INFER, infer_payload, request_counts, samples
 
 from protos import kserve_pb2
 from serve.metrics import OUTCOMES, Metrics
+from tests.serve.v2 import INFER, infer_payload, request_counts, samples
 
 
 def _free_port() -> int:
