@@ -1,0 +1,93 @@
+"""Planted defects: each fails export with exit 1, names the cause, and leaves no .onnx."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import user_models
+
+from export import CheckFailed, ExportConfig, export_checkpoint
+
+HERE = Path(__file__).resolve().parent
+
+
+def save_user_model(tmp_path: Path, cls: type[torch.nn.Module]) -> Path:
+    path = tmp_path / f"{cls.__name__}.ckpt"
+    torch.save(user_models.trained_state(cls()), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("cls", "cause"),
+    [
+        ("TrainingBatchNorm", "BatchNormalization node"),
+        ("BatchMean", "rows differ from the same samples run alone"),
+        ("TrainingDropout", "Dropout node"),
+    ],
+)
+def test_planted_defect_exits_1(run_main, tmp_path: Path, cls: str, cause: str) -> None:
+    path = save_user_model(tmp_path, getattr(user_models, cls))
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"a previous export that must not survive a failed check")
+    done = run_main(path, "-o", out, "--arch", f"user_models:{cls}", "--input-shape", "3,8,8",
+                    extra_path=HERE)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert cause in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob("*.onnx*"))
+    report = json.loads((tmp_path / "out.parity.json").read_text())
+    assert report["verdict"] == "fail"
+    assert any(cause in line for line in report["failures"])
+
+
+def test_training_batchnorm_via_cli_subprocess(run_cli, tmp_path: Path) -> None:
+    path = save_user_model(tmp_path, user_models.TrainingBatchNorm)
+    done = run_cli(path, "--arch", "user_models:TrainingBatchNorm", "--input-shape", "3,8,8",
+                   extra_path=HERE)  # fmt: skip
+    assert done.returncode == 1
+    assert "training mode" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not path.with_suffix(".onnx").exists()
+
+
+def test_model_that_mutates_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(HERE))
+    path = save_user_model(tmp_path, user_models.Counter)
+    with pytest.raises(CheckFailed, match="unchanged"):
+        export_checkpoint(ExportConfig(checkpoint=path, arch="user_models:Counter",
+                                       input_shape=(3, 8, 8)))  # fmt: skip
+    assert not path.with_suffix(".onnx").exists()
+
+
+def test_tolerance_flags_are_applied(small_ckpt, tmp_path: Path) -> None:
+    path, _ = small_ckpt
+    # Zero tolerance: float reordering between torch and ORT makes some element differ.
+    with pytest.raises(CheckFailed, match="exceeds atol 0"):
+        export_checkpoint(ExportConfig(checkpoint=path, output=tmp_path / "z.onnx", atol=0, rtol=0))
+    assert not (tmp_path / "z.onnx").exists()
+
+
+def test_report_lists_every_batch_and_sample(small_ckpt, tmp_path: Path) -> None:
+    import numpy as np
+
+    path, _ = small_ckpt
+    sample = tmp_path / "sample.npy"
+    np.save(sample, np.random.default_rng(5).random((3, 3, 32, 32), dtype=np.float32))
+    result = export_checkpoint(ExportConfig(checkpoint=path, output=tmp_path / "s.onnx",
+                                            sample=sample))  # fmt: skip
+    report = json.loads(result.report_path.read_text())
+    assert report["verdict"] == "pass"
+    assert report["checks"] == {"graph": True, "tolerance": True, "top1": True,
+                                "batch_invariance": True}  # fmt: skip
+    batches = [r["batch"] for r in report["results"]]
+    assert batches == ["1", "2", "7", "32", "sample"]
+    for r in report["results"]:
+        assert r["provider"] == "CPUExecutionProvider"
+        assert 0 <= r["max_abs_err"] <= 1e-4 + 1e-3 * 1e6
+    summary = json.loads(result.metadata["parity"])
+    assert summary["verdict"] == "pass"
+    assert summary["batch_sizes"] == [1, 2, 3, 7, 32]
