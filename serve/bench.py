@@ -1,0 +1,288 @@
+"""``python -m serve.bench HOST:PORT --model NAME`` or ``python -m serve.bench --spawn MODEL.onnx``.
+
+Closed-loop load at each ``--concurrency`` (and open-loop at each ``--rate``), with the
+in-process ONNX Runtime throughput of the same model file measured in the same run, so every
+served figure is also a ratio that holds on a noisy machine. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve import benchreport
+from serve.benchenv import InProcess, SpawnedServer, measure_in_process, scrape_batches
+from serve.loadgen import (
+    Load,
+    Outcome,
+    channel,
+    check_answer,
+    infer_requests,
+    model_input,
+    print_progress,
+    run_load,
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one bench run does; built from the command line by ``parse``."""
+
+    target: str | None
+    model: str
+    spawn: Path | None
+    model_file: Path | None
+    server_args: tuple[str, ...]
+    compare: tuple[tuple[str, ...], ...]
+    loads: tuple[Load, ...]
+    distinct: int
+    channels: int
+    metrics_url: str | None
+    baseline_batches: tuple[int, ...]
+    baseline_seconds: float
+    baseline_threads: int
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected batch sizes >= 1, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m serve.bench",
+        description="Benchmark a classifier server (KServe v2 ModelInfer) against in-process "
+        "ONNX Runtime on the same model file.",
+        epilog="exit codes: 0 every call answered; 1 some calls failed (see the errors column) "
+        "or the server could not be reached; 2 usage",
+    )
+    p.add_argument("target", nargs="?", metavar="HOST:PORT", help="a running server")
+    p.add_argument("--model", help="model name (default with --spawn: the file's stem)")
+    p.add_argument("--spawn", type=Path, metavar="MODEL.onnx",
+                   help="start `python -m serve MODEL.onnx` on free 127.0.0.1 ports for the run")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra flag for the spawned server, e.g. --server-arg=--max-batch-size=1")
+    p.add_argument("--compare", action="append", default=[], metavar="'ARGS'",
+                   help="also spawn a server with these extra flags and run the same settings "
+                   "(--compare='--max-batch-size=1')")
+    p.add_argument("--model-file", type=Path, help="the ONNX file for the in-process baseline")
+    p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 16, 64],
+                   help="closed-loop calls in flight per setting (default 1 16 64)")
+    p.add_argument("--rate", type=float, nargs="*", default=[],
+                   help="open-loop settings: requests per second")
+    p.add_argument("--images", type=int, default=1, help="images per request")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per setting")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per setting")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline per call")
+    p.add_argument("--distinct", type=int, default=16, help="distinct request payloads")
+    p.add_argument("--channels", type=int, default=1, help="gRPC channels (connections)")
+    p.add_argument("--metrics-url",
+                   help="the server's /metrics (default http://HOST:8002/metrics; "
+                   "a spawned server's own)")
+    p.add_argument("--baseline-batches", type=_batches, default=(1, 2, 4, 8, 16, 32, 64),
+                   metavar="B,B,...", help="in-process batch sizes (default 1,2,4,...,64)")
+    p.add_argument("--baseline-seconds", type=float, default=2.0, help="per in-process batch size")
+    p.add_argument("--baseline-threads", type=int, default=0,
+                   help="in-process intra-op threads (0: ONNX Runtime's default)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="draw throughput vs p99 latency per concurrency (needs matplotlib)")
+    return p  # fmt: skip
+
+
+def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.target is None) == (args.spawn is None):
+        parser.error("expected HOST:PORT or --spawn MODEL.onnx (exactly one); pass one of them")
+    if args.spawn is not None and not args.spawn.is_file():
+        parser.error(f"expected a model file for --spawn, got {str(args.spawn)!r}; check the path")
+    if args.target is not None and not args.model:
+        parser.error("expected --model NAME with HOST:PORT; pass the served model's name")
+    if (args.server_arg or args.compare) and args.spawn is None:
+        parser.error("expected --spawn with --server-arg/--compare; they configure that server")
+    if args.distinct < 1 or args.channels < 1:
+        parser.error("expected --distinct >= 1 and --channels >= 1")
+    try:
+        loads = [
+            Load(concurrency=c, images=args.images, seconds=args.seconds, warmup=args.warmup,
+                 timeout=args.timeout)
+            for c in args.concurrency
+        ] + [
+            Load(rate=r, images=args.images, seconds=args.seconds, warmup=args.warmup,
+                 timeout=args.timeout)
+            for r in args.rate
+        ]  # fmt: skip
+    except ValueError as e:
+        parser.error(str(e))
+    metrics_url = args.metrics_url
+    if metrics_url is None and args.target is not None:
+        metrics_url = f"http://{args.target.rsplit(':', 1)[0]}:8002/metrics"
+    config = BenchConfig(
+        target=args.target,
+        model=args.model or (args.spawn.stem if args.spawn else ""),
+        spawn=args.spawn,
+        model_file=args.model_file or args.spawn,
+        server_args=tuple(args.server_arg),
+        compare=tuple(tuple(shlex.split(c)) for c in args.compare),
+        loads=tuple(loads),
+        distinct=args.distinct,
+        channels=args.channels,
+        metrics_url=metrics_url,
+        baseline_batches=args.baseline_batches,
+        baseline_seconds=args.baseline_seconds,
+        baseline_threads=args.baseline_threads,
+    )
+    return config, args
+
+
+async def _run_settings(
+    config: BenchConfig, target: str, metrics_url: str | None, label: str, rss: object
+) -> list[dict]:
+    channels = [channel(target) for _ in range(config.channels)]
+    try:
+        timeout = config.loads[0].timeout
+        input_name, shape = await model_input(channels[0], config.model, timeout)
+        rows = []
+        for load in config.loads:
+            requests = infer_requests(config.model, input_name, shape, load.images, config.distinct)
+            await check_answer(channels[0], requests[0], load.images, timeout)
+            scraped: list[tuple[float, float] | None] = []
+
+            async def on_window(opening: bool, scraped: list = scraped) -> None:
+                if metrics_url is not None:
+                    scrape = scrape_batches, metrics_url, config.model
+                    scraped.append(await asyncio.to_thread(*scrape))
+
+            name = f"{label} {load.label}"
+            progress = print_progress(name) if sys.stderr.isatty() else None
+            outcome = await run_load(channels, requests, load, on_window, progress)
+            sys.stderr.write(
+                f"{chr(13) if progress else ''}{name}: {outcome.throughput:.0f} img/s, "
+                f"{outcome.requests} calls, {sum(outcome.errors.values())} errors"
+                + " " * 20 + "\n"
+            )
+            rows.append(_row(label, outcome, scraped, rss() if callable(rss) else None))
+        return rows
+    finally:
+        for chan in channels:
+            await chan.close()
+
+
+def _row(label: str, outcome: Outcome, scraped: list, rss_mb: float | None) -> dict:
+    load = outcome.load
+    mean_batch = None
+    if len(scraped) == 2 and None not in scraped:
+        (sum0, count0), (sum1, count1) = scraped
+        mean_batch = (sum1 - sum0) / (count1 - count0) if count1 > count0 else None
+    ms = {q: outcome.percentile(q) for q in (50, 90, 99)}
+    return {
+        "server": label,
+        "load": load.label,
+        "concurrency": None if load.rate is not None else load.concurrency,
+        "rate": load.rate,
+        "images_per_request": load.images,
+        "seconds": round(outcome.window, 3),
+        "requests": outcome.requests,
+        "throughput": outcome.throughput,
+        "p50_ms": None if ms[50] is None else ms[50] * 1e3,
+        "p90_ms": None if ms[90] is None else ms[90] * 1e3,
+        "p99_ms": None if ms[99] is None else ms[99] * 1e3,
+        "errors": dict(outcome.errors),
+        "mean_batch": mean_batch,
+        "server_rss_mb": rss_mb,
+    }
+
+
+def _servers(config: BenchConfig) -> list[tuple[str, tuple[str, ...]]]:
+    base = " ".join(config.server_args) or "default"
+    out = [(base, config.server_args)]
+    for extra in config.compare:
+        out.append((" ".join((*config.server_args, *extra)), (*config.server_args, *extra)))
+    return out
+
+
+def run(config: BenchConfig) -> dict:
+    """Measure in-process ONNX Runtime, then every server setting; returns the report."""
+    in_process: InProcess | None = None
+    if config.model_file is not None:
+        sys.stderr.write(f"in-process ONNX Runtime on {config.model_file} ...\n")
+        in_process = measure_in_process(
+            config.model_file,
+            config.baseline_batches,
+            config.baseline_seconds,
+            config.baseline_threads,
+        )
+    servers: list[dict] = []
+    rows: list[dict] = []
+    if config.spawn is None:
+        target = config.target or ""
+        rows += asyncio.run(_run_settings(config, target, config.metrics_url, "server", None))
+    else:
+        for label, args in _servers(config):
+            sys.stderr.write(f"spawning python -m serve {config.spawn} {' '.join(args)}\n")
+            with SpawnedServer(config.spawn, list(args)) as server:
+                before = server.rss_mb()
+                rows += asyncio.run(
+                    _run_settings(config, server.target, server.metrics_url, label, server.rss_mb)
+                )
+                after = server.rss_mb()
+                code = server.stop()
+            servers.append({"label": label, "args": list(args), "rss_start_mb": before,
+                            "rss_end_mb": after, "exit_code": code})  # fmt: skip
+    return benchreport.report(
+        model=config.model,
+        model_file=str(config.model_file) if config.model_file else None,
+        target=config.target,
+        in_process=in_process,
+        servers=servers,
+        rows=rows,
+        machine={
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "date": datetime.date.today().isoformat(),
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, args = parse(argv)
+    try:
+        result = run(config)
+    except (RuntimeError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # grpc.aio raises AioRpcError when the server is unreachable
+        if type(e).__name__ != "AioRpcError":
+            raise
+        print(
+            f"error: the server at {config.target} did not answer ({e.code().name}: "
+            f"{e.details()}); check HOST:PORT, --model and that `python -m serve` is running",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(benchreport.table(result))
+    if args.plot is not None:
+        benchreport.plot(result, args.plot)
+    return 1 if any(row["errors"] for row in result["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

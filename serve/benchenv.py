@@ -1,0 +1,192 @@
+"""What the benchmark measures beside the load: in-process ONNX Runtime, a spawned server, and
+the server's Prometheus metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """In-process ONNX Runtime throughput (images/s) and latency (s per batch) by batch size."""
+
+    threads: int
+    throughput: dict[int, float]
+    latency: dict[int, float]
+
+    @property
+    def best_batch(self) -> int:
+        return max(self.throughput, key=self.throughput.__getitem__)
+
+    @property
+    def best(self) -> float:
+        return self.throughput[self.best_batch]
+
+    @property
+    def single(self) -> float:
+        """Images/s at batch 1 (0 when batch 1 was not measured)."""
+        return self.throughput.get(1, 0.0)
+
+
+def measure_in_process(
+    path: Path, batches: tuple[int, ...], seconds: float, threads: int = 0
+) -> InProcess:
+    """Run the model file on the CPU provider at each batch size for about ``seconds``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (tensor,) = session.get_inputs()
+    shape = [d if isinstance(d, int) else None for d in tensor.shape[1:]]
+    if None in shape:
+        raise ValueError(
+            f"expected static sample dims in {path}, got {tensor.shape}; export with a fixed "
+            "input shape"
+        )
+    rng = np.random.default_rng(0)
+    throughput: dict[int, float] = {}
+    latency: dict[int, float] = {}
+    for batch in batches:
+        x = rng.random((batch, *shape), dtype=np.float32)
+        session.run(None, {tensor.name: x})
+        runs = 0
+        started = time.perf_counter()
+        while True:
+            session.run(None, {tensor.name: x})
+            runs += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds and runs >= 3:
+                break
+        throughput[batch] = runs * batch / elapsed
+        latency[batch] = elapsed / runs
+    return InProcess(threads, throughput, latency)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class SpawnedServer:
+    """``python -m serve MODEL --host 127.0.0.1`` on free ports, as a separate process (its own
+    GIL). ``with SpawnedServer(model, args) as s:`` waits for SERVING and stops it after."""
+
+    def __init__(self, model: Path, args: list[str], ready_timeout: float = 300) -> None:
+        self.model = model
+        self.args = args
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self) -> None:
+        from serve.health import ProbeConfig, probe
+
+        command = [
+            sys.executable, "-m", "serve", str(self.model), "--host", "127.0.0.1",
+            "--port", str(self.port), "--metrics-port", str(self.metrics_port), *self.args,
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=self._log, env=env)
+        until = time.monotonic() + self.ready_timeout
+        while time.monotonic() < until:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"expected the spawned server to start, got exit code {self.proc.returncode}:"
+                    f"\n{self.output()}\ncheck the model file and --server-arg values"
+                )
+            if probe(ProbeConfig(self.target, timeout=2))[0] == 0:
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(
+            f"expected the spawned server to be SERVING within {self.ready_timeout:g} s, got "
+            f"not ready:\n{self.output()}"
+        )
+
+    def rss_mb(self) -> float | None:
+        """The server's resident memory in MiB (Linux /proc), None where unreadable."""
+        if self.proc is None:
+            return None
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return None
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-4000:]
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait for the drain, kill if it hangs; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(30)
+
+    def __enter__(self) -> SpawnedServer:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            self._log.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+        self._log.close()
+
+
+def scrape_batches(url: str, model: str, timeout: float = 5.0) -> tuple[float, float] | None:
+    """``serve_batch_size`` (_sum, _count) of ``model`` from a /metrics URL; None if unreachable."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    total = count = None
+    for family in text_string_to_metric_families(text):
+        if family.name != "serve_batch_size":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("model") != model:
+                continue
+            if sample.name.endswith("_sum"):
+                total = sample.value
+            elif sample.name.endswith("_count"):
+                count = sample.value
+    return None if total is None or count is None else (total, count)

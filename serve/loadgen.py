@@ -1,0 +1,235 @@
+"""The benchmark's load generator: closed- or open-loop KServe v2 ModelInfer calls over grpc.aio.
+
+Requests are serialized once per distinct input and sent as bytes (a generic unary call with
+no serializers), responses are not parsed, and a latency costs two clock reads and an append,
+so the generator spends its CPU on gRPC rather than on itself (2 cores are shared with the
+server in the recorded runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from grpc import aio
+
+from protos import kserve_pb2
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+METADATA = "/inference.GRPCInferenceService/ModelMetadata"
+
+
+@dataclass(frozen=True)
+class Load:
+    """One benchmark setting: ``concurrency`` calls in flight (closed loop) or ``rate`` calls
+    per second (open loop), ``images`` per call, for ``seconds`` after ``warmup`` seconds."""
+
+    concurrency: int = 1
+    rate: float | None = None
+    images: int = 1
+    seconds: float = 10.0
+    warmup: float = 2.0
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"expected concurrency >= 1, got {self.concurrency}; pass 1 or more")
+        if self.rate is not None and not self.rate > 0:
+            raise ValueError(f"expected --rate > 0 requests/s, got {self.rate}; pass e.g. 500")
+        if self.images < 1:
+            raise ValueError(f"expected --images >= 1 per request, got {self.images}")
+        if not self.seconds > 0 or self.warmup < 0:
+            raise ValueError(
+                f"expected --seconds > 0 and --warmup >= 0, got {self.seconds} and "
+                f"{self.warmup}; pass e.g. --seconds 10 --warmup 2"
+            )
+
+    @property
+    def label(self) -> str:
+        return f"rate={self.rate:g}/s" if self.rate is not None else f"c={self.concurrency}"
+
+
+@dataclass
+class Outcome:
+    """What one setting measured: latencies (seconds) of answered calls inside the window."""
+
+    load: Load
+    latencies: list[float] = field(default_factory=list)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    window: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def throughput(self) -> float:
+        """Answered images per second inside the window."""
+        return self.requests * self.load.images / self.window if self.window else 0.0
+
+    def percentile(self, q: float) -> float | None:
+        """The ``q``-th latency percentile in seconds (nearest rank), None without calls."""
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def infer_requests(
+    model: str, input_name: str, sample_shape: tuple[int, ...], images: int, distinct: int
+) -> list[bytes]:
+    """``distinct`` serialized ModelInferRequests of random float32 images [images, *shape]."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(distinct):
+        array = rng.random((images, *sample_shape), dtype=np.float32)
+        request = kserve_pb2.ModelInferRequest(model_name=model)
+        request.inputs.add(name=input_name, datatype="FP32", shape=array.shape)
+        request.raw_input_contents.append(array.astype("<f4").tobytes())
+        out.append(request.SerializeToString())
+    return out
+
+
+def channel(target: str, max_message_bytes: int = 256 * 1024 * 1024) -> aio.Channel:
+    """An insecure aio channel with message limits large enough for 224×224 batches."""
+    return aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
+
+
+async def model_input(chan: aio.Channel, model: str, timeout: float) -> tuple[str, tuple[int, ...]]:
+    """The model's input name and per-sample shape from ModelMetadata."""
+    call = chan.unary_unary(
+        METADATA,
+        request_serializer=kserve_pb2.ModelMetadataRequest.SerializeToString,
+        response_deserializer=kserve_pb2.ModelMetadataResponse.FromString,
+    )
+    response = await call(kserve_pb2.ModelMetadataRequest(name=model), timeout=timeout)
+    tensor = response.inputs[0]
+    return tensor.name, tuple(int(d) for d in tensor.shape[1:])
+
+
+async def check_answer(chan: aio.Channel, request: bytes, images: int, timeout: float) -> int:
+    """Send ``request`` once and check the answer has ``images`` rows; returns the class count."""
+    raw = await chan.unary_unary(INFER)(request, timeout=timeout)
+    response = kserve_pb2.ModelInferResponse.FromString(raw)
+    shape = list(response.outputs[0].shape)
+    if len(shape) != 2 or shape[0] != images:
+        raise RuntimeError(f"expected an output of shape [{images}, K], got {shape}")
+    return shape[1]
+
+
+class _Window:
+    """The measurement window's state, shared by the callers of one setting."""
+
+    def __init__(self) -> None:
+        self.recording = False
+        self.stopping = False
+
+
+async def run_load(
+    channels: list[aio.Channel],
+    requests: list[bytes],
+    load: Load,
+    on_window: Callable[[bool], Awaitable[None]] | None = None,
+    progress: Callable[[Outcome, float], None] | None = None,
+) -> Outcome:
+    """Run one setting and return what it measured.
+
+    ``on_window(True)`` is awaited just before the window opens and ``on_window(False)`` just
+    after it closes (the bench scrapes the server's metrics there). Errors are counted by
+    status name over warm-up and window alike, so an error-free report means no call failed.
+    """
+    outcome = Outcome(load)
+    window = _Window()
+    calls = [c.unary_unary(INFER) for c in channels]
+    loop = asyncio.get_running_loop()
+
+    async def one(index: int, scheduled: float) -> None:
+        try:
+            await calls[index % len(calls)](requests[index % len(requests)], timeout=load.timeout)
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+            outcome.errors[code.name] += 1
+            return
+        if window.recording:
+            outcome.latencies.append(time.perf_counter() - scheduled)
+
+    async def closed(worker: int) -> None:
+        index = worker
+        while not window.stopping:
+            await one(index, time.perf_counter())
+            index += load.concurrency
+
+    async def opened() -> None:
+        interval = 1.0 / (load.rate or 1.0)
+        start = time.perf_counter()
+        sent = 0
+        tasks: set[asyncio.Task[None]] = set()
+        while not window.stopping:
+            now = time.perf_counter()
+            # Latency counts from the scheduled send time, so a slow server cannot hide
+            # queueing by slowing the sender down (coordinated omission).
+            while start + sent * interval <= now:
+                task = loop.create_task(one(sent, start + sent * interval))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                sent += 1
+            await asyncio.sleep(max(0.0, start + sent * interval - time.perf_counter()))
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    async def tick() -> None:
+        while progress is not None:
+            await asyncio.sleep(0.5)
+            progress(outcome, time.perf_counter() - opened_at)
+
+    if load.rate is not None:
+        senders = [loop.create_task(opened())]
+    else:
+        senders = [loop.create_task(closed(i)) for i in range(load.concurrency)]
+    ticker: asyncio.Task[None] | None = None
+    try:
+        await asyncio.sleep(load.warmup)
+        if on_window is not None:
+            await on_window(True)
+        opened_at = time.perf_counter()
+        window.recording = True
+        ticker = loop.create_task(tick())
+        await asyncio.sleep(load.seconds)
+        window.recording = False
+        outcome.window = time.perf_counter() - opened_at
+        if on_window is not None:
+            await on_window(False)
+    finally:
+        window.stopping = True
+        if ticker is not None:
+            ticker.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+    return outcome
+
+
+def print_progress(label: str) -> Callable[[Outcome, float], None]:
+    """A progress callback writing one overwritten line to stderr."""
+
+    def show(outcome: Outcome, elapsed: float) -> None:
+        rate = outcome.requests * outcome.load.images / elapsed if elapsed else 0.0
+        errors = sum(outcome.errors.values())
+        sys.stderr.write(
+            f"\r{label}: {elapsed:5.1f}/{outcome.load.seconds:g} s  {rate:8.0f} img/s  "
+            f"{outcome.requests} calls  {errors} errors   "
+        )
+        sys.stderr.flush()
+
+    return show

@@ -1,0 +1,124 @@
+"""python -m serve.bench against real servers: a spawned one and one already running."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve import bench
+from serve.background import BackgroundServer
+from serve.loadgen import Load, Outcome
+from tests.serve.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BRIEF = ["--seconds", "1", "--warmup", "0.3", "--baseline-batches", "1,4",
+         "--baseline-seconds", "0.2"]  # fmt: skip
+
+
+def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "serve.bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def _check_row(row: dict) -> None:
+    assert row["requests"] > 0
+    assert row["throughput"] > 0
+    assert row["errors"] == {}
+    assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    assert row["ratio_best"] > 0 and row["ratio_single"] > 0
+    assert row["mean_batch"] is not None and row["mean_batch"] >= 1
+
+
+def test_spawn_json_report_with_comparison_and_plot(classifier_path: Path, tmp_path: Path) -> None:
+    plot = tmp_path / "bench.png"
+    done = _bench(
+        "--spawn", str(classifier_path), "-c", "1", "8", "--rate", "40", *BRIEF,
+        "--server-arg=--device=cpu", "--compare=--max-batch-size=1",
+        "--json", "--plot", str(plot),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["model"] == classifier_path.stem
+    base = report["in_process"]
+    assert set(base["throughput"]) == {"1", "4"}
+    assert base["best_batch"] in (1, 4)
+    rows = report["rows"]
+    assert [(r["server"], r["load"]) for r in rows] == [
+        ("--device=cpu", "c=1"),
+        ("--device=cpu", "c=8"),
+        ("--device=cpu", "rate=40/s"),
+        ("--device=cpu --max-batch-size=1", "c=1"),
+        ("--device=cpu --max-batch-size=1", "c=8"),
+        ("--device=cpu --max-batch-size=1", "rate=40/s"),
+    ]
+    for row in rows:
+        _check_row(row)
+    # A server that may only run one row per batch reports exactly that.
+    assert all(r["mean_batch"] == 1.0 for r in rows[3:])
+    servers = report["servers"]
+    assert [s["exit_code"] for s in servers] == [0, 0]
+    assert all(s["rss_start_mb"] > 0 and s["rss_end_mb"] > 0 for s in servers)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_running_server_table_and_server_side_counts(
+    start_server: Callable[..., BackgroundServer],
+    classifier_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = start_server(metrics_port=free_port())
+    assert server.server is not None
+    metrics = server.server.metrics
+    url = f"http://127.0.0.1:{metrics.http_port}/metrics"
+    target = f"127.0.0.1:{server.port}"
+    argv = [target, "--model", "tiny", "--model-file", str(classifier_path),
+            "--metrics-url", url, "-c", "4", "--images", "3", *BRIEF]  # fmt: skip
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "in-process ONNX Runtime" in out
+    (line,) = [x for x in out.splitlines() if x.startswith("server ") and "c=4" in x]
+    fields = line.split()
+    assert fields[1] == "c=4×3"
+    calls = int(fields[-3])
+    assert calls > 0
+    answered = 0.0
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == "serve_requests_total" and sample.labels["outcome"] == "success":
+                answered += sample.value
+    # The window's calls, plus warm-up and the answer check, all reached the server.
+    assert answered > calls
+
+
+def test_usage_and_unreachable_server(tmp_path: Path) -> None:
+    done = _bench("--seconds", "1")
+    assert done.returncode == 2
+    assert "HOST:PORT or --spawn" in done.stderr
+    done = _bench("127.0.0.1:1", "--spawn", str(tmp_path / "missing.onnx"))
+    assert done.returncode == 2
+    done = _bench(f"127.0.0.1:{free_port()}", "--model", "m", "--timeout", "2")
+    assert done.returncode == 1
+    assert "check HOST:PORT" in done.stderr
+
+
+def test_load_checks_and_percentiles() -> None:
+    with pytest.raises(ValueError, match="concurrency >= 1"):
+        Load(concurrency=0)
+    with pytest.raises(ValueError, match="--rate > 0"):
+        Load(rate=0)
+    outcome = Outcome(Load(images=2), latencies=[0.004, 0.001, 0.003, 0.002], window=2.0)
+    assert outcome.percentile(50) == 0.002
+    assert outcome.percentile(99) == 0.004
+    assert outcome.throughput == 4.0
+    assert Outcome(Load()).percentile(50) is None
