@@ -108,16 +108,15 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: i
         ) from e
 
 
-def check_graph(path: Path, input_shape: tuple[int, int, int]) -> list[str]:
-    """Problems with the file at `path`: ONNX validity, our I/O conventions, training-mode ops."""
-    size = path.stat().st_size
+def check_graph(model: onnx.ModelProto, input_shape: tuple[int, int, int], size: int) -> list[str]:
+    """Problems with `model` (a file of `size` bytes): ONNX validity, our I/O conventions,
+    opset, training-mode ops."""
     if size > MAX_BYTES:
         return [f"expected one self-contained ONNX file below 2 GB, got {size} bytes"]
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         return [f"onnx.checker rejected the graph: {_first_line(e)}"]
-    model = onnx.load(str(path))
     problems = _check_io(model, input_shape)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
@@ -184,18 +183,19 @@ def _nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, object]:
-    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    """Dropout flag candidates only: converting every initializer would copy all the weights."""
+    wanted = {n.input[2] for n in _nodes(model) if n.op_type == "Dropout" and len(n.input) > 2}
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in wanted}
     for node in _nodes(model):
-        if node.op_type == "Constant":
+        if node.op_type == "Constant" and node.output[0] in wanted:
             for attr in node.attribute:
                 if attr.name == "value":
                     values[node.output[0]] = numpy_helper.to_array(attr.t)
     return values
 
 
-def write_metadata(path: Path, metadata: Mapping[str, str]) -> None:
-    """Replace the model's metadata_props with `metadata` and save it as one file."""
-    model = onnx.load(str(path))
+def write_metadata(model: onnx.ModelProto, path: Path, metadata: Mapping[str, str]) -> None:
+    """Replace the model's metadata_props with `metadata` and save it to `path` as one file."""
     del model.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -80,7 +81,8 @@ def export_checkpoint(config: ExportConfig) -> ExportResult:
         )
         if exported.fallback_reason:
             notes.append(f"legacy exporter failed ({exported.fallback_reason}); used dynamo")
-        problems = check_graph(tmp, input_shape)
+        graph = onnx.load(str(tmp))
+        problems = check_graph(graph, input_shape, tmp.stat().st_size)
         tolerance = Tolerance(atol=config.atol, rtol=config.rtol)
         batches = make_inputs(input_shape, sample)
         parity = check_parity(resolved.model, tmp, batches, tolerance, problems)
@@ -103,7 +105,7 @@ def export_checkpoint(config: ExportConfig) -> ExportResult:
             "torch_version": torch.__version__,
             "parity": as_json({**parity.summary(), "exporter": exported.exporter}),
         }
-        write_metadata(tmp, metadata)
+        write_metadata(graph, tmp, metadata)
         tmp.chmod(_default_mode())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, output)
     except CheckFailed:

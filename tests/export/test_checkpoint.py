@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -93,3 +94,13 @@ def test_checkpoint_hash_in_metadata(small_ckpt, tmp_path: Path) -> None:
     result = export_ok(path, output=tmp_path / "hashed.onnx")
     assert result.metadata["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert result.metadata["torch_version"] == torch.__version__
+
+
+def test_half_precision_weights_export_as_float32(small_ckpt, tmp_path: Path) -> None:
+    _, state = small_ckpt
+    path = tmp_path / "half.ckpt"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, path)
+    result = export_ok(path)
+    assert result.arch == "resnet18-cifar"
+    model = onnx.load(str(result.output))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
