@@ -15,6 +15,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class BenchConfig:
     metrics_url: str | None
     baseline_batches: tuple[int, ...]
     baseline_seconds: float
-    baseline_threads: int
+    baseline_threads: tuple[int, ...]
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -95,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-batches", type=_batches, default=(1, 2, 4, 8, 16, 32, 64),
                    metavar="B,B,...", help="in-process batch sizes (default 1,2,4,...,64)")
     p.add_argument("--baseline-seconds", type=float, default=2.0, help="per in-process batch size")
-    p.add_argument("--baseline-threads", type=int, default=0,
-                   help="in-process intra-op threads (0: ONNX Runtime's default)")
+    p.add_argument("--baseline-threads", type=int, nargs="+", default=[1, 0],
+                   help="in-process intra-op thread counts to try, best kept per batch size "
+                   "(0: ONNX Runtime's default; default 1 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--plot", type=Path, metavar="FILE.png",
                    help="draw throughput vs p99 latency per concurrency (needs matplotlib)")
@@ -144,13 +146,17 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
         metrics_url=metrics_url,
         baseline_batches=args.baseline_batches,
         baseline_seconds=args.baseline_seconds,
-        baseline_threads=args.baseline_threads,
+        baseline_threads=tuple(args.baseline_threads),
     )
     return config, args
 
 
 async def _run_settings(
-    config: BenchConfig, target: str, metrics_url: str | None, label: str, rss: object
+    config: BenchConfig,
+    target: str,
+    metrics_url: str | None,
+    label: str,
+    server: SpawnedServer | None,
 ) -> list[dict]:
     channels = [channel(target) for _ in range(config.channels)]
     try:
@@ -161,11 +167,13 @@ async def _run_settings(
             requests = infer_requests(config.model, input_name, shape, load.images, config.distinct)
             await check_answer(channels[0], requests[0], load.images, timeout)
             scraped: list[tuple[float, float] | None] = []
+            cpu: list[tuple[float, float | None]] = []
 
-            async def on_window(opening: bool, scraped: list = scraped) -> None:
+            async def on_window(opening: bool, scraped: list = scraped, cpu: list = cpu) -> None:
                 if metrics_url is not None:
                     scrape = scrape_batches, metrics_url, config.model
                     scraped.append(await asyncio.to_thread(*scrape))
+                cpu.append((time.process_time(), server.cpu_seconds() if server else None))
 
             name = f"{label} {load.label}"
             progress = print_progress(name) if sys.stderr.isatty() else None
@@ -175,7 +183,14 @@ async def _run_settings(
                 f"{outcome.requests} calls, {sum(outcome.errors.values())} errors"
                 + " " * 20 + "\n"
             )
-            rows.append(_row(label, outcome, scraped, rss() if callable(rss) else None))
+            row = _row(label, outcome, scraped, server.rss_mb() if server else None)
+            (client0, server0), (client1, server1) = cpu
+            calls = max(outcome.requests, 1)
+            row["client_cpu_ms_per_call"] = (client1 - client0) / calls * 1e3
+            row["server_cpu_ms_per_call"] = (
+                None if server0 is None or server1 is None else (server1 - server0) / calls * 1e3
+            )
+            rows.append(row)
         return rows
     finally:
         for chan in channels:
@@ -237,7 +252,7 @@ def run(config: BenchConfig) -> dict:
             with SpawnedServer(config.spawn, list(args)) as server:
                 before = server.rss_mb()
                 rows += asyncio.run(
-                    _run_settings(config, server.target, server.metrics_url, label, server.rss_mb)
+                    _run_settings(config, server.target, server.metrics_url, label, server)
                 )
                 after = server.rss_mb()
                 code = server.stop()

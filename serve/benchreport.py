@@ -21,7 +21,7 @@ def report(
     baseline = None
     if in_process is not None:
         baseline = {
-            "threads": in_process.threads,
+            "threads": {str(b): v for b, v in in_process.threads.items()},
             "throughput": {str(b): v for b, v in in_process.throughput.items()},
             "latency_ms": {str(b): v * 1e3 for b, v in in_process.latency.items()},
             "best_batch": in_process.best_batch,
@@ -62,16 +62,16 @@ def table(result: dict) -> str:
     base = result["in_process"]
     if base is not None:
         per_batch = ", ".join(
-            f"b{b} {v:.0f}/s ({base['latency_ms'][b]:.2f} ms)"
+            f"b{b} {v:.0f}/s ({base['latency_ms'][b]:.2f} ms, t{base['threads'][b] or 'default'})"
             for b, v in base["throughput"].items()
         )
         lines.append(
-            f"in-process ONNX Runtime ({base['threads'] or 'default'} threads): {per_batch}; "
+            f"in-process ONNX Runtime (best of intra-op threads per batch): {per_batch}; "
             f"best batch {base['best_batch']}: {base['best_throughput']:.0f} img/s"
         )
     header = (f"{'server':<28} {'load':<14} {'img/s':>8} {'×best':>6} {'×b1':>6} {'p50 ms':>8} "
               f"{'p90 ms':>8} {'p99 ms':>8} {'p50-b1':>7} {'batch':>6} {'calls':>8} "
-              f"{'RSS MiB':>8}  errors")  # fmt: skip
+              f"{'RSS MiB':>8} {'cpu ms/call c+s':>15}  errors")  # fmt: skip
     lines += [header, "-" * len(header)]
     for row in result["rows"]:
         errors = ", ".join(f"{k} {v}" for k, v in row["errors"].items()) or "0"
@@ -81,7 +81,9 @@ def table(result: dict) -> str:
             f"{_num(row.get('ratio_best')):>6} {_num(row.get('ratio_single')):>6} "
             f"{_num(row['p50_ms']):>8} {_num(row['p90_ms']):>8} {_num(row['p99_ms']):>8} "
             f"{_num(row.get('p50_over_single_ms')):>7} {_num(row['mean_batch'], 1):>6} "
-            f"{row['requests']:>8} {_num(row['server_rss_mb'], 0):>8}  {errors}"
+            f"{row['requests']:>8} {_num(row['server_rss_mb'], 0):>8} "
+            f"{_num(row.get('client_cpu_ms_per_call')):>7}+{_num(row.get('server_cpu_ms_per_call')):<7}"
+            f"  {errors}"
         )
     for server in result["servers"]:
         lines.append(

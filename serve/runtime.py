@@ -66,6 +66,9 @@ class Runtime:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        # Idle ORT threads would spin on the cores the event loop needs to receive and answer
+        # requests; on 2 shared cores that halved batch-1 throughput (docs/benchmarks.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # CUDA-provider creation failures are reported below
         requested = _providers(device)
         self.session = ort.InferenceSession(str(info.path), options, providers=requested)
