@@ -159,12 +159,11 @@ def _build_factory(target: str, checkpoint: Checkpoint) -> Resolved:
             "make the factory return the network"
         )
     expected = model.state_dict()
-    best: tuple[Fit, dict[str, Tensor]] | None = None
-    for variant in key_variants(checkpoint.state_dict):
-        fit = compare(target, expected, variant)
-        if best is None or fit.errors < best[0].errors:
-            best = (fit, variant)
-    assert best is not None  # key_variants always yields the state_dict itself
+    best = min(
+        ((compare(target, expected, variant), variant)
+         for variant in key_variants(checkpoint.state_dict)),
+        key=lambda pair: pair[0].errors,
+    )  # fmt: skip
     if not best[0].exact:
         raise UsageError(
             f"expected weights that fit {target}, got {best[0].describe()}; check that the "

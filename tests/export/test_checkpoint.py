@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+import user_models
 from safetensors.torch import save_file
 
 from export import ExportConfig, UsageError, export_checkpoint
@@ -104,3 +105,16 @@ def test_half_precision_weights_export_as_float32(small_ckpt, tmp_path: Path) ->
     assert result.arch == "resnet18-cifar"
     model = onnx.load(str(result.output))
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_torchscript_that_is_no_zoo_network(tmp_path: Path) -> None:
+    model = user_models.TinyNet(num_classes=3)
+    user_models.trained_state(model)
+    path = tmp_path / "custom.pt"
+    torch.jit.script(model.eval()).save(str(path))
+    with pytest.raises(UsageError, match="--input-shape"):
+        export_checkpoint(ExportConfig(checkpoint=path))
+    result = export_ok(path, input_shape=(3, 8, 8))
+    assert result.arch == "TinyNet"
+    assert result.num_classes == 3
+    assert result.exporter == "legacy"
