@@ -10,10 +10,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import train_briefly
 
 from export import ExportConfig, export_checkpoint
 from export.zoo import architectures
+from tests.export.conftest import train_briefly
 
 # (arch, input shape, classes, via CLI). Heavy nets use small spatial sizes their adaptive
 # pooling allows, so the suite stays fast on two busy cores.

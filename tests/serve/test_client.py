@@ -11,11 +11,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import free_port
 from PIL import Image
 
 from serve.background import BackgroundServer
 from serve.client import Client, ClientError, main
+from tests.serve.conftest import free_port
 
 
 def _write_png(path: Path, seed: int) -> Path:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from conftest import free_port
-from procs import ServeProcess
 
 from serve.client import Client
+from tests.serve.conftest import free_port
+from tests.serve.procs import ServeProcess
 
 
 def _args(port: int, *more: str) -> list[str]:

@@ -1,0 +1,1 @@
+"""python -m serve: ONNX Runtime behind a dynamic batcher, over gRPC."""
