@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve import benchreport
-from serve.benchenv import InProcess, SpawnedServer, measure_in_process, scrape_batches
+from serve.benchenv import InProcess, SpawnedServer, measure_in_process, scrape
 from serve.loadgen import (
     Load,
     Outcome,
@@ -166,13 +166,13 @@ async def _run_settings(
         for load in config.loads:
             requests = infer_requests(config.model, input_name, shape, load.images, config.distinct)
             await check_answer(channels[0], requests[0], load.images, timeout)
-            scraped: list[tuple[float, float] | None] = []
+            scraped: list[dict[str, float] | None] = []
             cpu: list[tuple[float, float | None]] = []
 
             async def on_window(opening: bool, scraped: list = scraped, cpu: list = cpu) -> None:
                 if metrics_url is not None:
-                    scrape = scrape_batches, metrics_url, config.model
-                    scraped.append(await asyncio.to_thread(*scrape))
+                    url = metrics_url
+                    scraped.append(await asyncio.to_thread(scrape, url, config.model))
                 cpu.append((time.process_time(), server.cpu_seconds() if server else None))
 
             name = f"{label} {load.label}"
@@ -199,10 +199,14 @@ async def _run_settings(
 
 def _row(label: str, outcome: Outcome, scraped: list, rss_mb: float | None) -> dict:
     load = outcome.load
-    mean_batch = None
+    mean_batch = busy = None
     if len(scraped) == 2 and None not in scraped:
-        (sum0, count0), (sum1, count1) = scraped
-        mean_batch = (sum1 - sum0) / (count1 - count0) if count1 > count0 else None
+        before, after = scraped
+        batches = after["batches"] - before["batches"]
+        mean_batch = (after["rows"] - before["rows"]) / batches if batches else None
+        # Share of the window an instance spent in ONNX Runtime: near 1 (per instance) means
+        # compute-bound, well below means the server's own overhead is the limit.
+        busy = (after["compute_s"] - before["compute_s"]) / outcome.window
     ms = {q: outcome.percentile(q) for q in (50, 90, 99)}
     return {
         "server": label,
@@ -218,6 +222,7 @@ def _row(label: str, outcome: Outcome, scraped: list, rss_mb: float | None) -> d
         "p99_ms": None if ms[99] is None else ms[99] * 1e3,
         "errors": dict(outcome.errors),
         "mean_batch": mean_batch,
+        "compute_busy": busy,
         "server_rss_mb": rss_mb,
     }
 

@@ -187,8 +187,9 @@ class SpawnedServer:
         self._log.close()
 
 
-def scrape_batches(url: str, model: str, timeout: float = 5.0) -> tuple[float, float] | None:
-    """``serve_batch_size`` (_sum, _count) of ``model`` from a /metrics URL; None if unreachable."""
+def scrape(url: str, model: str, timeout: float = 5.0) -> dict[str, float] | None:
+    """The server's ``serve_batch_size`` _sum/_count and ``serve_compute_duration_seconds``
+    _sum for ``model`` from a /metrics URL; None if unreachable."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -196,15 +197,14 @@ def scrape_batches(url: str, model: str, timeout: float = 5.0) -> tuple[float, f
             text = response.read().decode()
     except OSError:
         return None
-    total = count = None
+    wanted = {
+        "serve_batch_size_sum": "rows",
+        "serve_batch_size_count": "batches",
+        "serve_compute_duration_seconds_sum": "compute_s",
+    }
+    values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name != "serve_batch_size":
-            continue
         for sample in family.samples:
-            if sample.labels.get("model") != model:
-                continue
-            if sample.name.endswith("_sum"):
-                total = sample.value
-            elif sample.name.endswith("_count"):
-                count = sample.value
-    return None if total is None or count is None else (total, count)
+            if sample.name in wanted and sample.labels.get("model") == model:
+                values[wanted[sample.name]] = sample.value
+    return values if len(values) == len(wanted) else None

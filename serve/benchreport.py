@@ -70,7 +70,7 @@ def table(result: dict) -> str:
             f"best batch {base['best_batch']}: {base['best_throughput']:.0f} img/s"
         )
     header = (f"{'server':<28} {'load':<14} {'img/s':>8} {'×best':>6} {'×b1':>6} {'p50 ms':>8} "
-              f"{'p90 ms':>8} {'p99 ms':>8} {'p50-b1':>7} {'batch':>6} {'calls':>8} "
+              f"{'p90 ms':>8} {'p99 ms':>8} {'p50-b1':>7} {'batch':>6} {'busy':>5} {'calls':>8} "
               f"{'RSS MiB':>8} {'cpu ms/call c+s':>15}  errors")  # fmt: skip
     lines += [header, "-" * len(header)]
     for row in result["rows"]:
@@ -81,6 +81,7 @@ def table(result: dict) -> str:
             f"{_num(row.get('ratio_best')):>6} {_num(row.get('ratio_single')):>6} "
             f"{_num(row['p50_ms']):>8} {_num(row['p90_ms']):>8} {_num(row['p99_ms']):>8} "
             f"{_num(row.get('p50_over_single_ms')):>7} {_num(row['mean_batch'], 1):>6} "
+            f"{_num(row['compute_busy']):>5} "
             f"{row['requests']:>8} {_num(row['server_rss_mb'], 0):>8} "
             f"{_num(row.get('client_cpu_ms_per_call')):>7}+{_num(row.get('server_cpu_ms_per_call')):<7}"
             f"  {errors}"
