@@ -50,6 +50,7 @@ class BenchConfig:
     baseline_batches: tuple[int, ...]
     baseline_seconds: float
     baseline_threads: tuple[int, ...]
+    baseline_device: str
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-threads", type=int, nargs="+", default=[1, 0],
                    help="in-process intra-op thread counts to try, best kept per batch size "
                    "(0: ONNX Runtime's default; default 1 0)")
+    p.add_argument("--baseline-device", choices=("cpu", "cuda"), default="cpu",
+                   help="execution provider of the in-process baseline")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--plot", type=Path, metavar="FILE.png",
                    help="draw throughput vs p99 latency per concurrency (needs matplotlib)")
@@ -147,6 +150,7 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
         baseline_batches=args.baseline_batches,
         baseline_seconds=args.baseline_seconds,
         baseline_threads=tuple(args.baseline_threads),
+        baseline_device=args.baseline_device,
     )
     return config, args
 
@@ -245,6 +249,7 @@ def run(config: BenchConfig) -> dict:
             config.baseline_batches,
             config.baseline_seconds,
             config.baseline_threads,
+            config.baseline_device,
         )
     servers: list[dict] = []
     rows: list[dict] = []

@@ -3,6 +3,7 @@ the server's Prometheus metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -41,7 +42,11 @@ class InProcess:
 
 
 def measure_in_process(
-    path: Path, batches: tuple[int, ...], seconds: float, threads: tuple[int, ...] = (0,)
+    path: Path,
+    batches: tuple[int, ...],
+    seconds: float,
+    threads: tuple[int, ...] = (0,),
+    device: str = "cpu",
 ) -> InProcess:
     """Run the model file on the CPU provider at each batch size for about ``seconds`` with
     each intra-op thread count, keeping the best per batch size: the ratios are then to the
@@ -56,7 +61,18 @@ def measure_in_process(
         options = ort.SessionOptions()
         if count:
             options.intra_op_num_threads = count
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            # A missing CUDA library shows up in the provider check below.
+            with contextlib.suppress(Exception):
+                ort.preload_dlls()
+            providers.insert(0, "CUDAExecutionProvider")
+        session = ort.InferenceSession(str(path), options, providers=providers)
+        if session.get_providers()[0] != providers[0]:
+            raise RuntimeError(
+                f"expected {providers[0]} for the in-process baseline, got "
+                f"{session.get_providers()}; check the GPU set-up or pass --baseline-device cpu"
+            )
         (tensor,) = session.get_inputs()
         shape = [d if isinstance(d, int) else None for d in tensor.shape[1:]]
         if None in shape:
