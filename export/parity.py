@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from export.onnx_export import INPUT_NAME
+from serve.runtime import nvidia_driver_present
 
 BATCH_SIZES = (1, 2, 7, 32)
 
@@ -117,8 +117,8 @@ def create_sessions(path: Path) -> dict[str, ort.InferenceSession]:
 def _cuda_session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession | None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return None
-    if sys.platform == "linux" and not Path("/dev/nvidiactl").exists():
-        return None  # no NVIDIA driver: skip the attempt and its loud failure log
+    if not nvidia_driver_present():
+        return None  # skip the attempt and its loud failure log
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             if hasattr(ort, "preload_dlls"):

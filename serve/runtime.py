@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -32,8 +34,17 @@ def bucket_for(rows: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"expected at most {buckets[-1]} rows in a batch, got {rows}")
 
 
+def nvidia_driver_present() -> bool:
+    """False where no NVIDIA driver is loaded, so creating the CUDA provider can only fail.
+
+    onnxruntime-gpu lists CUDAExecutionProvider on every host; trying it without a driver
+    prints several lines of loader errors, which a CPU-only host should not show.
+    """
+    return sys.platform != "linux" or Path("/dev/nvidiactl").exists()
+
+
 def _providers(device: str) -> list[str]:
-    if device == "cpu":
+    if device == "cpu" or (device == "auto" and not nvidia_driver_present()):
         return ["CPUExecutionProvider"]
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
@@ -87,14 +98,13 @@ class Runtime:
                 "check the GPU driver and CUDA libraries (pip install '.[cuda]') "
                 "or pass --device auto"
             )
-        _log.info(
-            "model %s runs on %s%s",
-            info.name,
-            self.provider,
-            " (CUDA requested but unusable, CPU fallback)"
-            if "CUDAExecutionProvider" in requested and self.provider != "CUDAExecutionProvider"
-            else "",
-        )
+        if self.provider == "CUDAExecutionProvider" or device == "cpu":
+            why = ""
+        elif "CUDAExecutionProvider" in requested:
+            why = " (CUDA requested but unusable, CPU fallback)"
+        else:
+            why = " (no usable CUDA: no NVIDIA driver or no CUDA build of onnxruntime)"
+        _log.info("model %s runs on %s%s", info.name, self.provider, why)
         limit = max_batch_size if info.fixed_batch is None else info.fixed_batch
         self.max_batch = limit
         self.buckets = (info.fixed_batch,) if info.fixed_batch else buckets_for(limit)
