@@ -135,19 +135,7 @@ def start_server(base_config: ServerConfig) -> Iterator[Callable[..., Background
 
 
 @pytest.fixture(scope="module")
-def shared_server(
-    tmp_path_factory: pytest.TempPathFactory, classifier_path: Path
-) -> Iterator[BackgroundServer]:
+def shared_server(base_config: ServerConfig) -> Iterator[BackgroundServer]:
     """One default server per test module, for tests that do not need special settings."""
-    config = ServerConfig(
-        models=(classifier_path,),
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        max_batch_size=8,
-        grace=5,
-        device="cpu",
-        intra_op_threads=1,
-    )
-    with BackgroundServer(config) as server:
+    with BackgroundServer(base_config) as server:
         yield server
