@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(serve(config))
     except (ValueError, OSError, RuntimeError) as e:
-        _log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        _log.error("%s", e)  # one line on stderr, in the configured log format
         return 2 if isinstance(e, ValueError) else 1
     return 0
 
