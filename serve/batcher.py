@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,27 @@ class Pending:
     future: asyncio.Future[np.ndarray]
     deadline: float | None  # loop.time() after which computing it is pointless
     enqueued: float  # loop.time()
+    started: float = 0.0  # loop.time() when its batch was taken from the queue
+    compute_s: float = 0.0  # seconds its batch spent in the runtime
+
+
+@dataclass
+class Trace:
+    """What one request went through, for its DEBUG log line (see ``TRACE``)."""
+
+    id: int
+    rows: int = 0
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+
+    def add(self, pieces: list[Pending]) -> None:
+        self.rows += sum(len(p.rows) for p in pieces)
+        self.queue_s = max(self.queue_s, *(p.started - p.enqueued for p in pieces))
+        self.compute_s += sum(p.compute_s for p in pieces)
+
+
+# Set by the servicer's request task when DEBUG logging is on; ``Batcher.infer`` fills it.
+TRACE: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("serve_trace", default=None)
 
 
 async def collect(
@@ -139,21 +161,24 @@ class Batcher:
                 "retry with backoff or raise --max-queue-size",
             )
         now = loop.time()
-        futures = []
-        for piece in pieces:
-            future: asyncio.Future[np.ndarray] = loop.create_future()
-            self._queue.put_nowait(Pending(piece, future, deadline, now))
-            futures.append(future)
+        queued = [Pending(piece, loop.create_future(), deadline, now) for piece in pieces]
+        for pending in queued:
+            self._queue.put_nowait(pending)
         if self._metrics is not None:
             self._metrics.queue_depth(self.name, self._queue.qsize())
-        if len(futures) == 1:
-            return await futures[0]
         try:
-            return np.concatenate(await asyncio.gather(*futures))
+            if len(queued) == 1:
+                logits = await queued[0].future
+            else:
+                logits = np.concatenate(await asyncio.gather(*(p.future for p in queued)))
         except BaseException:
-            for future in futures:
-                future.cancel()
+            for pending in queued:
+                pending.future.cancel()
             raise
+        trace = TRACE.get()
+        if trace is not None:
+            trace.add(queued)
+        return logits
 
     async def close(self) -> None:
         """Stop the workers and fail whatever is still queued with UNAVAILABLE."""
@@ -191,6 +216,7 @@ class Batcher:
                             )
                         )
                         continue
+                    pending.started = now
                     live.append(pending)
                 if self._metrics is not None:
                     self._metrics.queue_depth(self.name, self._queue.qsize())
@@ -248,6 +274,7 @@ class Batcher:
         for pending in live:
             count = len(pending.rows)
             if not pending.future.done():
+                pending.compute_s = seconds
                 pending.future.set_result(logits[offset : offset + count])
             offset += count
         return buffer

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 from grpc import aio
 
-from serve.batcher import Batcher
+from serve.batcher import TRACE, Batcher, Trace
 from serve.errors import ServeError, not_found, outcome, unavailable
 from serve.model_info import ModelInfo
 
@@ -110,6 +110,10 @@ class ServingState:
         started = time.perf_counter()
         self._in_flight += 1
         self._arrivals += 1
+        trace = None
+        if _log.isEnabledFor(logging.DEBUG):
+            trace = Trace(id=self._arrivals)
+            TRACE.set(trace)  # each gRPC call runs in its own task, so its own context
         self._idle.clear()
         try:
             error: ServeError | None = None
@@ -122,7 +126,7 @@ class ServingState:
             except ServeError as e:
                 error = e
             except asyncio.CancelledError:
-                self._count(model_name, grpc.StatusCode.CANCELLED, started)
+                self._count(model_name, grpc.StatusCode.CANCELLED, started, trace)
                 raise
             except Exception as e:
                 _log.exception("request to model %s failed", model_name)
@@ -130,7 +134,8 @@ class ServingState:
                     grpc.StatusCode.INTERNAL,
                     f"internal error ({type(e).__name__}: {e}); please report it",
                 )
-            self._count(model_name, grpc.StatusCode.OK if error is None else error.code, started)
+            code = grpc.StatusCode.OK if error is None else error.code
+            self._count(model_name, code, started, trace)
             if error is not None:
                 await context.abort(error.code, error.message)
             return result
@@ -139,9 +144,23 @@ class ServingState:
             if self._in_flight == 0:
                 self._idle.set()
 
-    def _count(self, model_name: str, code: grpc.StatusCode, started: float) -> None:
+    def _count(
+        self, model_name: str, code: grpc.StatusCode, started: float, trace: Trace | None
+    ) -> None:
         seconds = time.perf_counter() - started
-        _log.debug("request model=%s status=%s seconds=%.6f", model_name, code.name, seconds)
+        if trace is not None:
+            # The id is the request's arrival number: unique per process, in arrival order.
+            _log.debug(
+                "request id=%d model=%s status=%s rows=%d queue_s=%.6f compute_s=%.6f "
+                "total_s=%.6f",
+                trace.id,
+                model_name,
+                code.name,
+                trace.rows,
+                trace.queue_s,
+                trace.compute_s,
+                seconds,
+            )
         if self.metrics is not None:
             label = model_name if model_name in self.models else "_unknown"
             self.metrics.request(label, outcome(code), seconds)

@@ -9,8 +9,10 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from serve.client import Client
 from serve.logs import configure
 from tests.serve.conftest import free_port
 from tests.serve.procs import ServeProcess
@@ -76,6 +78,9 @@ def _serve_and_stop(model: Path, tmp_path: Path, fmt: str) -> str:
     args = [str(model), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
             "--device", "cpu", "--log-format", fmt, "--log-level", "debug", "--grace", "5"]
     with ServeProcess(args, port, tmp_path / f"serve-{fmt}.log") as server:
+        with Client(server.target) as client:
+            shape = list(client.model_metadata("tiny").inputs[0].shape)[1:]
+            client.infer("tiny", np.zeros((3, *shape), np.float32))
         server.terminate()
         assert server.wait(60) == 0, server.output()
         return server.output()
@@ -90,7 +95,12 @@ def test_server_logs_json_lines(classifier_path: Path, tmp_path: Path) -> None:
     assert any(m.startswith("ready: serving tiny") for m in messages), messages
     assert any(m.startswith("draining") for m in messages)
     assert messages[-1] == "stopped"
-    assert any(e["level"] == "debug" for e in entries)
+    request = re.compile(
+        r"^request id=\d+ model=tiny status=OK rows=3 queue_s=\d+\.\d{6} "
+        r"compute_s=\d+\.\d{6} total_s=\d+\.\d{6}$"
+    )
+    debug = [e["msg"] for e in entries if e["level"] == "debug"]
+    assert sum(bool(request.match(m)) for m in debug) == 1, debug
 
 
 def test_server_logs_text_lines(classifier_path: Path, tmp_path: Path) -> None:
