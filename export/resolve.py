@@ -70,16 +70,13 @@ def resolve(checkpoint: Checkpoint, arch: str | None) -> Resolved:
             f"got {name!r} from {source}; pass --arch with one of these"
         )
     specs = [zoo[name]] if name is not None else list(zoo.values())
-    fits: list[tuple[Fit, ArchSpec, dict[str, Tensor]]] = []
+    fits: list[Fit] = []
     for variant in key_variants(checkpoint.state_dict):
         for spec in specs:
             fit, weights = _fit(spec, variant)
             if fit.exact:
                 return _build_zoo(spec, weights, checkpoint)
-            fits.append((fit, spec, weights))
-    closest: dict[str, Fit] = {}
-    for fit, _, _ in sorted(fits, key=lambda f: f[0].errors):
-        closest.setdefault(fit.arch, fit)
+            fits.append(fit)
     if checkpoint.module is not None and name is None:
         # A TorchScript or trusted pickled module that is not a zoo network exports as it is.
         guesses = _guess_sizes(checkpoint.state_dict)
@@ -88,6 +85,9 @@ def resolve(checkpoint: Checkpoint, arch: str | None) -> Resolved:
             label = getattr(checkpoint.module, "original_name", label)
         return Resolved(label, checkpoint.module, guesses["num_classes"],
                         guesses["in_channels"], None)  # fmt: skip
+    closest: dict[str, Fit] = {}
+    for fit in sorted(fits, key=lambda f: f.errors):
+        closest.setdefault(fit.arch, fit)
     described = "\n  ".join(f.describe() for f in list(closest.values())[:3])
     if name is not None:
         raise UsageError(
