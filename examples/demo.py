@@ -28,6 +28,7 @@ class Trained:
     checkpoint: Path
     labels: Path
     torch_accuracy: float
+    torch_top1: np.ndarray  # held-out predictions of the trained model, before export
 
 
 def step_train(out_dir: Path, split: train_digits.Split) -> Trained:
@@ -35,7 +36,8 @@ def step_train(out_dir: Path, split: train_digits.Split) -> Trained:
     model = train_digits.train(split)
     checkpoint, labels = train_digits.save(model, out_dir)
     logits = train_digits.predict(model, split.test_images)
-    return Trained(checkpoint, labels, train_digits.accuracy(logits, split.test_labels))
+    accuracy = train_digits.accuracy(logits, split.test_labels)
+    return Trained(checkpoint, labels, accuracy, logits.argmax(axis=1))
 
 
 def step_export(trained: Trained) -> Path:
@@ -63,26 +65,14 @@ def step_report(trained: Trained, onnx_path: Path, onnx_accuracy: float) -> None
         raise SystemExit("expected equal accuracy from torch and ONNX, got different values")
 
 
-def _torch_predictions(trained: Trained, split: train_digits.Split) -> np.ndarray:
-    import torch
-
-    from export.zoo.resnet import resnet18_cifar
-
-    model = resnet18_cifar(num_classes=len(train_digits.LABELS), in_channels=3)
-    model.load_state_dict(torch.load(trained.checkpoint, weights_only=True))
-    return train_digits.predict(model, split.test_images).argmax(axis=1)
-
-
 def step_serve_and_classify(trained: Trained, onnx_path: Path, split: train_digits.Split) -> None:
     """Serve the model with `python -m serve`, classify the held-out digits over gRPC, stop."""
     import signal
-    import socket
 
+    from serve.benchenv import free_port
     from serve.client import Client, ClientError
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     target = f"127.0.0.1:{port}"
     print(f"4. python -m serve {onnx_path.relative_to(ROOT)} --port {port}", flush=True)
     log = (OUT_DIR / "serve.log").open("wb")
@@ -107,14 +97,13 @@ def step_serve_and_classify(trained: Trained, onnx_path: Path, split: train_digi
         server.send_signal(signal.SIGTERM)
         code = server.wait(60)
         log.close()
-    torch_top1 = _torch_predictions(trained, split)
     served_accuracy = float((served == split.test_labels).mean())
     png_accuracy = float((np.asarray(from_png) == split.test_labels).mean())
     print("5. served over gRPC (classifier.v1.Classify)")
     print(f"   held-out accuracy   torch {trained.torch_accuracy:.4f}   "
           f"served {served_accuracy:.4f}   (from PNG files {png_accuracy:.4f})")  # fmt: skip
     print(f"   server stopped with SIGTERM, exit code {code}")
-    disagree = int((served != torch_top1).sum())
+    disagree = int((served != trained.torch_top1).sum())
     if disagree:
         raise SystemExit(f"expected the served top-1 to equal torch's on every image, got "
                          f"{disagree} of {len(served)} different")  # fmt: skip
