@@ -218,10 +218,10 @@ class Batcher:
                         continue
                     pending.started = now
                     live.append(pending)
+                    if self._metrics is not None:
+                        self._metrics.queued(self.name, now - pending.enqueued)
                 if self._metrics is not None:
                     self._metrics.queue_depth(self.name, self._queue.qsize())
-                    for pending in live:
-                        self._metrics.queued(self.name, now - pending.enqueued)
                 if live:
                     buffer = await self._run(loop, live, buffer)
                 live = []

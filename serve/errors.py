@@ -29,7 +29,7 @@ def unavailable(message: str) -> ServeError:
     return ServeError(grpc.StatusCode.UNAVAILABLE, message)
 
 
-# Outcome names as agreed with serve/metrics.py (OUTCOMES there).
+# The metrics' outcome label of each status a request can end with; any other is "internal".
 _OUTCOMES = {
     grpc.StatusCode.OK: "success",
     grpc.StatusCode.INVALID_ARGUMENT: "invalid",
@@ -40,6 +40,9 @@ _OUTCOMES = {
     grpc.StatusCode.UNAVAILABLE: "unavailable",
     grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
 }
+
+
+OUTCOMES = (*_OUTCOMES.values(), "internal")
 
 
 def outcome(code: grpc.StatusCode) -> str:

@@ -14,17 +14,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-OUTCOMES = (
-    "success",
-    "invalid",
-    "not_found",
-    "rejected",
-    "deadline",
-    "cancelled",
-    "unavailable",
-    "unauthenticated",
-    "internal",
-)
+from serve.errors import OUTCOMES
 
 # Latencies from half a millisecond (a small CPU batch) to tens of seconds (a stuck queue).
 _SECONDS_BUCKETS = (

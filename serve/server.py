@@ -6,6 +6,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -125,9 +126,8 @@ class Server:
         """Count refused inference calls under their model, as `state.run` counts the rest."""
         if method not in _INFERENCE_METHODS:
             return
-        name = getattr(request, "model_name", None) or getattr(request, "model", None)
-        label = name if name in self.state.models else "_unknown"
-        self.metrics.request(label, "unauthenticated", 0.0)
+        name = getattr(request, "model_name", None) or getattr(request, "model", None) or ""
+        self.state.record(name, grpc.StatusCode.UNAUTHENTICATED, 0.0)
 
     def _bind(self, server: aio.Server) -> int:
         address = _address(self.config.host, self.config.port)

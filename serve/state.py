@@ -161,6 +161,10 @@ class ServingState:
                 trace.compute_s,
                 seconds,
             )
+        self.record(model_name, code, seconds)
+
+    def record(self, model_name: str, code: grpc.StatusCode, seconds: float) -> None:
+        """Count one finished request in the metrics, under ``_unknown`` for unknown models."""
         if self.metrics is not None:
             label = model_name if model_name in self.models else "_unknown"
             self.metrics.request(label, outcome(code), seconds)
