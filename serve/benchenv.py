@@ -104,6 +104,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def wait_serving(proc: subprocess.Popen[bytes], target: str, timeout: float) -> bool:
+    """Probe gRPC health at ``target`` until SERVING (True), or until ``proc`` exits or
+    ``timeout`` seconds pass (False)."""
+    from serve.health import ProbeConfig, probe
+
+    until = time.monotonic() + timeout
+    while time.monotonic() < until and proc.poll() is None:
+        if probe(ProbeConfig(target, timeout=2))[0] == 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 class SpawnedServer:
     """``python -m serve MODEL --host 127.0.0.1`` on free ports, as a separate process (its own
     GIL). ``with SpawnedServer(model, args) as s:`` waits for SERVING and stops it after."""
@@ -126,24 +139,19 @@ class SpawnedServer:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self) -> None:
-        from serve.health import ProbeConfig, probe
-
         command = [
             sys.executable, "-m", "serve", str(self.model), "--host", "127.0.0.1",
             "--port", str(self.port), "--metrics-port", str(self.metrics_port), *self.args,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=self._log, env=env)
-        until = time.monotonic() + self.ready_timeout
-        while time.monotonic() < until:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"expected the spawned server to start, got exit code {self.proc.returncode}:"
-                    f"\n{self.output()}\ncheck the model file and --server-arg values"
-                )
-            if probe(ProbeConfig(self.target, timeout=2))[0] == 0:
-                return
-            time.sleep(0.1)
+        if wait_serving(self.proc, self.target, self.ready_timeout):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"expected the spawned server to start, got exit code {self.proc.returncode}:"
+                f"\n{self.output()}\ncheck the model file and --server-arg values"
+            )
         self.stop()
         raise RuntimeError(
             f"expected the spawned server to be SERVING within {self.ready_timeout:g} s, got "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from serve.background import BackgroundServer
+from serve.benchenv import free_port  # noqa: F401  (shared by the tests through this module)
 from serve.config import ServerConfig
 
 
@@ -79,12 +79,6 @@ def reference(path: Path, batch: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rows = [session.run(None, {"input": batch[i : i + 1]})[0] for i in range(len(batch))]
     return np.concatenate(rows)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(name="make_classifier", scope="session")

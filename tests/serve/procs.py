@@ -6,10 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from serve.health import ProbeConfig, probe
+from serve.benchenv import wait_serving
 
 
 class ServeProcess:
@@ -35,13 +34,10 @@ class ServeProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "serve", *self.args], stdout=err, stderr=err, env=env
             )
-        until = time.monotonic() + self.ready_timeout
-        while time.monotonic() < until:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            if probe(ProbeConfig(self.target, timeout=2))[0] == 0:
-                return self
-            time.sleep(0.1)
+        if wait_serving(self.proc, self.target, self.ready_timeout):
+            return self
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
         self.kill()
         raise RuntimeError(f"server not SERVING within {self.ready_timeout} s:\n{self.output()}")
 

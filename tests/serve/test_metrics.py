@@ -13,13 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protos import kserve_pb2
 from serve.metrics import OUTCOMES, Metrics
+from tests.serve.conftest import free_port
 from tests.serve.v2 import INFER, infer_payload, request_counts, samples
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -78,7 +73,7 @@ def test_unknown_outcome_is_refused() -> None:
 def test_http_endpoint_serves_and_closes() -> None:
     m = Metrics()
     m.request("m", "rejected", 0.5)
-    port = _free_port()
+    port = free_port()
     m.serve_http("127.0.0.1", port)
     try:
         assert m.http_port == port
@@ -126,7 +121,7 @@ def _scrape(port: int) -> str:
 
 
 def test_scrape_matches_the_traffic_sent(start_server, classifier_path) -> None:
-    metrics_port = _free_port()
+    metrics_port = free_port()
     bg = start_server(metrics_port=metrics_port)
     rng = np.random.default_rng(3)
     row_counts = [1, 2, 3, 5, 8, 13]  # 13 > max batch 8: split in two batches
