@@ -1,13 +1,24 @@
-"""The dynamic batcher: a bounded queue of requests per model, collected into padded batches."""
+"""The dynamic batcher: a bounded queue of requests per model, collected into batches.
+
+The event loop only queues requests and answers them. Each model instance is a thread of its
+own that takes everything queued whenever it is free, collates, runs ONNX Runtime and hands
+the results back to the loop with one call per batch. Collecting on the instance's thread
+means the next batch starts the moment the last one ends, without a round trip through a busy
+event loop: on a 2-core VM that round trip left the ONNX Runtime threads idle a fifth of the
+time (docs/benchmarks.md).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import contextlib
 import contextvars
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,17 +26,14 @@ import grpc
 import numpy as np
 
 from serve.errors import ServeError, unavailable
-from serve.runtime import Runtime, bucket_for
+from serve.runtime import Runtime
 
 if TYPE_CHECKING:
     from serve.metrics import Metrics
 
 _log = logging.getLogger(__name__)
-# With nothing else queued, a batch expected to compute within this long runs on the event
-# loop's thread: handing it to a worker thread and back costs two thread wake-ups, about
-# 0.15 ms of a 0.55 ms batch-1 call on a 2-core VM (docs/benchmarks.md). Under load, worker
-# threads let compute overlap with the loop's gRPC work, which matters more.
-_INLINE_S = 0.001
+# Put once per instance thread by ``Batcher.close``: the thread ends when it takes one.
+_STOP = None
 
 
 @dataclass(eq=False)
@@ -59,51 +67,53 @@ class Trace:
 TRACE: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("serve_trace", default=None)
 
 
-async def collect(
-    queue: asyncio.Queue[Pending], held: Pending | None, max_rows: int, delay: float
-) -> tuple[list[Pending], Pending | None]:
-    """Take one batch from ``queue``: everything waiting, up to ``max_rows`` rows.
+def collect(
+    pending: queue.SimpleQueue[Pending | None],
+    held: Pending | None,
+    max_rows: int,
+    delay: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[list[Pending], Pending | None, bool]:
+    """Take one batch from ``pending``: everything waiting, up to ``max_rows`` rows.
 
-    Waits for the first request (or starts from ``held``, the request that did not fit last
+    Blocks for the first request (or starts from ``held``, the request that did not fit last
     time), then takes whatever is already queued; only with ``delay`` > 0 seconds does it wait
     that long for more. Requests whose futures are already done (cancelled by their client)
-    are dropped. Returns the batch and the request that would have overflowed it, if any.
+    are dropped. Returns the batch, the request that would have overflowed it, and whether a
+    stop mark was taken (the caller runs the batch, then ends).
     """
-    loop = asyncio.get_running_loop()
     batch: list[Pending] = []
     rows = 0
     item = held
     until: float | None = None
     while True:
         if item is None:
-            if not batch:
-                item = await queue.get()
-            elif not queue.empty():
-                item = queue.get_nowait()
-            else:
-                until = loop.time() + delay if until is None else until
-                remaining = until - loop.time()
-                if remaining <= 0:
-                    return batch, None
-                try:
-                    # A cancelled Queue.get leaves its item in the queue, so nothing is lost.
-                    item = await asyncio.wait_for(queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    return batch, None
+            try:
+                if not batch:
+                    item = pending.get()
+                elif delay <= 0:
+                    item = pending.get_nowait()
+                else:
+                    until = clock() + delay if until is None else until
+                    item = pending.get(timeout=max(0.0, until - clock()))
+            except queue.Empty:
+                return batch, None, False
+            if item is _STOP:
+                return batch, None, True
         if item.future.done():
             item = None
             continue
         if batch and rows + len(item.rows) > max_rows:
-            return batch, item
+            return batch, item, False
         batch.append(item)
         rows += len(item.rows)
         item = None
         if rows >= max_rows:
-            return batch, None
+            return batch, None, False
 
 
 class Batcher:
-    """Queues requests for one model and runs them in batches on ``instances`` workers.
+    """Queues requests for one model and runs them in batches on ``instances`` threads.
 
     ``batch_rows`` counts executed batches by their real (unpadded) row count.
     """
@@ -119,157 +129,199 @@ class Batcher:
     ) -> None:
         self.runtime = runtime
         self.name = runtime.info.name
-        self.batch_rows: collections.Counter[int] = collections.Counter()
+        self.batch_rows: Counter[int] = Counter()
         self._delay = max_queue_delay_s
+        self._max_queue = max_queue_size
         self._instances = instances
         self._metrics = metrics
-        self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=max_queue_size)
-        self._executor = ThreadPoolExecutor(instances, thread_name_prefix=f"ort-{self.name}")
-        self._workers: list[asyncio.Task[None]] = []
+        self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._open = False
-        # Recent compute seconds per bucket size (moving average), measured on real batches.
-        self._seconds: dict[int, float] = {}
 
     def start(self) -> None:
-        """Start the workers; call from the event loop that will submit requests."""
+        """Start the instance threads; call from the event loop that will submit requests."""
+        loop = asyncio.get_running_loop()
         self._open = True
-        self._workers = [
-            asyncio.create_task(self._work(), name=f"batcher-{self.name}-{i}")
+        self._threads = [
+            threading.Thread(
+                target=self._work, args=(loop,), name=f"ort-{self.name}-{i}", daemon=True
+            )
             for i in range(self._instances)
         ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
         """Queued requests (slices of split requests count one each)."""
         return self._queue.qsize()
 
-    async def infer(self, rows: np.ndarray, deadline: float | None) -> np.ndarray:
-        """Logits [N, K] for ``rows`` [N, *sample_shape]; splits N above the max batch."""
+    def submit(
+        self, rows: np.ndarray, deadline: float | None
+    ) -> tuple[asyncio.Future[np.ndarray], list[Pending]]:
+        """Queue ``rows`` [N, *sample_shape] (split above the max batch) without waiting.
+
+        Returns a future of the logits [N, K] (cancelling it withdraws every piece still
+        queued) and the queued pieces. Raises UNAVAILABLE when closed, RESOURCE_EXHAUSTED when
+        the queue has no room for every piece.
+        """
         if not self._open:
             raise unavailable(
                 f"model {self.name} is not accepting requests; retry on another replica"
             )
         loop = asyncio.get_running_loop()
         step = self.runtime.max_batch
-        pieces = [rows[i : i + step] for i in range(0, len(rows), step)]
-        free = self._queue.maxsize - self._queue.qsize()
-        if len(pieces) > free:
+        count = -(-len(rows) // step)
+        waiting = self._queue.qsize()
+        if count > self._max_queue - waiting:
             raise ServeError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"expected room in the queue of model {self.name}, got {self._queue.qsize()} of "
-                f"{self._queue.maxsize} requests waiting; "
-                "retry with backoff or raise --max-queue-size",
+                f"expected room in the queue of model {self.name}, got {waiting} of "
+                f"{self._max_queue} requests waiting; retry with backoff or raise --max-queue-size",
             )
         now = loop.time()
-        queued = [Pending(piece, loop.create_future(), deadline, now) for piece in pieces]
+        if count == 1:
+            queued = [Pending(rows, loop.create_future(), deadline, now)]
+        else:
+            queued = [
+                Pending(rows[i : i + step], loop.create_future(), deadline, now)
+                for i in range(0, len(rows), step)
+            ]
         for pending in queued:
-            self._queue.put_nowait(pending)
+            self._queue.put(pending)
         if self._metrics is not None:
-            self._metrics.queue_depth(self.name, self._queue.qsize())
+            self._metrics.queue_depth(self.name, waiting + count)
+        if count == 1:
+            return queued[0].future, queued
+        return _joined([p.future for p in queued], loop), queued
+
+    async def infer(self, rows: np.ndarray, deadline: float | None) -> np.ndarray:
+        """Logits [N, K] for ``rows`` [N, *sample_shape]; splits N above the max batch."""
+        future, queued = self.submit(rows, deadline)
         try:
-            if len(queued) == 1:
-                logits = await queued[0].future
-            else:
-                logits = np.concatenate(await asyncio.gather(*(p.future for p in queued)))
+            logits = await future
         except BaseException:
-            for pending in queued:
-                pending.future.cancel()
+            future.cancel()
             raise
         trace = TRACE.get()
         if trace is not None:
             trace.add(queued)
         return logits
 
-    async def close(self) -> None:
-        """Stop the workers and fail whatever is still queued with UNAVAILABLE."""
+    async def close(self, timeout: float = 10.0) -> None:
+        """Fail whatever is still queued with UNAVAILABLE, let running batches finish (up to
+        ``timeout`` seconds), and end the instance threads."""
         self._open = False
-        for task in self._workers:
-            task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers = []
-        while not self._queue.empty():
-            _fail([self._queue.get_nowait()], unavailable(f"model {self.name} was unloaded"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        left: list[Pending] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                left.append(item)
+        _fail(left, unavailable(f"model {self.name} was unloaded"))
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        threads, self._threads = self._threads, []
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
+        def join() -> None:
+            until = time.monotonic() + timeout
+            for thread in threads:
+                thread.join(max(0.0, until - time.monotonic()))
+
+        await asyncio.to_thread(join)
+
+    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One instance: collect, run, hand results to the loop; until a stop mark."""
         held: Pending | None = None
-        live: list[Pending] = []
-        # This worker's batch buffer, reused while big enough: a fresh multi-megabyte array per
-        # batch costs page faults that slowed 224×224 batches by ~6% (docs/benchmarks.md).
+        # This instance's batch buffer, reused while big enough: a fresh multi-megabyte array
+        # per batch costs page faults that slowed 224×224 batches by ~6% (docs/benchmarks.md).
         buffer = np.empty((0, *self.runtime.info.sample_shape), dtype=np.float32)
-        try:
-            while True:
-                batch, held = await collect(self._queue, held, self.runtime.max_batch, self._delay)
-                now = loop.time()
-                live = []
-                for pending in batch:
-                    if pending.future.done():
-                        continue
-                    if pending.deadline is not None and pending.deadline <= now:
-                        waited = now - pending.enqueued
-                        pending.future.set_exception(
-                            ServeError(
-                                grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"expected to start before the deadline, got {waited:.3f} s queued "
-                                f"for model {self.name}; raise the client deadline or add capacity",
-                            )
-                        )
-                        continue
-                    pending.started = now
-                    live.append(pending)
-                    if self._metrics is not None:
-                        self._metrics.queued(self.name, now - pending.enqueued)
-                if self._metrics is not None:
-                    self._metrics.queue_depth(self.name, self._queue.qsize())
-                if live:
-                    buffer = await self._run(loop, live, buffer)
-                live = []
-        except asyncio.CancelledError:
-            message = unavailable(f"model {self.name} stopped before the request was answered")
-            _fail(live + ([held] if held is not None else []), message)
-            raise
+        stop = False
+        while not stop:
+            batch, held, stop = collect(self._queue, held, self.runtime.max_batch, self._delay)
+            if batch:
+                buffer = self._run(loop, batch, buffer)
 
-    async def _run(
-        self, loop: asyncio.AbstractEventLoop, live: list[Pending], buffer: np.ndarray
+    def _run(
+        self, loop: asyncio.AbstractEventLoop, batch: list[Pending], buffer: np.ndarray
     ) -> np.ndarray:
-        """Collate ``live`` into ``buffer`` (grown if needed), run it, answer every request;
-        returns the buffer for the worker's next batch."""
-        rows = sum(len(p.rows) for p in live)
-        size = bucket_for(rows, self.runtime.buckets)
-        if len(live) == 1 and size == rows:
-            batch = live[0].rows
-        else:
-            if len(buffer) < size:
-                buffer = np.empty((size, *buffer.shape[1:]), dtype=np.float32)
-            batch = buffer[:size]
-            np.concatenate([p.rows for p in live], out=batch[:rows])
-            batch[rows:] = 0
-        estimate = self._seconds.get(size)
-        started = time.perf_counter()
-        try:
-            if estimate is not None and estimate <= _INLINE_S and self._queue.empty():
-                logits = self.runtime.run(batch)
+        """Drop expired requests, collate the rest into ``buffer`` (grown if needed), run,
+        and post every answer to the loop; returns the buffer for the next batch."""
+        now = loop.time()
+        live: list[Pending] = []
+        expired: list[Pending] = []
+        for pending in batch:
+            if pending.future.done():  # cancelled by its client while the window was open
+                continue
+            if pending.deadline is not None and pending.deadline <= now:
+                expired.append(pending)
+                continue
+            pending.started = now
+            live.append(pending)
+        if self._metrics is not None:
+            self._metrics.queue_depth(self.name, self._queue.qsize())
+            for pending in live:
+                self._metrics.queued(self.name, now - pending.enqueued)
+        logits: np.ndarray | None = None
+        error: ServeError | None = None
+        seconds = 0.0
+        if live:
+            rows = sum(len(p.rows) for p in live)
+            size = self.runtime.batch_size(rows)
+            if len(live) == 1 and size == rows:
+                inputs = live[0].rows
             else:
-                logits = await loop.run_in_executor(self._executor, self.runtime.run, batch)
-        except Exception as e:
-            _log.exception("model %s failed on a batch of %d rows", self.name, rows)
-            _fail(live, ServeError(grpc.StatusCode.INTERNAL, f"model {self.name} failed: {e}"))
-            return buffer
-        seconds = time.perf_counter() - started
-        self._seconds[size] = seconds if estimate is None else 0.8 * estimate + 0.2 * seconds
-        if logits.shape[0] != size:
-            _fail(
-                live,
-                ServeError(
+                if len(buffer) < size:
+                    buffer = np.empty((size, *buffer.shape[1:]), dtype=np.float32)
+                inputs = buffer[:size]
+                np.concatenate([p.rows for p in live], out=inputs[:rows])
+                inputs[rows:] = 0
+            started = time.perf_counter()
+            try:
+                logits = self.runtime.run(inputs)
+            except Exception as e:
+                _log.exception("model %s failed on a batch of %d rows", self.name, rows)
+                error = ServeError(grpc.StatusCode.INTERNAL, f"model {self.name} failed: {e}")
+            seconds = time.perf_counter() - started
+            if logits is not None and logits.shape[0] != size:
+                error = ServeError(
                     grpc.StatusCode.INTERNAL,
                     f"expected {size} output rows from model {self.name}, got {logits.shape[0]}",
-                ),
-            )
-            return buffer
-        self.batch_rows[rows] += 1
-        if self._metrics is not None:
-            self._metrics.batch(self.name, rows, seconds)
+                )
+            if error is None and self._metrics is not None:
+                self._metrics.batch(self.name, rows, seconds)
+        # RuntimeError: the loop is closed, so nobody waits for these answers any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._answer, live, expired, logits, error, seconds)
+        return buffer
+
+    def _answer(
+        self,
+        live: list[Pending],
+        expired: list[Pending],
+        logits: np.ndarray | None,
+        error: ServeError | None,
+        seconds: float,
+    ) -> None:
+        """On the loop: set every future of one batch."""
+        for pending in expired:
+            if not pending.future.done():
+                waited = pending.future.get_loop().time() - pending.enqueued
+                pending.future.set_exception(
+                    ServeError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"expected to start before the deadline, got {waited:.3f} s queued "
+                        f"for model {self.name}; raise the client deadline or add capacity",
+                    )
+                )
+        if not live:
+            return
+        if error is not None or logits is None:
+            _fail(live, error or ServeError(grpc.StatusCode.INTERNAL, "no output"))
+            return
+        self.batch_rows[sum(len(p.rows) for p in live)] += 1
         offset = 0
         for pending in live:
             count = len(pending.rows)
@@ -277,7 +329,36 @@ class Batcher:
                 pending.compute_s = seconds
                 pending.future.set_result(logits[offset : offset + count])
             offset += count
-        return buffer
+
+
+def _joined(pieces: list[asyncio.Future], loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+    """One future of the pieces' logits in order; cancelling it cancels the pieces."""
+    joined: asyncio.Future[np.ndarray] = loop.create_future()
+    left = len(pieces)
+
+    def piece_done(piece: asyncio.Future) -> None:
+        nonlocal left
+        left -= 1
+        if joined.done():
+            return
+        if piece.cancelled():
+            joined.cancel()  # joined_done cancels the other pieces
+        elif piece.exception() is not None:
+            joined.set_exception(piece.exception())
+            for other in pieces:
+                other.cancel()
+        elif left == 0:
+            joined.set_result(np.concatenate([p.result() for p in pieces]))
+
+    def joined_done(_: asyncio.Future) -> None:
+        if joined.cancelled():
+            for piece in pieces:
+                piece.cancel()
+
+    for piece in pieces:
+        piece.add_done_callback(piece_done)
+    joined.add_done_callback(joined_done)
+    return joined
 
 
 def _fail(pending: list[Pending], error: Exception) -> None:

@@ -79,6 +79,7 @@ class Runtime:
         max_batch_size: int,
         intra_op_threads: int,
         io_binding: bool | None = None,
+        pad: bool | None = None,
     ) -> None:
         self.info = info
         options = ort.SessionOptions()
@@ -112,9 +113,19 @@ class Runtime:
         # bucket and thread (IOBinding) instead of ORT allocating one per run. The GPU side is
         # unmeasured (docs/benchmarks.md); tests/serve/test_runtime.py runs this path on CPU.
         on_cuda = self.provider == "CUDAExecutionProvider"
+        # Padding to a bucket lets the GPU see only warmed shapes (cuDNN picks its algorithms
+        # per shape). ONNX Runtime's CPU provider runs a new batch size as fast as a known one,
+        # so there padding only computes zeros: up to 30% of every batch (docs/benchmarks.md).
+        self.pads = bool(on_cuda or info.fixed_batch) if pad is None else pad
         self.io_binding = on_cuda if io_binding is None else io_binding
         self._device = "cuda" if on_cuda else "cpu"
         self._bound = threading.local()
+
+    def batch_size(self, rows: int) -> int:
+        """The batch size ``rows`` rows run at: their bucket when padding, else ``rows``."""
+        if rows > self.max_batch:
+            raise ValueError(f"expected at most {self.max_batch} rows in a batch, got {rows}")
+        return bucket_for(rows, self.buckets) if self.pads else rows
 
     def warm_up(self) -> None:
         """Run every bucket once so no request pays for first-shape setup."""
@@ -122,7 +133,7 @@ class Runtime:
             self.run(np.zeros((size, *self.info.sample_shape), dtype=np.float32))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits [N, K] for a float32 batch [N, *sample_shape] whose N is a bucket size."""
+        """Logits [N, K] for a float32 batch [N, *sample_shape]; N from ``batch_size``."""
         if self.io_binding:
             return self._run_bound(batch)
         (logits,) = self.session.run([self.info.output_name], {self.info.input_name: batch})

@@ -1,8 +1,12 @@
-"""serve/batcher.py: batch collection over a real asyncio queue, buckets, splitting."""
+"""serve/batcher.py: batch collection on an instance thread, buckets, padding, splitting."""
 
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -15,9 +19,23 @@ from serve.model_info import read_model_info
 from serve.runtime import Runtime, bucket_for, buckets_for
 
 
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
 def _pending(loop: asyncio.AbstractEventLoop, rows: int, tag: float = 0.0) -> Pending:
     data = np.full((rows, 1), tag, dtype=np.float32)
     return Pending(data, loop.create_future(), None, loop.time())
+
+
+def _queue(*items: Pending) -> queue.SimpleQueue[Pending | None]:
+    pending: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+    for item in items:
+        pending.put(item)
+    return pending
 
 
 def test_buckets_are_powers_of_two_then_the_max() -> None:
@@ -30,86 +48,59 @@ def test_buckets_are_powers_of_two_then_the_max() -> None:
         bucket_for(13, buckets_for(12))
 
 
-def test_collect_takes_everything_queued_without_waiting() -> None:
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Pending] = asyncio.Queue()
-        items = [_pending(loop, 1, i) for i in range(5)]
-        for item in items:
-            queue.put_nowait(item)
-        started = loop.time()
-        batch, held = await collect(queue, None, max_rows=64, delay=0.0)
-        assert batch == items and held is None
-        assert loop.time() - started < 1.0  # no idle waiting (generous bound)
-
-    asyncio.run(scenario())
+def test_collect_takes_everything_queued_without_waiting(loop: asyncio.AbstractEventLoop) -> None:
+    items = [_pending(loop, 1, i) for i in range(5)]
+    pending = _queue(*items)
+    started = time.monotonic()
+    assert collect(pending, None, max_rows=64, delay=0.0) == (items, None, False)
+    assert time.monotonic() - started < 1.0  # no idle waiting (generous bound)
 
 
-def test_collect_stops_at_max_rows_and_holds_the_overflow() -> None:
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Pending] = asyncio.Queue()
-        a, b, c = _pending(loop, 3), _pending(loop, 4), _pending(loop, 2)
-        for item in (a, b, c):
-            queue.put_nowait(item)
-        batch, held = await collect(queue, None, max_rows=5, delay=0.0)
-        assert batch == [a] and held is b
-        batch, held = await collect(queue, held, max_rows=5, delay=0.0)
-        assert batch == [b] and held is c
-        batch, held = await collect(queue, held, max_rows=5, delay=0.0)
-        assert batch == [c] and held is None and queue.empty()
-
-    asyncio.run(scenario())
+def test_collect_stops_at_max_rows_and_holds_the_overflow(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    a, b, c = _pending(loop, 3), _pending(loop, 4), _pending(loop, 2)
+    pending = _queue(a, b, c)
+    assert collect(pending, None, max_rows=5, delay=0.0) == ([a], b, False)
+    assert collect(pending, b, max_rows=5, delay=0.0) == ([b], c, False)
+    assert collect(pending, c, max_rows=5, delay=0.0) == ([c], None, False)
+    assert pending.empty()
 
 
-def test_collect_waits_for_more_only_with_a_delay() -> None:
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Pending] = asyncio.Queue()
-        first, late = _pending(loop, 1), _pending(loop, 1)
-        queue.put_nowait(first)
-        loop.call_later(0.05, queue.put_nowait, late)
-        batch, _ = await collect(queue, None, max_rows=8, delay=0.0)
-        assert batch == [first]
-        batch, _ = await collect(queue, None, max_rows=8, delay=0.0)
-        assert batch == [late]
-        third, fourth = _pending(loop, 1), _pending(loop, 1)
-        queue.put_nowait(third)
-        loop.call_later(0.05, queue.put_nowait, fourth)
-        batch, _ = await collect(queue, None, max_rows=8, delay=2.0)
-        assert batch == [third, fourth]  # the window stayed open for the late one
-
-    asyncio.run(scenario())
+def test_collect_waits_for_more_only_with_a_delay(loop: asyncio.AbstractEventLoop) -> None:
+    first, late = _pending(loop, 1), _pending(loop, 1)
+    pending = _queue(first)
+    threading.Timer(0.05, pending.put, (late,)).start()
+    assert collect(pending, None, max_rows=8, delay=0.0)[0] == [first]
+    assert collect(pending, None, max_rows=8, delay=0.0)[0] == [late]  # blocks for the first
+    third, fourth = _pending(loop, 1), _pending(loop, 1)
+    pending.put(third)
+    threading.Timer(0.05, pending.put, (fourth,)).start()
+    batch, _, _ = collect(pending, None, max_rows=8, delay=2.0)
+    assert batch == [third, fourth]  # the window stayed open for the late one
 
 
-def test_collect_returns_when_the_window_fills() -> None:
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Pending] = asyncio.Queue()
-        items = [_pending(loop, 2) for _ in range(3)]
-        queue.put_nowait(items[0])
-        loop.call_later(0.02, queue.put_nowait, items[1])
-        loop.call_later(0.04, queue.put_nowait, items[2])
-        started = loop.time()
-        batch, held = await collect(queue, None, max_rows=6, delay=30.0)
-        assert batch == items and held is None
-        assert loop.time() - started < 10.0  # full batch ends the window, not the 30 s delay
-
-    asyncio.run(scenario())
+def test_collect_returns_when_the_window_fills(loop: asyncio.AbstractEventLoop) -> None:
+    items = [_pending(loop, 2) for _ in range(3)]
+    pending = _queue(items[0])
+    threading.Timer(0.02, pending.put, (items[1],)).start()
+    threading.Timer(0.04, pending.put, (items[2],)).start()
+    started = time.monotonic()
+    assert collect(pending, None, max_rows=6, delay=30.0) == (items, None, False)
+    assert time.monotonic() - started < 10.0  # a full batch ends the window, not the delay
 
 
-def test_collect_skips_cancelled_requests() -> None:
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Pending] = asyncio.Queue()
-        gone, kept = _pending(loop, 4), _pending(loop, 4)
-        gone.future.cancel()
-        queue.put_nowait(gone)
-        queue.put_nowait(kept)
-        batch, held = await collect(queue, None, max_rows=4, delay=0.0)
-        assert batch == [kept] and held is None
-
-    asyncio.run(scenario())
+def test_collect_skips_cancelled_requests_and_ends_at_a_stop_mark(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    gone, kept = _pending(loop, 4), _pending(loop, 4)
+    gone.future.cancel()
+    pending = _queue(gone, kept)
+    assert collect(pending, None, max_rows=4, delay=0.0) == ([kept], None, False)
+    last = _pending(loop, 1)
+    pending = _queue(last)
+    pending.put(None)
+    assert collect(pending, None, max_rows=4, delay=5.0) == ([last], None, True)
 
 
 def test_batcher_splits_pads_and_reassembles(classifier_path: Path) -> None:
