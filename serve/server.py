@@ -26,7 +26,11 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Drain ends once no request arrived for this long (see ServingState.wait_quiet).
 _QUIET_S = 0.2
-_INFERENCE_METHODS = (f"/{kserve.SERVICE}/ModelInfer", "/classifier.v1.Classifier/Classify")
+_INFERENCE_METHODS = (
+    f"/{kserve.SERVICE}/ModelInfer",
+    f"/{kserve.SERVICE}/ModelStreamInfer",
+    "/classifier.v1.Classifier/Classify",
+)
 
 
 def _load(name: str, path: Path, config: ServerConfig) -> Runtime:
@@ -164,7 +168,7 @@ class Server:
         grace = self.config.grace if grace is None else grace
         loop = asyncio.get_running_loop()
         until = loop.time() + grace
-        self.state.draining = True
+        self.state.drain()
         await self.health.enter_graceful_shutdown()
         for name in self.state.models:
             self.metrics.model_ready(name, False)

@@ -40,7 +40,7 @@ class ServingState:
         self.metrics = metrics
         self.max_image_pixels = max_image_pixels
         self.ready = False
-        self.draining = False
+        self._drain = asyncio.Event()
         self._in_flight = 0
         self._arrivals = 0
         self._idle = asyncio.Event()
@@ -60,8 +60,55 @@ class ServingState:
         return model
 
     @property
+    def draining(self) -> bool:
+        """True once ``drain`` was called: new requests get UNAVAILABLE."""
+        return self._drain.is_set()
+
+    def drain(self) -> None:
+        """Refuse new requests from now on; open streams end once their answers are out."""
+        self._drain.set()
+
+    async def wait_drain(self) -> None:
+        """Return once ``drain`` has been called."""
+        await self._drain.wait()
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def begin(self) -> float:
+        """Count one arriving inference request as in flight; returns its start time.
+
+        Every ``begin`` is matched by one ``finish``.
+        """
+        self._in_flight += 1
+        self._arrivals += 1
+        self._idle.clear()
+        return time.perf_counter()
+
+    def check_open(self) -> None:
+        """UNAVAILABLE while draining or before every model is loaded."""
+        if self._drain.is_set():
+            raise unavailable("the server is shutting down; retry on another replica")
+        if not self.ready:
+            raise unavailable("the server is still loading models; retry when ServerReady")
+
+    @property
+    def arrivals(self) -> int:
+        """Inference requests arrived so far; the latest one's number."""
+        return self._arrivals
+
+    def finish(
+        self, model_name: str, code: grpc.StatusCode, started: float, trace: Trace | None = None
+    ) -> None:
+        """Count a request that ``begin`` admitted as finished with ``code``."""
+        self._count(model_name, code, started, trace)
+        self._leave()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no inference request is in flight; False when ``timeout`` ran out."""
@@ -107,21 +154,15 @@ class ServingState:
         The request is counted before its status goes out, so a client that sees the answer
         also sees it in the metrics.
         """
-        started = time.perf_counter()
-        self._in_flight += 1
-        self._arrivals += 1
+        started = self.begin()
         trace = None
         if _log.isEnabledFor(logging.DEBUG):
             trace = Trace(id=self._arrivals)
             TRACE.set(trace)  # each gRPC call runs in its own task, so its own context
-        self._idle.clear()
         try:
             error: ServeError | None = None
             try:
-                if self.draining:
-                    raise unavailable("the server is shutting down; retry on another replica")
-                if not self.ready:
-                    raise unavailable("the server is still loading models; retry when ServerReady")
+                self.check_open()
                 result = await work()
             except ServeError as e:
                 error = e
@@ -140,9 +181,7 @@ class ServingState:
                 await context.abort(error.code, error.message)
             return result
         finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+            self._leave()
 
     def _count(
         self, model_name: str, code: grpc.StatusCode, started: float, trace: Trace | None

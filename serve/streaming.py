@@ -1,0 +1,154 @@
+"""KServe v2 ``ModelStreamInfer``: ModelInfer requests on one open bidirectional stream.
+
+Each request read from the stream is checked and queued at once (no task per request), so
+requests a client pipelines on one stream, and requests on many streams, batch together. Each
+answer is written when its batch finishes, so answers can come back in another order than the
+requests: clients match them by ``id``. A request that fails gets a ``ModelStreamInferResponse``
+whose ``error_message`` starts with the status name ("INVALID_ARGUMENT: ...") and whose
+``infer_response`` carries the request's ``id`` and ``model_name``; the stream stays open.
+
+The stream ends with OK once the client has closed its side and every request is answered.
+When the server drains, requests still arriving are answered UNAVAILABLE, and once the admitted
+ones are answered the stream ends with status UNAVAILABLE, so the client reconnects elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+
+import grpc
+import numpy as np
+from grpc import aio
+
+from protos import kserve_pb2 as pb
+from serve.batcher import Pending, Trace
+from serve.errors import ServeError
+from serve.kserve_codec import decode_request, encode_response
+from serve.state import Model, ServingState
+
+_log = logging.getLogger(__name__)
+_CLOSED = object()  # the client closed its side and every request was answered
+_DRAINED = object()  # the server drains and every admitted request was answered
+
+
+def _error(request: pb.ModelInferRequest, error: ServeError) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(
+        error_message=f"{error.code.name}: {error.message}",
+        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+    )
+
+
+class Stream:
+    """One open ``ModelStreamInfer`` call; ``await Stream(state, context).serve()``."""
+
+    def __init__(self, state: ServingState, context: aio.ServicerContext) -> None:
+        self.state = state
+        self.context = context
+        self._outbox: asyncio.Queue[object] = asyncio.Queue()
+        self._admitted: set[asyncio.Future[np.ndarray]] = set()
+        self._closed = False
+        self._deadline = state.deadline(context)
+        self._debug = _log.isEnabledFor(logging.DEBUG)
+
+    async def serve(self) -> None:
+        """Read, answer, and end the call as the module docstring says."""
+        reader = asyncio.create_task(self._read())
+        watcher = asyncio.create_task(self._watch_drain())
+        try:
+            while True:
+                item = await self._outbox.get()
+                if item is _CLOSED:
+                    return
+                if item is _DRAINED:
+                    await self.context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "the server is shutting down; open a new stream on another replica",
+                    )
+                await self.context.write(item)
+        finally:
+            for task in (reader, watcher):
+                task.cancel()
+            for future in list(self._admitted):
+                future.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(reader, watcher, return_exceptions=True)
+
+    async def _read(self) -> None:
+        while True:
+            request = await self.context.read()
+            if request is aio.EOF:
+                break
+            self._start(request)
+        self._closed = True
+        self._maybe_end()
+
+    async def _watch_drain(self) -> None:
+        await self.state.wait_drain()
+        self._maybe_end()
+
+    def _maybe_end(self) -> None:
+        if self._admitted:
+            return
+        if self.state.draining:
+            self._outbox.put_nowait(_DRAINED)
+        elif self._closed:
+            self._outbox.put_nowait(_CLOSED)
+
+    def _start(self, request: pb.ModelInferRequest) -> None:
+        state = self.state
+        started = state.begin()
+        try:
+            state.check_open()
+            model = state.model(request.model_name, request.model_version)
+            rows, k = decode_request(model, request)
+            future, pieces = model.batcher.submit(rows, self._deadline)
+        except ServeError as e:
+            state.finish(request.model_name, e.code, started)
+            self._outbox.put_nowait(_error(request, e))
+            return
+        trace = Trace(id=state.arrivals) if self._debug else None
+        self._admitted.add(future)
+        future.add_done_callback(
+            functools.partial(self._answer, request, model, k, started, pieces, trace)
+        )
+
+    def _answer(
+        self,
+        request: pb.ModelInferRequest,
+        model: Model,
+        k: int | None,
+        started: float,
+        pieces: list[Pending],
+        trace: Trace | None,
+        future: asyncio.Future[np.ndarray],
+    ) -> None:
+        self._admitted.discard(future)
+        if trace is not None:
+            trace.add(pieces)
+        if future.cancelled():
+            # The stream is gone (client cancelled or the call ended): nobody to answer.
+            self.state.finish(request.model_name, grpc.StatusCode.CANCELLED, started, trace)
+            return
+        error = future.exception()
+        if error is None:
+            try:
+                answer = pb.ModelStreamInferResponse(
+                    infer_response=encode_response(model, request, future.result(), k)
+                )
+            except Exception as e:
+                error = e
+        if error is not None:
+            if not isinstance(error, ServeError):
+                _log.error("stream request to model %s failed", model.info.name, exc_info=error)
+                error = ServeError(
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error ({type(error).__name__}: {error}); please report it",
+                )
+            answer = _error(request, error)
+        code = grpc.StatusCode.OK if error is None else error.code
+        self.state.finish(request.model_name, code, started, trace)
+        self._outbox.put_nowait(answer)
+        self._maybe_end()
