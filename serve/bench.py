@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="closed-loop calls in flight per setting (default 1 16 64)")
     p.add_argument("--rate", type=float, nargs="*", default=[],
                    help="open-loop settings: requests per second")
+    p.add_argument("--api", choices=("unary", "stream"), nargs="+", default=["unary"],
+                   help="unary ModelInfer calls and/or ModelStreamInfer streams (closed loop: "
+                   "one stream per concurrent caller); each api runs every setting")
     p.add_argument("--images", type=int, default=1, help="images per request")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per setting")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per setting")
@@ -123,13 +126,10 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
         parser.error("expected --distinct >= 1 and --channels >= 1")
     try:
         loads = [
-            Load(concurrency=c, images=args.images, seconds=args.seconds, warmup=args.warmup,
-                 timeout=args.timeout)
-            for c in args.concurrency
-        ] + [
-            Load(rate=r, images=args.images, seconds=args.seconds, warmup=args.warmup,
-                 timeout=args.timeout)
-            for r in args.rate
+            Load(concurrency=c, rate=r, images=args.images, seconds=args.seconds,
+                 warmup=args.warmup, timeout=args.timeout, stream=api == "stream")
+            for api in dict.fromkeys(args.api)
+            for c, r in [(c, None) for c in args.concurrency] + [(1, r) for r in args.rate]
         ]  # fmt: skip
     except ValueError as e:
         parser.error(str(e))
@@ -169,7 +169,7 @@ async def _run_settings(
         rows = []
         for load in config.loads:
             requests = infer_requests(config.model, input_name, shape, load.images, config.distinct)
-            await check_answer(channels[0], requests[0], load.images, timeout)
+            await check_answer(channels[0], requests[0], load.images, timeout, load.stream)
             scraped: list[dict[str, float] | None] = []
             cpu: list[tuple[float, float | None]] = []
 

@@ -69,7 +69,7 @@ def table(result: dict) -> str:
             f"in-process ONNX Runtime (best of intra-op threads per batch): {per_batch}; "
             f"best batch {base['best_batch']}: {base['best_throughput']:.0f} img/s"
         )
-    header = (f"{'server':<28} {'load':<14} {'img/s':>8} {'×best':>6} {'×b1':>6} {'p50 ms':>8} "
+    header = (f"{'server':<28} {'load':<20} {'img/s':>8} {'×best':>6} {'×b1':>6} {'p50 ms':>8} "
               f"{'p90 ms':>8} {'p99 ms':>8} {'p50-b1':>7} {'batch':>6} {'busy':>5} {'calls':>8} "
               f"{'RSS MiB':>8} {'cpu ms/call c+s':>15}  errors")  # fmt: skip
     lines += [header, "-" * len(header)]
@@ -77,7 +77,7 @@ def table(result: dict) -> str:
         errors = ", ".join(f"{k} {v}" for k, v in row["errors"].items()) or "0"
         label = f"{row['load']}×{row['images_per_request']}"
         lines.append(
-            f"{row['server'][:28]:<28} {label:<14} {row['throughput']:>8.0f} "
+            f"{row['server'][:28]:<28} {label:<20} {row['throughput']:>8.0f} "
             f"{_num(row.get('ratio_best')):>6} {_num(row.get('ratio_single')):>6} "
             f"{_num(row['p50_ms']):>8} {_num(row['p90_ms']):>8} {_num(row['p99_ms']):>8} "
             f"{_num(row.get('p50_over_single_ms')):>7} {_num(row['mean_batch'], 1):>6} "
