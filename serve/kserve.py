@@ -9,7 +9,13 @@ from grpc import aio
 
 from protos import kserve_pb2 as pb
 from serve.errors import ServeError
-from serve.kserve_codec import decode_request, encode_response
+from serve.kserve_codec import (
+    Undecodable,
+    decode_request,
+    encode_response,
+    parse_request,
+    require_parsed,
+)
 from serve.state import VERSION, Model, ServingState
 from serve.streaming import Stream
 
@@ -83,12 +89,15 @@ class KServeServicer:
             )
         )
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext):
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest | Undecodable, context: aio.ServicerContext
+    ):
         async def work() -> pb.ModelInferResponse:
-            model = self.state.model(request.model_name, request.model_version)
-            rows, k = decode_request(model, request)
+            parsed = require_parsed(request)
+            model = self.state.model(parsed.model_name, parsed.model_version)
+            rows, k = decode_request(model, parsed)
             logits = await model.batcher.infer(rows, self.state.deadline(context))
-            return encode_response(model, request, logits, k)
+            return encode_response(model, parsed, logits, k)
 
         return await self.state.run(context, request.model_name, work)
 
@@ -120,7 +129,6 @@ def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
             pb.ModelMetadataResponse,
         ),
         "ModelConfig": (servicer.ModelConfig, pb.ModelConfigRequest, pb.ModelConfigResponse),
-        "ModelInfer": (servicer.ModelInfer, pb.ModelInferRequest, pb.ModelInferResponse),
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
@@ -130,9 +138,14 @@ def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
         )
         for name, (behavior, request, response) in methods.items()
     }
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=parse_request,
+        response_serializer=pb.ModelInferResponse.SerializeToString,
+    )
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
         servicer.ModelStreamInfer,
-        request_deserializer=pb.ModelInferRequest.FromString,
+        request_deserializer=parse_request,
         response_serializer=pb.ModelStreamInferResponse.SerializeToString,
     )
     return grpc.method_handlers_generic_handler(SERVICE, handlers)

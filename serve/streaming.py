@@ -26,18 +26,28 @@ from grpc import aio
 from protos import kserve_pb2 as pb
 from serve.batcher import Pending, Trace
 from serve.errors import ServeError
-from serve.kserve_codec import decode_request, encode_response
+from serve.kserve_codec import Undecodable, decode_request, encode_response, require_parsed
 from serve.state import Model, ServingState
 
 _log = logging.getLogger(__name__)
 _CLOSED = object()  # the client closed its side and every request was answered
 _DRAINED = object()  # the server drains and every admitted request was answered
+_BROKEN = object()  # reading the stream failed; the call cannot go on
 
 
-def _error(request: pb.ModelInferRequest, error: ServeError) -> pb.ModelStreamInferResponse:
+def _error(
+    request: pb.ModelInferRequest | Undecodable, error: ServeError
+) -> pb.ModelStreamInferResponse:
     return pb.ModelStreamInferResponse(
         error_message=f"{error.code.name}: {error.message}",
         infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+    )
+
+
+def _internal(error: BaseException) -> ServeError:
+    return ServeError(
+        grpc.StatusCode.INTERNAL,
+        f"internal error ({type(error).__name__}: {error}); please report it",
     )
 
 
@@ -67,6 +77,11 @@ class Stream:
                         grpc.StatusCode.UNAVAILABLE,
                         "the server is shutting down; open a new stream on another replica",
                     )
+                if item is _BROKEN:
+                    await self.context.abort(
+                        grpc.StatusCode.INTERNAL,
+                        "reading the stream failed on the server (logged); open a new stream",
+                    )
                 await self.context.write(item)
         finally:
             for task in (reader, watcher):
@@ -77,11 +92,16 @@ class Stream:
                 await asyncio.gather(reader, watcher, return_exceptions=True)
 
     async def _read(self) -> None:
-        while True:
-            request = await self.context.read()
-            if request is aio.EOF:
-                break
-            self._start(request)
+        try:
+            while True:
+                request = await self.context.read()
+                if request is aio.EOF:
+                    break
+                self._start(request)
+        except Exception:
+            _log.exception("reading a ModelStreamInfer stream failed")
+            self._outbox.put_nowait(_BROKEN)
+            return
         self._closed = True
         self._maybe_end()
 
@@ -97,15 +117,19 @@ class Stream:
         elif self._closed:
             self._outbox.put_nowait(_CLOSED)
 
-    def _start(self, request: pb.ModelInferRequest) -> None:
+    def _start(self, request: pb.ModelInferRequest | Undecodable) -> None:
         state = self.state
         started = state.begin()
         try:
             state.check_open()
+            request = require_parsed(request)
             model = state.model(request.model_name, request.model_version)
             rows, k = decode_request(model, request)
             future, pieces = model.batcher.submit(rows, self._deadline)
-        except ServeError as e:
+        except Exception as e:
+            if not isinstance(e, ServeError):
+                _log.exception("stream request to model %s failed", request.model_name)
+                e = _internal(e)
             state.finish(request.model_name, e.code, started)
             self._outbox.put_nowait(_error(request, e))
             return
@@ -143,10 +167,7 @@ class Stream:
         if error is not None:
             if not isinstance(error, ServeError):
                 _log.error("stream request to model %s failed", model.info.name, exc_info=error)
-                error = ServeError(
-                    grpc.StatusCode.INTERNAL,
-                    f"internal error ({type(error).__name__}: {error}); please report it",
-                )
+                error = _internal(error)
             answer = _error(request, error)
         code = grpc.StatusCode.OK if error is None else error.code
         self.state.finish(request.model_name, code, started, trace)

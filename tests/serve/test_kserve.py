@@ -11,6 +11,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from protos import kserve_pb2
 from serve.background import BackgroundServer
 
 Reference = Callable[[Path, np.ndarray], np.ndarray]
@@ -172,3 +173,18 @@ def test_metadata_of_unknown_model_is_not_found(triton: tc.InferenceServerClient
             call("nope")
         assert _status(caught.value) == "StatusCode.NOT_FOUND"
         assert "tiny" in caught.value.message()  # names the models that exist
+
+
+def test_bytes_that_do_not_parse_are_invalid_argument_unary_and_streamed(
+    shared_server: BackgroundServer,
+) -> None:
+    garbage = b"\xff\xff\xff\x01not a protobuf"
+    with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(garbage, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "do not parse" in caught.value.details()
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        (answer,) = list(stream(iter([garbage]), timeout=10))
+        message = kserve_pb2.ModelStreamInferResponse.FromString(answer).error_message
+        assert message.startswith("INVALID_ARGUMENT: expected a serialized ModelInferRequest")
