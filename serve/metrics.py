@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -13,6 +14,7 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 from serve.errors import OUTCOMES
 
@@ -84,26 +86,36 @@ class Metrics:
         )
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
+        # Labelled children by label values: ``labels()`` builds and locks on every call,
+        # and the hot path calls these several times per request.
+        self._children: dict[tuple[int | str, ...], Any] = {}
+
+    def _child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def request(self, model: str, outcome: str, seconds: float) -> None:
         """Count one finished inference request and observe its latency."""
         if outcome not in OUTCOMES:
             raise ValueError(f"expected an outcome in {OUTCOMES}, got {outcome!r}; use one of them")
-        self._requests.labels(model, outcome).inc()
-        self._request_seconds.labels(model).observe(seconds)
+        self._child(self._requests, model, outcome).inc()
+        self._child(self._request_seconds, model).observe(seconds)
 
     def queued(self, model: str, seconds: float) -> None:
         """Observe how long one request waited from enqueue to the start of its batch."""
-        self._queue_seconds.labels(model).observe(seconds)
+        self._child(self._queue_seconds, model).observe(seconds)
 
     def batch(self, model: str, rows: int, seconds: float) -> None:
         """Observe one executed batch: its real rows and its compute time."""
-        self._batch_rows.labels(model).observe(rows)
-        self._compute_seconds.labels(model).observe(seconds)
+        self._child(self._batch_rows, model).observe(rows)
+        self._child(self._compute_seconds, model).observe(seconds)
 
     def queue_depth(self, model: str, depth: int) -> None:
         """Set the number of requests waiting in the model's queue."""
-        self._queue_depth.labels(model).set(depth)
+        self._child(self._queue_depth, model).set(depth)
 
     def model_ready(self, model: str, ready: bool) -> None:
         """Set whether the model accepts requests; also makes its series appear at zero."""
