@@ -60,6 +60,7 @@ class Stream:
         self._outbox: asyncio.Queue[object] = asyncio.Queue()
         self._admitted: set[asyncio.Future[np.ndarray]] = set()
         self._closed = False
+        self._ending = False
         self._deadline = state.deadline(context)
         self._debug = _log.isEnabledFor(logging.DEBUG)
 
@@ -70,6 +71,8 @@ class Stream:
         try:
             while True:
                 item = await self._outbox.get()
+                if item in (_CLOSED, _DRAINED, _BROKEN):
+                    self._ending = True  # the reader's read now fails: that is no error
                 if item is _CLOSED:
                     return
                 if item is _DRAINED:
@@ -99,8 +102,9 @@ class Stream:
                     break
                 self._start(request)
         except Exception:
-            _log.exception("reading a ModelStreamInfer stream failed")
-            self._outbox.put_nowait(_BROKEN)
+            if not self._ending:
+                _log.exception("reading a ModelStreamInfer stream failed")
+                self._outbox.put_nowait(_BROKEN)
             return
         self._closed = True
         self._maybe_end()

@@ -72,6 +72,23 @@ def test_spawn_json_report_with_comparison_and_plot(classifier_path: Path, tmp_p
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_spawn_unary_and_stream_apis_run_every_setting(classifier_path: Path) -> None:
+    done = _bench(
+        "--spawn", str(classifier_path), "--api", "unary", "stream", "-c", "1", "4",
+        "--rate", "40", *BRIEF, "--server-arg=--device=cpu", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    rows = report["rows"]
+    assert [r["load"] for r in rows] == [
+        "c=1", "c=4", "rate=40/s", "stream:c=1", "stream:c=4", "stream:rate=40/s",
+    ]  # fmt: skip
+    for row in rows:
+        _check_row(row)
+    # Every stream was half-closed and ended OK, and the server then stopped cleanly.
+    assert [s["exit_code"] for s in report["servers"]] == [0]
+
+
 def test_running_server_table_and_server_side_counts(
     start_server: Callable[..., BackgroundServer],
     classifier_path: Path,

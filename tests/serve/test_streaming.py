@@ -1,0 +1,388 @@
+"""serve/streaming.py: KServe v2 ModelStreamInfer on real servers, raw and through tritonclient.
+
+Pipelined requests batch together and come back matched by id; bad requests get an
+``error_message`` on a stream that stays open; a drain ends streams with UNAVAILABLE; a client
+cancelling a stream leaves the server serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from grpc import aio
+
+from protos import kserve_pb2 as pb
+from serve.background import BackgroundServer
+from tests.serve.conftest import free_port
+from tests.serve.procs import ServeProcess
+from tests.serve.v2 import request_counts
+
+Reference = Callable[[Path, np.ndarray], np.ndarray]
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+Answers = list[pb.ModelStreamInferResponse]
+
+
+def _rows(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 3, 8, 8)).astype(np.float32)
+
+
+def _request(
+    x: np.ndarray, request_id: str, model: str = "tiny", datatype: str = "FP32", **fields: object
+) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, id=request_id, **fields)
+    request.inputs.add(name="input", datatype=datatype, shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+def _logits(response: pb.ModelInferResponse) -> np.ndarray:
+    shape = list(response.outputs[0].shape)
+    return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(shape)
+
+
+def _serialize(request: pb.ModelInferRequest | bytes) -> bytes:
+    return request if isinstance(request, bytes) else request.SerializeToString()
+
+
+def _open(channel: aio.Channel, timeout: float = 60) -> aio.StreamStreamCall:
+    """A new ModelStreamInfer call on ``channel``: writes messages (or raw bytes), reads
+    ModelStreamInferResponses."""
+    return channel.stream_stream(
+        STREAM,
+        request_serializer=_serialize,
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )(timeout=timeout)
+
+
+async def _rest(call: aio.StreamStreamCall) -> tuple[Answers, grpc.StatusCode, str]:
+    """Read ``call`` to its end: the answers still to come, its status and its details."""
+    answers: Answers = []
+    try:
+        while (answer := await call.read()) is not aio.EOF:
+            answers.append(answer)
+    except grpc.RpcError:
+        pass  # a non-OK end; its code and details follow
+    return answers, await call.code(), await call.details()
+
+
+def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the in-process server logged at ERROR or above, with the exception's type."""
+    return [
+        f"{r.name}: {r.getMessage()}" + (f" ({r.exc_info[1]!r})" if r.exc_info else "")
+        for r in caplog.records
+        if r.levelno >= logging.ERROR
+    ]
+
+
+def _check_answer(
+    answer: pb.ModelStreamInferResponse, x: np.ndarray, path: Path, reference: Reference
+) -> None:
+    assert answer.error_message == "", answer.error_message
+    assert answer.infer_response.model_name == "tiny"
+    assert answer.infer_response.model_version == "1"
+    np.testing.assert_allclose(_logits(answer.infer_response), reference(path, x), atol=1e-5)
+
+
+def test_pipelined_requests_come_back_by_id_and_share_a_batch(
+    start_server: Callable[..., BackgroundServer], classifier_path: Path, reference: Reference
+) -> None:
+    # The batch window stays open 1 s, so everything written at once must land in one batch,
+    # and the client's half-close arrives while all three requests are still queued.
+    server = start_server(max_queue_delay_us=1_000_000)
+    inputs = {"one": _rows(1, 1), "three": _rows(3, 2), "two": _rows(2, 3)}
+
+    async def scenario() -> tuple[Answers, grpc.StatusCode, str]:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = _open(channel)
+            for ident, x in inputs.items():
+                await call.write(_request(x, ident))
+            await call.done_writing()
+            return await _rest(call)
+
+    answers, code, details = asyncio.run(scenario())
+    assert code == grpc.StatusCode.OK, details
+    assert sorted(a.infer_response.id for a in answers) == sorted(inputs)
+    for answer in answers:
+        _check_answer(answer, inputs[answer.infer_response.id], classifier_path, reference)
+    assert server.server is not None
+    assert server.server.models["tiny"].batcher.batch_rows == {6: 1}
+    counts = request_counts(server.server.metrics.render().decode())
+    assert counts[("tiny", "success")] == 3
+
+
+def test_requests_on_several_streams_share_a_batch(
+    start_server: Callable[..., BackgroundServer], classifier_path: Path, reference: Reference
+) -> None:
+    server = start_server(max_queue_delay_us=1_000_000)
+    inputs = [_rows(2, 4), _rows(3, 5)]
+
+    async def scenario() -> list[tuple[Answers, grpc.StatusCode, str]]:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            calls = [_open(channel) for _ in inputs]
+            for i, (call, x) in enumerate(zip(calls, inputs, strict=True)):
+                await call.write(_request(x, f"s{i}"))
+            for call in calls:
+                await call.done_writing()
+            return [await _rest(call) for call in calls]
+
+    ends = asyncio.run(scenario())
+    for i, ((answers, code, details), x) in enumerate(zip(ends, inputs, strict=True)):
+        assert code == grpc.StatusCode.OK, details
+        assert [a.infer_response.id for a in answers] == [f"s{i}"]
+        _check_answer(answers[0], x, classifier_path, reference)
+    assert server.server is not None
+    assert server.server.models["tiny"].batcher.batch_rows == {5: 1}
+
+
+def test_an_empty_stream_ends_ok(shared_server: BackgroundServer) -> None:
+    async def scenario() -> tuple[Answers, grpc.StatusCode, str]:
+        async with aio.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+            call = _open(channel, timeout=10)
+            await call.done_writing()
+            return await _rest(call)
+
+    assert asyncio.run(scenario()) == ([], grpc.StatusCode.OK, "")
+
+
+def test_bad_requests_get_error_messages_and_the_stream_stays_open(
+    shared_server: BackgroundServer, classifier_path: Path, reference: Reference
+) -> None:
+    zeros = np.zeros((2, 3, 8, 8), np.float32)
+    doubles = zeros.astype(np.float64)
+    probs = pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")
+    bad = {
+        "wrong-shape": ("INVALID_ARGUMENT", _request(np.zeros((2, 3, 8, 9), np.float32), "")),
+        "unknown-model": ("NOT_FOUND", _request(zeros, "", model="nope")),
+        "wrong-datatype": ("INVALID_ARGUMENT", _request(doubles, "", "tiny", "FP64")),
+        "unknown-version": ("NOT_FOUND", _request(zeros, "", model_version="2")),
+        "zero-rows": ("INVALID_ARGUMENT", _request(np.zeros((0, 3, 8, 8), np.float32), "")),
+        "wrong-output": ("INVALID_ARGUMENT", _request(zeros, "", outputs=[probs])),
+    }  # fmt: skip
+    for ident, (_, request) in bad.items():
+        request.id = ident
+    good = _rows(3, 6)
+
+    async def scenario() -> tuple[Answers, Answers, tuple[Answers, grpc.StatusCode, str]]:
+        async with aio.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+            call = _open(channel)
+            await call.write(b"\xff\xff\xff\x01not a protobuf")
+            garbage = await call.read()
+            for _, request in bad.values():
+                await call.write(request)
+            errors = [garbage] + [await call.read() for _ in bad]
+            # Only now, with every error answered, the good request on the same stream.
+            await call.write(_request(good, "good"))
+            answers = [await call.read()]
+            await call.done_writing()
+            return errors, answers, await _rest(call)
+
+    errors, answers, (rest, code, details) = asyncio.run(scenario())
+    assert all(isinstance(e, pb.ModelStreamInferResponse) for e in errors), errors
+    garbage, *errors = errors
+    # Bytes that do not parse carry no id to echo, but are refused like any bad request.
+    assert garbage.error_message.startswith("INVALID_ARGUMENT: "), garbage
+    assert "do not parse" in garbage.error_message
+    assert garbage.infer_response.id == ""
+    assert sorted(e.infer_response.id for e in errors) == sorted(bad)
+    for error in errors:
+        ident = error.infer_response.id
+        status, request = bad[ident]
+        assert error.error_message.startswith(f"{status}: "), (ident, error.error_message)
+        assert "expected" in error.error_message, error.error_message
+        assert error.infer_response.model_name == request.model_name
+        assert not error.infer_response.outputs
+    assert [a.infer_response.id for a in answers] == ["good"]
+    _check_answer(answers[0], good, classifier_path, reference)
+    assert (rest, code) == ([], grpc.StatusCode.OK), details
+    assert shared_server.server is not None
+    counts = request_counts(shared_server.server.metrics.render().decode())
+    assert counts[("tiny", "invalid")] >= 4
+    assert counts[("_unknown", "not_found")] >= 1
+    assert counts[("_unknown", "invalid")] >= 1  # the bytes that did not parse
+
+
+def _input(array: np.ndarray) -> tc.InferInput:
+    tensor = tc.InferInput("input", list(array.shape), "FP32")
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def test_tritonclient_stream_infer_logits_and_classification(
+    shared_server: BackgroundServer, classifier_path: Path, reference: Reference
+) -> None:
+    results: queue.Queue[tuple[tc.InferResult | None, Exception | None]] = queue.Queue()
+    client = tc.InferenceServerClient(f"127.0.0.1:{shared_server.port}")
+    plain = _rows(11, 7)  # more rows than the max batch (8): split, then joined
+    ranked = _rows(4, 8)
+    k = 3
+    try:
+        client.start_stream(
+            callback=lambda result, error: results.put((result, error)), stream_timeout=60
+        )
+        client.async_stream_infer("tiny", [_input(plain)], request_id="plain")
+        client.async_stream_infer(
+            "tiny",
+            [_input(ranked)],
+            request_id="ranked",
+            outputs=[tc.InferRequestedOutput("logits", class_count=k)],
+        )
+        client.async_stream_infer("nope", [_input(ranked)], request_id="lost")
+        client.stop_stream()  # half-closes and waits for the server to end the stream
+    finally:
+        client.close()
+    got: dict[str, tc.InferResult] = {}
+    errors: list[Exception] = []
+    while not results.empty():
+        result, error = results.get_nowait()
+        if error is not None:
+            errors.append(error)
+        else:
+            assert result is not None
+            got[result.get_response().id] = result
+    # One error (the unknown model) and no other: the stream itself ended OK.
+    assert len(errors) == 1, [e.message() for e in errors]
+    assert errors[0].message().startswith("NOT_FOUND: "), errors[0].message()
+    assert sorted(got) == ["plain", "ranked"]
+    np.testing.assert_allclose(
+        got["plain"].as_numpy("logits"), reference(classifier_path, plain), atol=1e-5
+    )
+    strings = got["ranked"].as_numpy("logits")
+    assert strings.shape == (4, k)
+    expected = reference(classifier_path, ranked)
+    for row, values in zip(strings, expected, strict=True):
+        parsed = [s.decode().split(":") for s in row]
+        assert int(parsed[0][1]) == int(np.argmax(values))
+        order = np.argsort(-values, kind="stable")[:k]
+        assert [int(p[1]) for p in parsed] == list(order)
+        assert [p[2] for p in parsed] == [f"label{i}" for i in order]
+        np.testing.assert_allclose([float(p[0]) for p in parsed], values[order], atol=1e-5)
+
+
+def test_sigterm_ends_an_idle_stream_unavailable_and_exits_cleanly(
+    classifier_path: Path, tmp_path: Path, reference: Reference
+) -> None:
+    grace = 30
+    port = free_port()
+    args = [
+        str(classifier_path), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+        "--device", "cpu", "--grace", str(grace),
+    ]  # fmt: skip
+    x = _rows(2, 9)
+
+    async def scenario(server: ServeProcess) -> tuple[Answers, Answers, grpc.StatusCode, str]:
+        async with aio.insecure_channel(server.target) as channel:
+            call = _open(channel, timeout=120)
+            await call.write(_request(x, "before"))
+            first = [await call.read()]
+            server.terminate()
+            rest, code, details = await _rest(call)
+            return first, rest, code, details
+
+    with ServeProcess(args, port, tmp_path / "serve.log") as server:
+        started = time.monotonic()
+        first, rest, code, details = asyncio.run(scenario(server))
+        ended = time.monotonic() - started
+        assert server.wait(grace + 30) == 0, server.output()
+        exited = time.monotonic() - started
+        log = server.output()
+    assert [a.infer_response.id for a in first] == ["before"]
+    _check_answer(first[0], x, classifier_path, reference)
+    assert rest == []
+    assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+    assert "shutting down" in details
+    # Ended by the drain itself, not by gRPC cancelling the call when the grace ran out.
+    assert ended < 10, f"stream ended {ended:.1f} s after SIGTERM (grace {grace} s)"
+    assert exited < 15, f"server exited {exited:.1f} s after SIGTERM (grace {grace} s)"
+    assert "draining" in log and "stopped" in log
+    assert "grace period over" not in log
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
+def test_drain_answers_the_admitted_then_ends_unavailable(
+    start_server: Callable[..., BackgroundServer],
+    classifier_path: Path,
+    reference: Reference,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    server = start_server(max_queue_delay_us=2_000_000, grace=30)
+    assert server.server is not None
+    state = server.server.state
+    x = _rows(3, 10)
+
+    async def scenario() -> tuple[Answers, grpc.StatusCode, str, float]:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = _open(channel)
+            await call.write(_request(x, "admitted"))
+            await asyncio.sleep(0.3)  # queued, its batch window still open
+            started = time.monotonic()
+            stopping = asyncio.ensure_future(asyncio.to_thread(server.stop, 30))
+            while not state.draining:
+                await asyncio.sleep(0.01)
+            await call.write(_request(x, "late"))
+            answers, code, details = await _rest(call)
+            await stopping
+            return answers, code, details, time.monotonic() - started
+
+    answers, code, details, stopped = asyncio.run(scenario())
+    by_id = {a.infer_response.id: a for a in answers}
+    assert sorted(by_id) == ["admitted", "late"]
+    _check_answer(by_id["admitted"], x, classifier_path, reference)
+    assert by_id["late"].error_message.startswith("UNAVAILABLE: "), by_id["late"]
+    assert [a.infer_response.id for a in answers] == ["late", "admitted"]  # the error at once
+    assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+    assert "shutting down" in details
+    assert stopped < 10, f"stop took {stopped:.1f} s (grace 30 s)"
+    assert state.in_flight == 0
+    assert _errors_logged(caplog) == []  # a drain is routine, not an error
+
+
+def test_a_cancelled_stream_leaves_the_server_serving(
+    start_server: Callable[..., BackgroundServer],
+    classifier_path: Path,
+    reference: Reference,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    server = start_server(max_queue_delay_us=1_500_000)
+    assert server.server is not None
+    state = server.server.state
+    x = _rows(2, 11)
+
+    async def scenario() -> tuple[grpc.StatusCode, Answers, grpc.StatusCode, str]:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            dropped = _open(channel)
+            await dropped.write(_request(_rows(4, 12), "dropped"))
+            await asyncio.sleep(0.3)  # queued in the open batch window
+            assert dropped.cancel()
+            dropped_code = await dropped.code()
+            kept = _open(channel)
+            await kept.write(_request(x, "kept"))
+            answers = [await kept.read()]
+            await kept.done_writing()
+            rest, code, details = await _rest(kept)
+            return dropped_code, answers + rest, code, details
+
+    dropped_code, answers, code, details = asyncio.run(scenario())
+    assert dropped_code == grpc.StatusCode.CANCELLED
+    assert code == grpc.StatusCode.OK, details
+    assert [a.infer_response.id for a in answers] == ["kept"]
+    _check_answer(answers[0], x, classifier_path, reference)
+    assert server.server.models["tiny"].batcher.batch_rows == {2: 1}  # the 4 rows never ran
+    until = time.monotonic() + 5
+    while state.in_flight and time.monotonic() < until:
+        time.sleep(0.01)
+    assert state.in_flight == 0  # the cancelled request was finished, so drains do not wait
+    counts = request_counts(server.server.metrics.render().decode())
+    assert counts[("tiny", "cancelled")] == 1
+    assert counts[("tiny", "success")] == 1
+    assert _errors_logged(caplog) == []  # a client going away is routine, not an error
