@@ -162,3 +162,46 @@ def test_expired_deadline_is_dropped_before_compute(classifier_path: Path) -> No
             await batcher.close()
 
     asyncio.run(scenario())
+
+
+class _Recording(Runtime):
+    """The real runtime, noting the thread each batch ran on."""
+
+    threads: list[str]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.threads.append(threading.current_thread().name)
+        return super().run(batch)
+
+
+def test_an_idle_model_runs_a_small_request_on_the_loop_and_a_busy_one_batches(
+    classifier_path: Path,
+) -> None:
+    info = read_model_info("tiny", classifier_path)
+    runtime = _Recording(info, device="cpu", max_batch_size=8, intra_op_threads=1)
+    runtime.threads = []
+    runtime.warm_up()
+    runtime.threads.clear()
+    rows = np.zeros((1, *info.sample_shape), dtype=np.float32)
+
+    async def scenario() -> None:
+        batcher = Batcher(runtime, max_queue_size=8, max_queue_delay_s=0, instances=1)
+        batcher.start()
+        try:
+            await batcher.infer(rows, None)  # no timing known yet: an instance thread runs it
+            await asyncio.sleep(0.05)  # idle for longer than a batch takes
+            await batcher.infer(rows, None)  # runs at once on the loop's thread
+            # A request arriving right behind an answer, or while another is outstanding,
+            # is queued for an instance thread, so requests under load can batch.
+            first, _ = batcher.submit(rows, None)
+            second, _ = batcher.submit(rows, None)
+            await asyncio.gather(first, second)
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario())
+    loop_thread = threading.main_thread().name
+    assert runtime.threads[0].startswith("ort-tiny-")
+    assert runtime.threads[1] == loop_thread
+    assert len(runtime.threads) in (3, 4)  # the pair ran as one batch or two
+    assert runtime.threads[-1].startswith("ort-tiny-")
