@@ -335,9 +335,10 @@ class Batcher:
 
         Only when its batch size is known to take at most ``_INLINE_S``, no window is held
         open, and nothing else of this model is queued or running, nor was for half that
-        time (at least ``_ROUND_TRIP_S``). Under load the next request is read within microseconds of the last answer,
-        and running each on the loop would keep the ones behind it from forming a batch; an
-        idle server's next request comes a network round trip later.
+        time (at least ``_ROUND_TRIP_S``). Under load the next request is read within
+        microseconds of the last answer, and running each on the loop would keep the ones
+        behind it from forming a batch; an idle server's next request comes a network round
+        trip later.
         """
         estimate = self._seconds.get(rows)
         return (
