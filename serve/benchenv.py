@@ -40,6 +40,16 @@ class InProcess:
         """Images/s at batch 1 (0 when batch 1 was not measured)."""
         return self.throughput.get(1, 0.0)
 
+    def best_of(self, other: InProcess) -> InProcess:
+        """Per batch size, the faster of this measurement and ``other``."""
+        throughput, latency, threads = dict(self.throughput), dict(self.latency), dict(self.threads)
+        for batch, value in other.throughput.items():
+            if value > throughput.get(batch, 0.0):
+                throughput[batch] = value
+                latency[batch] = other.latency[batch]
+                threads[batch] = other.threads[batch]
+        return InProcess(throughput, latency, threads)
+
 
 def measure_in_process(
     path: Path,

@@ -14,6 +14,7 @@ def report(
     target: str | None,
     in_process: InProcess | None,
     servers: list[dict],
+    baseline_runs: list[float] | None = None,
     rows: list[dict],
     machine: dict,
 ) -> dict:
@@ -28,6 +29,9 @@ def report(
             "best_throughput": in_process.best,
             "single_throughput": in_process.single or None,
             "single_latency_ms": in_process.latency[1] * 1e3 if 1 in in_process.latency else None,
+            # Best-batch img/s of each measurement (before and after the load); the figures
+            # above keep the faster of them per batch size.
+            "best_throughput_runs": list(baseline_runs or []),
         }
         for row in rows:
             row["ratio_best"] = row["throughput"] / in_process.best
@@ -65,9 +69,15 @@ def table(result: dict) -> str:
             f"b{b} {v:.0f}/s ({base['latency_ms'][b]:.2f} ms, t{base['threads'][b] or 'default'})"
             for b, v in base["throughput"].items()
         )
+        runs = base.get("best_throughput_runs") or []
+        spread = (
+            f" (faster of before/after the load: {' / '.join(f'{r:.0f}' for r in runs)})"
+            if len(runs) > 1
+            else ""
+        )
         lines.append(
             f"in-process ONNX Runtime (best of intra-op threads per batch): {per_batch}; "
-            f"best batch {base['best_batch']}: {base['best_throughput']:.0f} img/s"
+            f"best batch {base['best_batch']}: {base['best_throughput']:.0f} img/s{spread}"
         )
     header = (f"{'server':<28} {'load':<20} {'img/s':>8} {'×best':>6} {'×b1':>6} {'p50 ms':>8} "
               f"{'p90 ms':>8} {'p99 ms':>8} {'p50-b1':>7} {'batch':>6} {'busy':>5} {'calls':>8} "

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serve import bench
 from serve.background import BackgroundServer
+from serve.benchenv import InProcess
 from serve.loadgen import Load, Outcome
 from tests.serve.conftest import free_port
 
@@ -53,6 +54,9 @@ def test_spawn_json_report_with_comparison_and_plot(classifier_path: Path, tmp_p
     base = report["in_process"]
     assert set(base["throughput"]) == {"1", "4"}
     assert base["best_batch"] in (1, 4)
+    # Measured before and after the load; the faster of the two per batch size is kept.
+    before, after = base["best_throughput_runs"]
+    assert base["best_throughput"] >= max(before, after) - 1e-9
     rows = report["rows"]
     assert [(r["server"], r["load"]) for r in rows] == [
         ("--device=cpu", "c=1"),
@@ -127,6 +131,16 @@ def test_usage_and_unreachable_server(tmp_path: Path) -> None:
     done = _bench(f"127.0.0.1:{free_port()}", "--model", "m", "--timeout", "2")
     assert done.returncode == 1
     assert "check HOST:PORT" in done.stderr
+
+
+def test_baseline_keeps_the_faster_measurement_per_batch_size() -> None:
+    slow = InProcess({1: 100.0, 4: 300.0}, {1: 0.01, 4: 0.0133}, {1: 1, 4: 0})
+    fast = InProcess({1: 150.0, 4: 250.0}, {1: 0.0067, 4: 0.016}, {1: 0, 4: 1})
+    best = slow.best_of(fast)
+    assert best.throughput == {1: 150.0, 4: 300.0}
+    assert best.latency == {1: 0.0067, 4: 0.0133}
+    assert best.threads == {1: 0, 4: 0}
+    assert best.best_batch == 4
 
 
 def test_load_checks_and_percentiles() -> None:
