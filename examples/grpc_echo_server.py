@@ -3,10 +3,11 @@
     python examples/grpc_echo_server.py [PORT]          # default 18500
     python -m serve.bench 127.0.0.1:18500 --model echo -c 1 16 64
 
-It answers every ModelInfer with a fixed [1, 10] FP32 output without parsing the request,
-and ModelMetadata with a 3×32×32 input, so the bench measures what grpc.aio alone costs per
-call on this machine (client and server together), with no batching, Python handler work or
-ONNX Runtime. docs/benchmarks.md uses it to explain which targets this machine can reach.
+It answers every ModelInfer (and every message on a ModelStreamInfer stream) with a fixed
+[1, 10] FP32 output without parsing the request, and ModelMetadata with a 3×32×32 input, so
+the bench (`--api unary stream`) measures what grpc.aio alone costs per call on this machine
+(client and server together), with no batching, Python handler work or ONNX Runtime.
+docs/benchmarks.md uses it to explain which targets this machine can reach.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -43,8 +45,18 @@ def _handlers() -> grpc.GenericRpcHandler:
         outputs=[meta(name="logits", datatype="FP32", shape=[-1, 10])],
     ).SerializeToString()
 
+    streamed = pb.ModelStreamInferResponse(
+        infer_response=pb.ModelInferResponse.FromString(answer)
+    ).SerializeToString()
+
     async def infer(request: bytes, context: aio.ServicerContext) -> bytes:
         return answer
+
+    async def stream_infer(
+        requests: AsyncIterator[bytes], context: aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            yield streamed
 
     async def model_metadata(request: bytes, context: aio.ServicerContext) -> bytes:
         return metadata
@@ -53,6 +65,7 @@ def _handlers() -> grpc.GenericRpcHandler:
         "inference.GRPCInferenceService",
         {
             "ModelInfer": grpc.unary_unary_rpc_method_handler(infer),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(stream_infer),
             "ModelMetadata": grpc.unary_unary_rpc_method_handler(model_metadata),
         },
     )
