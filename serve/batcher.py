@@ -34,13 +34,6 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 # Put once per instance thread by ``Batcher.close``: the thread ends when it takes one.
 _STOP = None
-# A request that finds nothing else of its model queued or running, and whose batch size
-# computes within this long, runs at once on the event loop's thread: handing it to an
-# instance thread and back costs two thread wake-ups, about a fifth of a 1 ms batch-1
-# request on a 2-core VM (docs/benchmarks.md).
-_INLINE_S = 0.001
-# No client gets an answer and sends its next request over gRPC faster than this.
-_ROUND_TRIP_S = 0.0001
 
 
 @dataclass(eq=False)
@@ -143,11 +136,6 @@ class Batcher:
         self._metrics = metrics
         self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        # Pieces submitted and not yet answered; only the loop's thread changes it.
-        self._outstanding = 0
-        self._idle_since = 0.0  # loop.time() when _outstanding last fell to 0
-        # Recent compute seconds per batch size (moving average), measured on real batches.
-        self._seconds: dict[int, float] = {}
         self._open = False
 
     def start(self) -> None:
@@ -192,15 +180,6 @@ class Batcher:
                 f"{self._max_queue} requests waiting; retry with backoff or raise --max-queue-size",
             )
         now = loop.time()
-        if count == 1 and self._inline(len(rows), now):
-            pending = Pending(rows, loop.create_future(), deadline, now, started=now)
-            if self._metrics is not None:
-                self._metrics.queued(self.name, 0.0)
-            logits, error, seconds, _ = self._compute([pending], None)
-            self._outstanding += 1  # _answer counts it back
-            self._answer(1, [pending], [], logits, error, seconds)
-            return pending.future, [pending]
-        self._outstanding += count
         if count == 1:
             queued = [Pending(rows, loop.create_future(), deadline, now)]
         else:
@@ -268,8 +247,8 @@ class Batcher:
     def _run(
         self, loop: asyncio.AbstractEventLoop, batch: list[Pending], buffer: np.ndarray
     ) -> np.ndarray:
-        """Drop expired requests, run the rest, and post every answer to the loop; returns
-        the buffer for the next batch."""
+        """Drop expired requests, collate the rest into ``buffer`` (grown if needed), run,
+        and post every answer to the loop; returns the buffer for the next batch."""
         now = loop.time()
         live: list[Pending] = []
         expired: list[Pending] = []
@@ -285,85 +264,48 @@ class Batcher:
             self._metrics.queue_depth(self.name, self._queue.qsize())
             for pending in live:
                 self._metrics.queued(self.name, now - pending.enqueued)
-        logits, error, seconds, buffer = self._compute(live, buffer)
+        logits: np.ndarray | None = None
+        error: ServeError | None = None
+        seconds = 0.0
+        if live:
+            rows = sum(len(p.rows) for p in live)
+            size = self.runtime.batch_size(rows)
+            if len(live) == 1 and size == rows:
+                inputs = live[0].rows
+            else:
+                if len(buffer) < size:
+                    buffer = np.empty((size, *buffer.shape[1:]), dtype=np.float32)
+                inputs = buffer[:size]
+                np.concatenate([p.rows for p in live], out=inputs[:rows])
+                inputs[rows:] = 0
+            started = time.perf_counter()
+            try:
+                logits = self.runtime.run(inputs)
+            except Exception as e:
+                _log.exception("model %s failed on a batch of %d rows", self.name, rows)
+                error = ServeError(grpc.StatusCode.INTERNAL, f"model {self.name} failed: {e}")
+            seconds = time.perf_counter() - started
+            if logits is not None and logits.shape[0] != size:
+                error = ServeError(
+                    grpc.StatusCode.INTERNAL,
+                    f"expected {size} output rows from model {self.name}, got {logits.shape[0]}",
+                )
+            if error is None and self._metrics is not None:
+                self._metrics.batch(self.name, rows, seconds)
         # RuntimeError: the loop is closed, so nobody waits for these answers any more.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(
-                self._answer, len(batch), live, expired, logits, error, seconds
-            )
+            loop.call_soon_threadsafe(self._answer, live, expired, logits, error, seconds)
         return buffer
-
-    def _compute(
-        self, live: list[Pending], buffer: np.ndarray | None
-    ) -> tuple[np.ndarray | None, ServeError | None, float, np.ndarray | None]:
-        """Collate ``live`` into ``buffer`` (grown if needed) and run it: the logits or the
-        error, the seconds it took, and the buffer."""
-        if not live:
-            return None, None, 0.0, buffer
-        rows = sum(len(p.rows) for p in live)
-        size = self.runtime.batch_size(rows)
-        if len(live) == 1 and size == rows:
-            inputs = live[0].rows
-        else:
-            if buffer is None or len(buffer) < size:
-                buffer = np.empty((size, *self.runtime.info.sample_shape), dtype=np.float32)
-            inputs = buffer[:size]
-            np.concatenate([p.rows for p in live], out=inputs[:rows])
-            inputs[rows:] = 0
-        started = time.perf_counter()
-        try:
-            logits = self.runtime.run(inputs)
-        except Exception as e:
-            _log.exception("model %s failed on a batch of %d rows", self.name, rows)
-            error = ServeError(grpc.StatusCode.INTERNAL, f"model {self.name} failed: {e}")
-            return None, error, time.perf_counter() - started, buffer
-        seconds = time.perf_counter() - started
-        if logits.shape[0] != size:
-            error = ServeError(
-                grpc.StatusCode.INTERNAL,
-                f"expected {size} output rows from model {self.name}, got {logits.shape[0]}",
-            )
-            return None, error, seconds, buffer
-        estimate = self._seconds.get(size)
-        self._seconds[size] = seconds if estimate is None else 0.8 * estimate + 0.2 * seconds
-        if self._metrics is not None:
-            self._metrics.batch(self.name, rows, seconds)
-        return logits, None, seconds, buffer
-
-    def _inline(self, rows: int, now: float) -> bool:
-        """Whether a request of ``rows`` rows runs right away on the loop's thread.
-
-        Only when its batch size is known to take at most ``_INLINE_S``, no window is held
-        open, and nothing else of this model is queued or running, nor was for half that
-        time (at least ``_ROUND_TRIP_S``). Under load the next request is read within
-        microseconds of the last answer, and running each on the loop would keep the ones
-        behind it from forming a batch; an idle server's next request comes a network round
-        trip later.
-        """
-        estimate = self._seconds.get(rows)
-        return (
-            self._outstanding == 0
-            and estimate is not None
-            and estimate <= _INLINE_S
-            and now - self._idle_since >= max(estimate / 2, _ROUND_TRIP_S)
-            and self._delay <= 0
-            and self.runtime.batch_size(rows) == rows
-        )
 
     def _answer(
         self,
-        taken: int,
         live: list[Pending],
         expired: list[Pending],
         logits: np.ndarray | None,
         error: ServeError | None,
         seconds: float,
     ) -> None:
-        """On the loop: set every future of one batch of ``taken`` pieces (cancelled ones
-        included)."""
-        self._outstanding -= taken
-        if self._outstanding == 0:
-            self._idle_since = asyncio.get_running_loop().time()
+        """On the loop: set every future of one batch."""
         for pending in expired:
             if not pending.future.done():
                 waited = pending.future.get_loop().time() - pending.enqueued
