@@ -85,12 +85,9 @@ class Runtime:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
-        # ORT's pool threads spin between the operators of one run (waking a sleeping thread
-        # per operator made a batch-1 run 0.2 ms slower), but stop spinning as soon as the run
-        # returns: idle spinners would take the cores the event loop needs to receive and
-        # answer requests (docs/benchmarks.md).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        # Idle ORT threads would spin on the cores the event loop needs to receive and answer
+        # requests; on 2 shared cores that halved batch-1 throughput (docs/benchmarks.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # CUDA-provider creation failures are reported below
         requested = _providers(device)
         self.session = ort.InferenceSession(str(info.path), options, providers=requested)
