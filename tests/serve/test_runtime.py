@@ -1,4 +1,5 @@
-"""serve/runtime.py: the IOBinding path (CUDA's, run here on CPU) answers like a plain run."""
+"""serve/runtime.py: batch sizes (padded to buckets only where it pays), and the IOBinding path
+(CUDA's, run here on CPU) answers like a plain run."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from serve.model_info import read_model_info
 from serve.runtime import Runtime
@@ -22,6 +24,21 @@ def test_cpu_runs_plainly_by_default(classifier_path: Path) -> None:
     info = read_model_info("tiny", classifier_path)
     runtime = Runtime(info, device="cpu", max_batch_size=8, intra_op_threads=1)
     assert runtime.io_binding is False
+
+
+def test_cpu_batches_run_unpadded_and_padding_fills_buckets(classifier_path: Path) -> None:
+    info = read_model_info("tiny", classifier_path)
+    cpu = Runtime(info, device="cpu", max_batch_size=8, intra_op_threads=1)
+    assert cpu.pads is False
+    assert [cpu.batch_size(n) for n in (1, 3, 5, 8)] == [1, 3, 5, 8]
+    padded = Runtime(info, device="cpu", max_batch_size=8, intra_op_threads=1, pad=True)
+    assert [padded.batch_size(n) for n in (1, 3, 5, 8)] == [1, 4, 8, 8]
+    for runtime in (cpu, padded):
+        with pytest.raises(ValueError, match="at most 8 rows"):
+            runtime.batch_size(9)
+    # Any batch size runs on the CPU provider, and each row's logits do not depend on it.
+    rows = np.random.default_rng(2).normal(size=(5, *info.sample_shape)).astype(np.float32)
+    np.testing.assert_allclose(cpu.run(rows)[3], cpu.run(rows[3:4])[0], rtol=1e-5, atol=1e-5)
 
 
 def test_bound_runs_equal_plain_runs_for_every_bucket_and_reuse(classifier_path: Path) -> None:
