@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 
+import grpc
 import numpy as np
 from grpc import aio
 
@@ -13,6 +14,7 @@ from protos import classifier_pb2_grpc as pb_grpc
 from serve import images, tensors
 from serve.errors import invalid
 from serve.state import VERSION, Model, ServingState
+from serve.wire import Undecodable, deserializer, require_parsed
 
 DEFAULT_TOP_K = 5
 
@@ -23,16 +25,30 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, state: ServingState) -> None:
         self.state = state
 
-    async def Classify(self, request: pb.ClassifyRequest, context: aio.ServicerContext):
+    async def Classify(
+        self, request: pb.ClassifyRequest | Undecodable, context: aio.ServicerContext
+    ):
         async def work() -> pb.ClassifyResponse:
-            model = self.state.model(request.model, request.version)
-            if not request.images:
+            parsed = require_parsed(request)
+            model = self.state.model(parsed.model, parsed.version)
+            if not parsed.images:
                 raise invalid("expected at least one image in ClassifyRequest.images, got none")
-            rows = await asyncio.to_thread(_decode_all, model, request, self.state.max_image_pixels)
+            rows = await asyncio.to_thread(_decode_all, model, parsed, self.state.max_image_pixels)
             logits = await model.batcher.infer(rows, self.state.deadline(context))
-            return _encode(model, logits, request.top_k or DEFAULT_TOP_K)
+            return _encode(model, logits, parsed.top_k or DEFAULT_TOP_K)
 
         return await self.state.run(context, request.model, work)
+
+
+def handler(servicer: ClassifierServicer) -> grpc.GenericRpcHandler:
+    """``servicer`` on ``/classifier.v1.Classifier/Classify``, with a deserializer that turns
+    bytes that do not parse into INVALID_ARGUMENT instead of gRPC's UNKNOWN."""
+    classify = grpc.unary_unary_rpc_method_handler(
+        servicer.Classify,
+        request_deserializer=deserializer(pb.ClassifyRequest),
+        response_serializer=pb.ClassifyResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler("classifier.v1.Classifier", {"Classify": classify})
 
 
 def _decode_all(model: Model, request: pb.ClassifyRequest, max_pixels: int) -> np.ndarray:

@@ -9,15 +9,10 @@ from grpc import aio
 
 from protos import kserve_pb2 as pb
 from serve.errors import ServeError
-from serve.kserve_codec import (
-    Undecodable,
-    decode_request,
-    encode_response,
-    parse_request,
-    require_parsed,
-)
+from serve.kserve_codec import decode_request, encode_response, parse_request
 from serve.state import VERSION, Model, ServingState
 from serve.streaming import Stream
+from serve.wire import Undecodable, require_parsed
 
 SERVICE = "inference.GRPCInferenceService"
 PLATFORM = "onnxruntime_onnx"

@@ -4,47 +4,18 @@ classification extension. Shared by the unary ``ModelInfer`` and ``ModelStreamIn
 from __future__ import annotations
 
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from protos import kserve_pb2 as pb
 from serve import tensors
 from serve.errors import invalid
 from serve.state import VERSION, Model
+from serve.wire import deserializer
 
 _CLASSIFICATION = "classification"
 
 
-class Undecodable:
-    """Bytes that did not parse as a ModelInferRequest; ``require_parsed`` refuses them.
-
-    The method handlers get this from ``parse_request`` instead of gRPC answering UNKNOWN
-    for a deserializer's exception; it names no model, so metrics count it as ``_unknown``.
-    """
-
-    model_name = ""
-    model_version = ""
-    id = ""
-
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-
-def parse_request(data: bytes) -> pb.ModelInferRequest | Undecodable:
-    """The request deserializer of ModelInfer and ModelStreamInfer."""
-    try:
-        return pb.ModelInferRequest.FromString(data)
-    except DecodeError as e:
-        return Undecodable(str(e))
-
-
-def require_parsed(request: pb.ModelInferRequest | Undecodable) -> pb.ModelInferRequest:
-    """``request`` itself, or INVALID_ARGUMENT when its bytes did not parse."""
-    if isinstance(request, Undecodable):
-        raise invalid(
-            f"expected a serialized ModelInferRequest, got bytes that do not parse "
-            f"({request.error}); build the message from the KServe v2 grpc_service.proto"
-        )
-    return request
+# The request deserializer of ModelInfer and ModelStreamInfer.
+parse_request = deserializer(pb.ModelInferRequest)
 
 
 def decode_request(model: Model, request: pb.ModelInferRequest) -> tuple[np.ndarray, int | None]:

@@ -10,8 +10,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protos import classifier_pb2_grpc
-from serve import kserve, reflection, security
+from serve import classify, kserve, reflection, security
 from serve.batcher import Batcher
 from serve.classify import ClassifierServicer
 from serve.config import ServerConfig
@@ -121,7 +120,7 @@ class Server:
             ],
         )
         server.add_generic_rpc_handlers((kserve.handler(kserve.KServeServicer(self.state)),))
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.state), server)
+        server.add_generic_rpc_handlers((classify.handler(ClassifierServicer(self.state)),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable(server)
         return server

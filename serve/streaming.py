@@ -26,8 +26,9 @@ from grpc import aio
 from protos import kserve_pb2 as pb
 from serve.batcher import Pending, Trace
 from serve.errors import ServeError
-from serve.kserve_codec import Undecodable, decode_request, encode_response, require_parsed
+from serve.kserve_codec import decode_request, encode_response
 from serve.state import Model, ServingState
+from serve.wire import Undecodable, require_parsed
 
 _log = logging.getLogger(__name__)
 _CLOSED = object()  # the client closed its side and every request was answered

@@ -139,3 +139,12 @@ def test_a_bomb_is_refused_before_decoding(stub) -> None:
     error = _classify_error(stub, classifier_pb2.Image(encoded=data))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "resize" in error.details()
+
+
+def test_bytes_that_do_not_parse_are_invalid_argument(shared_server: BackgroundServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+        classify = channel.unary_unary("/classifier.v1.Classifier/Classify")
+        with pytest.raises(grpc.RpcError) as caught:
+            classify(b"\xff\xff\xff\x01not a protobuf", timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "expected a serialized ClassifyRequest" in caught.value.details()
