@@ -241,8 +241,15 @@ class Batcher:
         stop = False
         while not stop:
             batch, held, stop = collect(self._queue, held, self.runtime.max_batch, self._delay)
-            if batch:
+            if not batch:
+                continue
+            try:
                 buffer = self._run(loop, batch, buffer)
+            except Exception as e:  # a bug: fail this batch, keep the instance serving
+                _log.exception("model %s: instance failed on a batch", self.name)
+                error = ServeError(grpc.StatusCode.INTERNAL, f"model {self.name} failed: {e}")
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_fail, batch, error)
 
     def _run(
         self, loop: asyncio.AbstractEventLoop, batch: list[Pending], buffer: np.ndarray

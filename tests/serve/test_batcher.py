@@ -162,3 +162,37 @@ def test_expired_deadline_is_dropped_before_compute(classifier_path: Path) -> No
             await batcher.close()
 
     asyncio.run(scenario())
+
+
+class _FailsOnce(Runtime):
+    """The real runtime, except that sizing the first batch hits a bug."""
+
+    failed = False
+
+    def batch_size(self, rows: int) -> int:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("planted bug")
+        return super().batch_size(rows)
+
+
+def test_a_bug_in_one_batch_fails_it_and_the_instance_keeps_serving(
+    classifier_path: Path,
+) -> None:
+    info = read_model_info("tiny", classifier_path)
+    runtime = _FailsOnce(info, device="cpu", max_batch_size=4, intra_op_threads=1)
+    rows = np.zeros((1, *info.sample_shape), dtype=np.float32)
+
+    async def scenario() -> np.ndarray:
+        batcher = Batcher(runtime, max_queue_size=8, max_queue_delay_s=0, instances=1)
+        batcher.start()
+        try:
+            with pytest.raises(ServeError) as caught:
+                await asyncio.wait_for(batcher.infer(rows, None), 10)
+            assert caught.value.code == grpc.StatusCode.INTERNAL
+            assert "planted bug" in caught.value.message
+            return await asyncio.wait_for(batcher.infer(rows, None), 10)
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(scenario()).shape == (1, info.num_classes)
