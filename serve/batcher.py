@@ -180,13 +180,10 @@ class Batcher:
                 f"{self._max_queue} requests waiting; retry with backoff or raise --max-queue-size",
             )
         now = loop.time()
-        if count == 1:
-            queued = [Pending(rows, loop.create_future(), deadline, now)]
-        else:
-            queued = [
-                Pending(rows[i : i + step], loop.create_future(), deadline, now)
-                for i in range(0, len(rows), step)
-            ]
+        queued = [
+            Pending(rows[i : i + step], loop.create_future(), deadline, now)
+            for i in range(0, len(rows), step)
+        ]
         for pending in queued:
             self._queue.put(pending)
         if self._metrics is not None:

@@ -109,35 +109,41 @@ class KServeServicer:
 
 def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
     """The generic handler that serves ``servicer`` on ``/inference.GRPCInferenceService/*``."""
-    methods: dict[str, tuple[Callable, type, type]] = {
-        "ServerLive": (servicer.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
-        "ServerReady": (servicer.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
-        "ModelReady": (servicer.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
+    # Method → (behaviour, request deserializer, response type). Inference requests use the
+    # tolerant parse_request, so bytes that do not parse are INVALID_ARGUMENT, not UNKNOWN.
+    methods: dict[str, tuple[Callable, Callable, type]] = {
+        "ServerLive": (servicer.ServerLive, pb.ServerLiveRequest.FromString, pb.ServerLiveResponse),
+        "ServerReady": (
+            servicer.ServerReady,
+            pb.ServerReadyRequest.FromString,
+            pb.ServerReadyResponse,
+        ),
+        "ModelReady": (servicer.ModelReady, pb.ModelReadyRequest.FromString, pb.ModelReadyResponse),
         "ServerMetadata": (
             servicer.ServerMetadata,
-            pb.ServerMetadataRequest,
+            pb.ServerMetadataRequest.FromString,
             pb.ServerMetadataResponse,
         ),
         "ModelMetadata": (
             servicer.ModelMetadata,
-            pb.ModelMetadataRequest,
+            pb.ModelMetadataRequest.FromString,
             pb.ModelMetadataResponse,
         ),
-        "ModelConfig": (servicer.ModelConfig, pb.ModelConfigRequest, pb.ModelConfigResponse),
+        "ModelConfig": (
+            servicer.ModelConfig,
+            pb.ModelConfigRequest.FromString,
+            pb.ModelConfigResponse,
+        ),
+        "ModelInfer": (servicer.ModelInfer, parse_request, pb.ModelInferResponse),
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             behavior,
-            request_deserializer=request.FromString,
+            request_deserializer=parse,
             response_serializer=response.SerializeToString,
         )
-        for name, (behavior, request, response) in methods.items()
+        for name, (behavior, parse, response) in methods.items()
     }
-    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
-        servicer.ModelInfer,
-        request_deserializer=parse_request,
-        response_serializer=pb.ModelInferResponse.SerializeToString,
-    )
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
         servicer.ModelStreamInfer,
         request_deserializer=parse_request,
