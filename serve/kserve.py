@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
@@ -12,13 +14,14 @@ from serve.errors import ServeError
 from serve.kserve_codec import decode_request, encode_response, parse_request
 from serve.state import VERSION, Model, ServingState
 from serve.streaming import Stream
-from serve.wire import Undecodable, require_parsed
+from serve.wire import Undecodable, deserializer, require_parsed
 
 SERVICE = "inference.GRPCInferenceService"
 PLATFORM = "onnxruntime_onnx"
 SERVER_NAME = "onnx-classifier-serving"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ("classification", "model_configuration")
+T = TypeVar("T")
 
 
 class KServeServicer:
@@ -108,41 +111,45 @@ class KServeServicer:
 
 
 def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
-    """The generic handler that serves ``servicer`` on ``/inference.GRPCInferenceService/*``."""
-    # Method → (behaviour, request deserializer, response type). Inference requests use the
-    # tolerant parse_request, so bytes that do not parse are INVALID_ARGUMENT, not UNKNOWN.
-    methods: dict[str, tuple[Callable, Callable, type]] = {
-        "ServerLive": (servicer.ServerLive, pb.ServerLiveRequest.FromString, pb.ServerLiveResponse),
+    """The generic handler that serves ``servicer`` on ``/inference.GRPCInferenceService/*``.
+
+    Every request deserializer is tolerant (``serve.wire``): bytes that do not parse get
+    INVALID_ARGUMENT from the method, not UNKNOWN and a traceback from gRPC.
+    """
+    # Method → (behaviour, request type, response type). The inference methods check parsing
+    # themselves (a stream answers a bad message and goes on); the others through ``_parsed``.
+    methods: dict[str, tuple[Callable, type, type]] = {
+        "ServerLive": (_parsed(servicer.ServerLive), pb.ServerLiveRequest, pb.ServerLiveResponse),
         "ServerReady": (
-            servicer.ServerReady,
-            pb.ServerReadyRequest.FromString,
+            _parsed(servicer.ServerReady),
+            pb.ServerReadyRequest,
             pb.ServerReadyResponse,
         ),
-        "ModelReady": (servicer.ModelReady, pb.ModelReadyRequest.FromString, pb.ModelReadyResponse),
+        "ModelReady": (_parsed(servicer.ModelReady), pb.ModelReadyRequest, pb.ModelReadyResponse),
         "ServerMetadata": (
-            servicer.ServerMetadata,
-            pb.ServerMetadataRequest.FromString,
+            _parsed(servicer.ServerMetadata),
+            pb.ServerMetadataRequest,
             pb.ServerMetadataResponse,
         ),
         "ModelMetadata": (
-            servicer.ModelMetadata,
-            pb.ModelMetadataRequest.FromString,
+            _parsed(servicer.ModelMetadata),
+            pb.ModelMetadataRequest,
             pb.ModelMetadataResponse,
         ),
         "ModelConfig": (
-            servicer.ModelConfig,
-            pb.ModelConfigRequest.FromString,
+            _parsed(servicer.ModelConfig),
+            pb.ModelConfigRequest,
             pb.ModelConfigResponse,
         ),
-        "ModelInfer": (servicer.ModelInfer, parse_request, pb.ModelInferResponse),
+        "ModelInfer": (servicer.ModelInfer, pb.ModelInferRequest, pb.ModelInferResponse),
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             behavior,
-            request_deserializer=parse,
+            request_deserializer=deserializer(request),
             response_serializer=response.SerializeToString,
         )
-        for name, (behavior, parse, response) in methods.items()
+        for name, (behavior, request, response) in methods.items()
     }
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
         servicer.ModelStreamInfer,
@@ -150,3 +157,18 @@ def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
         response_serializer=pb.ModelStreamInferResponse.SerializeToString,
     )
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+def _parsed(behavior: Callable[[Any, aio.ServicerContext], Awaitable[T]]):
+    """``behavior`` behind a check that its request parsed (INVALID_ARGUMENT otherwise)."""
+
+    @functools.wraps(behavior)
+    async def checked(request: object, context: aio.ServicerContext) -> T:
+        try:
+            parsed = require_parsed(request)
+        except ServeError as e:
+            await context.abort(e.code, e.message)
+            raise
+        return await behavior(parsed, context)
+
+    return checked

@@ -188,3 +188,20 @@ def test_bytes_that_do_not_parse_are_invalid_argument_unary_and_streamed(
         (answer,) = list(stream(iter([garbage]), timeout=10))
         message = kserve_pb2.ModelStreamInferResponse.FromString(answer).error_message
         assert message.startswith("INVALID_ARGUMENT: expected a serialized ModelInferRequest")
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig"],
+)
+def test_bytes_that_do_not_parse_are_invalid_argument_on_every_method(
+    shared_server: BackgroundServer, method: str
+) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(b"\xff\xff\xff\x01not a protobuf", timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"expected a serialized {method}Request" in caught.value.details()
+        live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=10)
+        assert kserve_pb2.ServerLiveResponse.FromString(live).live
