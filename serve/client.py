@@ -1,14 +1,16 @@
 """Python client and CLI: ``python -m serve.client HOST:PORT --model NAME IMAGE ... [--top-k 5]``.
 
 Classification goes through our ``classifier.v1.Classifier`` API; raw logits through the
-KServe v2 ``ModelInfer`` method (the same wire tritonclient uses).
+KServe v2 ``ModelInfer`` method, or ``ModelStreamInfer`` for many requests on one open stream
+(the same wire tritonclient uses).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,11 @@ class Client:
         self._metadata_rpc = self._kserve("ModelMetadata", kserve_pb2.ModelMetadataResponse)
         self._server_ready = self._kserve("ServerReady", kserve_pb2.ServerReadyResponse)
         self._model_ready = self._kserve("ModelReady", kserve_pb2.ModelReadyResponse)
+        self._stream = self._channel.stream_stream(
+            _KSERVE + "ModelStreamInfer",
+            request_serializer=lambda message: message.SerializeToString(),
+            response_deserializer=kserve_pb2.ModelStreamInferResponse.FromString,
+        )
 
     def _kserve(self, method: str, response: type) -> grpc.UnaryUnaryMultiCallable:
         return self._channel.unary_unary(
@@ -152,13 +159,93 @@ class Client:
 
     def infer(self, model: str, batch: np.ndarray, input_name: str = "input") -> np.ndarray:
         """Raw logits [N, K] for a float32 batch [N, ...] through KServe ModelInfer."""
-        array = np.ascontiguousarray(batch, dtype="<f4")
-        request = kserve_pb2.ModelInferRequest(model_name=model)
-        request.inputs.add(name=input_name, datatype="FP32", shape=array.shape)
-        request.raw_input_contents.append(array.tobytes())
-        response = self._call(self._infer, request, self.timeout)
-        output = response.outputs[0]
-        return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(output.shape)
+        request = _infer_request(model, batch, input_name, "")
+        return _logits(self._call(self._infer, request, self.timeout))
+
+    def infer_stream(
+        self,
+        model: str,
+        batches: Iterable[np.ndarray],
+        input_name: str = "input",
+        *,
+        window: int = 32,
+        timeout: float | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Raw logits for each batch of ``batches``, in their order, over one open KServe
+        ``ModelStreamInfer`` stream.
+
+        Up to ``window`` requests are in flight at once, so they batch on the server together
+        with other clients' requests; a message on an open stream costs far less than a call
+        (docs/serving.md). ``timeout`` bounds the whole stream (default: none). The first
+        request that fails raises ClientError with its status and ends the stream; answers
+        before it have been yielded.
+        """
+        if window < 1:
+            raise ValueError(f"expected window >= 1, got {window}")
+        slots = threading.Semaphore(window)
+        ended = threading.Event()
+        sent = 0
+
+        def requests() -> Iterator[kserve_pb2.ModelInferRequest]:
+            # Runs on a gRPC thread; stops waiting for a slot once the stream has ended.
+            nonlocal sent
+            source = iter(batches)
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if ended.is_set():
+                        return
+                batch = next(source, None)  # taken only once a slot is free
+                if batch is None or ended.is_set():
+                    return
+                yield _infer_request(model, batch, input_name, str(sent))
+                sent += 1
+
+        call = self._stream(requests(), timeout=timeout, metadata=self._metadata)
+        answered: dict[int, np.ndarray] = {}
+        following = 0
+        try:
+            for response in call:
+                slots.release()
+                if response.error_message:
+                    raise _stream_error(response)
+                answered[int(response.infer_response.id)] = _logits(response.infer_response)
+                while following in answered:
+                    yield answered.pop(following)
+                    following += 1
+            if following < sent:
+                raise ClientError(
+                    grpc.StatusCode.UNKNOWN,
+                    f"expected answers to {sent} requests, got {following} before the stream "
+                    "ended; retry the rest",
+                )
+        except grpc.RpcError as e:
+            raise _client_error(self.target, e) from e
+        finally:
+            ended.set()
+            call.cancel()
+
+
+def _infer_request(
+    model: str, batch: np.ndarray, input_name: str, request_id: str
+) -> kserve_pb2.ModelInferRequest:
+    array = np.ascontiguousarray(batch, dtype="<f4")
+    request = kserve_pb2.ModelInferRequest(model_name=model, id=request_id)
+    request.inputs.add(name=input_name, datatype="FP32", shape=array.shape)
+    request.raw_input_contents.append(array.tobytes())
+    return request
+
+
+def _logits(response: kserve_pb2.ModelInferResponse) -> np.ndarray:
+    shape = response.outputs[0].shape
+    return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(shape)
+
+
+def _stream_error(response: kserve_pb2.ModelStreamInferResponse) -> ClientError:
+    """The ClientError of a failed stream answer ("STATUS: message" in ``error_message``)."""
+    name, _, _ = response.error_message.partition(":")
+    code = grpc.StatusCode.__members__.get(name, grpc.StatusCode.UNKNOWN)
+    request = response.infer_response.id or "?"
+    return ClientError(code, f"request {request}: {response.error_message}")
 
 
 def _client_error(target: str, error: grpc.RpcError) -> ClientError:

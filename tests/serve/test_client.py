@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +51,55 @@ def test_client_api(shared_server: BackgroundServer, classifier_path: Path, tmp_
         assert caught.value.code == grpc.StatusCode.NOT_FOUND
         with pytest.raises(ClientError):
             client.wait_ready("nope", timeout=5)
+
+
+def test_infer_stream_answers_every_batch_in_order(
+    shared_server: BackgroundServer, classifier_path: Path, reference: Callable
+) -> None:
+    rng = np.random.default_rng(2)
+    # Sizes around the server's max batch of 8, so some requests are split and some batch.
+    batches = [rng.normal(size=(n, 3, 8, 8)).astype(np.float32) for n in (1, 3, 8, 11, 2) * 8]
+    fed: list[int] = []
+
+    def lazily():  # the client may not read the whole input up front
+        for number, batch in enumerate(batches):
+            fed.append(number)
+            yield batch
+
+    with Client(f"127.0.0.1:{shared_server.port}") as client:
+        answers = client.infer_stream("tiny", lazily(), window=4)
+        first = next(answers)
+        time.sleep(0.5)  # unread answers must hold the rest of the input back
+        # Taken from the input only as answers free the window (out-of-order answers to
+        # split requests may be read before the first one can be yielded: at most a window).
+        assert len(fed) <= 2 * 4
+        got = [first, *answers]
+        assert len(got) == len(batches)
+        for batch, logits in zip(batches, got, strict=True):
+            np.testing.assert_allclose(logits, reference(classifier_path, batch), atol=1e-5)
+        # The same client's unary calls still work once the stream is done.
+        np.testing.assert_allclose(
+            client.infer("tiny", batches[0]), reference(classifier_path, batches[0]), atol=1e-5
+        )
+
+
+def test_infer_stream_raises_the_status_of_a_failed_request(
+    shared_server: BackgroundServer,
+) -> None:
+    good = np.zeros((1, 3, 8, 8), np.float32)
+    bad = np.zeros((1, 3, 9, 9), np.float32)
+    with Client(f"127.0.0.1:{shared_server.port}") as client:
+        answers = client.infer_stream("tiny", [good, bad, good], window=1)
+        assert next(answers).shape == (1, 5)  # the tiny model has 5 classes
+        with pytest.raises(ClientError) as caught:
+            next(answers)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert str(caught.value).startswith("request 1: INVALID_ARGUMENT: expected")
+        with pytest.raises(ClientError) as caught:
+            list(client.infer_stream("nope", [good]))
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(ValueError, match="window"):
+            next(client.infer_stream("tiny", [good], window=0))
 
 
 def test_cli_prints_top_labels(
