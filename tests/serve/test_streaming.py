@@ -22,6 +22,7 @@ from grpc import aio
 
 from protos import kserve_pb2 as pb
 from serve.background import BackgroundServer
+from serve.state import ServingState
 from tests.serve.conftest import free_port
 from tests.serve.procs import ServeProcess
 from tests.serve.v2 import request_counts
@@ -81,6 +82,18 @@ def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
         for r in caplog.records
         if r.levelno >= logging.ERROR
     ]
+
+
+def _quiet_server(
+    start_server: Callable[..., BackgroundServer],
+    caplog: pytest.LogCaptureFixture,
+    **config: object,
+) -> tuple[BackgroundServer, ServingState]:
+    """An in-process server with ``config``, and its state; captures its WARNING+ logs."""
+    caplog.set_level(logging.WARNING)
+    server = start_server(**config)
+    assert server.server is not None
+    return server, server.server.state
 
 
 def _check_answer(
@@ -313,10 +326,7 @@ def test_drain_answers_the_admitted_then_ends_unavailable(
     reference: Reference,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING)
-    server = start_server(max_queue_delay_us=2_000_000, grace=30)
-    assert server.server is not None
-    state = server.server.state
+    server, state = _quiet_server(start_server, caplog, max_queue_delay_us=2_000_000, grace=30)
     x = _rows(3, 10)
 
     async def scenario() -> tuple[Answers, grpc.StatusCode, str, float]:
@@ -352,10 +362,7 @@ def test_a_cancelled_stream_leaves_the_server_serving(
     reference: Reference,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING)
-    server = start_server(max_queue_delay_us=1_500_000)
-    assert server.server is not None
-    state = server.server.state
+    server, state = _quiet_server(start_server, caplog, max_queue_delay_us=1_500_000)
     x = _rows(2, 11)
 
     async def scenario() -> tuple[grpc.StatusCode, Answers, grpc.StatusCode, str]:
