@@ -11,8 +11,8 @@ from grpc import aio
 
 from protos import kserve_pb2 as pb
 from serve.errors import ServeError
-from serve.kserve_codec import decode_request, encode_response, parse_request
-from serve.state import VERSION, Model, ServingState
+from serve.kserve_codec import decode_request, encode_response
+from serve.state import VERSION, ServingState
 from serve.streaming import Stream
 from serve.wire import Undecodable, deserializer, require_parsed
 
@@ -51,7 +51,7 @@ class KServeServicer:
         )
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: aio.ServicerContext):
-        info = (await self._lookup(request.name, request.version, context)).info
+        info = self.state.model(request.name, request.version).info
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=info.name,
@@ -62,7 +62,7 @@ class KServeServicer:
         )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: aio.ServicerContext):
-        model = await self._lookup(request.name, request.version, context)
+        model = self.state.model(request.name, request.version)
         info = model.info
         return pb.ModelConfigResponse(
             config=pb.ModelConfig(
@@ -102,13 +102,6 @@ class KServeServicer:
     async def ModelStreamInfer(self, requests: object, context: aio.ServicerContext) -> None:
         await Stream(self.state, context).serve()
 
-    async def _lookup(self, name: str, version: str, context: aio.ServicerContext) -> Model:
-        try:
-            return self.state.model(name, version)
-        except ServeError as e:
-            await context.abort(e.code, e.message)
-            raise
-
 
 def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
     """The generic handler that serves ``servicer`` on ``/inference.GRPCInferenceService/*``.
@@ -117,27 +110,28 @@ def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
     INVALID_ARGUMENT from the method, not UNKNOWN and a traceback from gRPC.
     """
     # Method → (behaviour, request type, response type). The inference methods check parsing
-    # themselves (a stream answers a bad message and goes on); the others through ``_parsed``.
+    # and map errors themselves (a stream answers a bad message and goes on); the others
+    # through ``_answered``.
     methods: dict[str, tuple[Callable, type, type]] = {
-        "ServerLive": (_parsed(servicer.ServerLive), pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerLive": (_answered(servicer.ServerLive), pb.ServerLiveRequest, pb.ServerLiveResponse),
         "ServerReady": (
-            _parsed(servicer.ServerReady),
+            _answered(servicer.ServerReady),
             pb.ServerReadyRequest,
             pb.ServerReadyResponse,
         ),
-        "ModelReady": (_parsed(servicer.ModelReady), pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ModelReady": (_answered(servicer.ModelReady), pb.ModelReadyRequest, pb.ModelReadyResponse),
         "ServerMetadata": (
-            _parsed(servicer.ServerMetadata),
+            _answered(servicer.ServerMetadata),
             pb.ServerMetadataRequest,
             pb.ServerMetadataResponse,
         ),
         "ModelMetadata": (
-            _parsed(servicer.ModelMetadata),
+            _answered(servicer.ModelMetadata),
             pb.ModelMetadataRequest,
             pb.ModelMetadataResponse,
         ),
         "ModelConfig": (
-            _parsed(servicer.ModelConfig),
+            _answered(servicer.ModelConfig),
             pb.ModelConfigRequest,
             pb.ModelConfigResponse,
         ),
@@ -153,22 +147,22 @@ def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
     }
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
         servicer.ModelStreamInfer,
-        request_deserializer=parse_request,
+        request_deserializer=deserializer(pb.ModelInferRequest),
         response_serializer=pb.ModelStreamInferResponse.SerializeToString,
     )
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
-def _parsed(behavior: Callable[[Any, aio.ServicerContext], Awaitable[T]]):
-    """``behavior`` behind a check that its request parsed (INVALID_ARGUMENT otherwise)."""
+def _answered(behavior: Callable[[Any, aio.ServicerContext], Awaitable[T]]):
+    """``behavior`` given its parsed request, with any ServeError it meets (bytes that do not
+    parse: INVALID_ARGUMENT; an unknown model: NOT_FOUND) answered as that status."""
 
     @functools.wraps(behavior)
-    async def checked(request: object, context: aio.ServicerContext) -> T:
+    async def answered(request: object, context: aio.ServicerContext) -> T:
         try:
-            parsed = require_parsed(request)
+            return await behavior(require_parsed(request), context)
         except ServeError as e:
             await context.abort(e.code, e.message)
             raise
-        return await behavior(parsed, context)
 
-    return checked
+    return answered

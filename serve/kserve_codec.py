@@ -9,13 +9,8 @@ from protos import kserve_pb2 as pb
 from serve import tensors
 from serve.errors import invalid
 from serve.state import VERSION, Model
-from serve.wire import deserializer
 
 _CLASSIFICATION = "classification"
-
-
-# The request deserializer of ModelInfer and ModelStreamInfer.
-parse_request = deserializer(pb.ModelInferRequest)
 
 
 def decode_request(model: Model, request: pb.ModelInferRequest) -> tuple[np.ndarray, int | None]:
