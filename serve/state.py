@@ -186,6 +186,14 @@ class ServingState:
     def _count(
         self, model_name: str, code: grpc.StatusCode, started: float, trace: Trace | None
     ) -> None:
+        try:
+            self._log_and_record(model_name, code, started, trace)
+        except Exception:  # a bug in the bookkeeping must not cost a client its answer
+            _log.exception("counting a request to model %s failed", model_name)
+
+    def _log_and_record(
+        self, model_name: str, code: grpc.StatusCode, started: float, trace: Trace | None
+    ) -> None:
         seconds = time.perf_counter() - started
         if trace is not None:
             # The id is the request's arrival number: unique per process, in arrival order.

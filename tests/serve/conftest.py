@@ -133,3 +133,21 @@ def shared_server(base_config: ServerConfig) -> Iterator[BackgroundServer]:
     """One default server per test module, for tests that do not need special settings."""
     with BackgroundServer(base_config) as server:
         yield server
+
+
+def plant_counting_bug(server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Make the next request ``server`` counts in its metrics raise "planted bug"; returns a
+    list that receives that request's status code when the bug fires."""
+    assert server.server is not None
+    state = server.server.state
+    record = state.record
+    fired: list[object] = []
+
+    def record_with_a_bug(model_name: str, code: object, seconds: float) -> None:
+        if not fired:
+            fired.append(code)
+            raise RuntimeError("planted bug")
+        record(model_name, code, seconds)
+
+    monkeypatch.setattr(state, "record", record_with_a_bug)
+    return fired

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import urllib.error
 import urllib.request
@@ -13,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protos import kserve_pb2
 from serve.metrics import OUTCOMES, Metrics
-from tests.serve.conftest import free_port
-from tests.serve.v2 import INFER, infer_payload, request_counts, samples
+from tests.serve.conftest import free_port, plant_counting_bug, reference
+from tests.serve.v2 import INFER, infer_payload, reply_logits, request_counts, samples
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -160,3 +161,25 @@ def test_scrape_matches_the_traffic_sent(start_server, classifier_path) -> None:
     assert batches >= 7  # sequential calls: no two requests share a batch
     assert samples(text, "serve_model_ready", "tiny") == 1
     assert samples(text, "serve_queue_depth", "tiny") == 0
+
+
+def test_a_bug_in_counting_a_request_costs_no_client_its_answer(
+    start_server, classifier_path, caplog: pytest.LogCaptureFixture, monkeypatch
+) -> None:
+    bg = start_server()
+    planted = plant_counting_bug(bg, monkeypatch)
+    caplog.set_level(logging.WARNING)
+    x = np.random.default_rng(4).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
+        infer = channel.unary_unary(INFER)
+        replies = [infer(infer_payload("tiny", x, f"r{i}"), timeout=10) for i in range(2)]
+    assert planted == [grpc.StatusCode.OK]
+    for i, reply in enumerate(replies):
+        ident, logits = reply_logits(reply)
+        assert ident == f"r{i}"
+        np.testing.assert_allclose(logits, reference(classifier_path, x), atol=1e-5)
+    assert bg.server is not None and bg.server.state.in_flight == 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["counting a request to model tiny failed"]
+    counts = request_counts(bg.server.metrics.render().decode())
+    assert counts[("tiny", "success")] == 1  # the second; the first's count was the bug

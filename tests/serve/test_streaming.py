@@ -23,7 +23,7 @@ from grpc import aio
 from protos import kserve_pb2 as pb
 from serve.background import BackgroundServer
 from serve.state import ServingState
-from tests.serve.conftest import free_port
+from tests.serve.conftest import free_port, plant_counting_bug
 from tests.serve.procs import ServeProcess
 from tests.serve.v2 import request_counts
 
@@ -393,3 +393,37 @@ def test_a_cancelled_stream_leaves_the_server_serving(
     assert counts[("tiny", "cancelled")] == 1
     assert counts[("tiny", "success")] == 1
     assert _errors_logged(caplog) == []  # a client going away is routine, not an error
+
+
+def test_a_bug_in_counting_an_answer_still_delivers_it(
+    start_server: Callable[..., BackgroundServer],
+    classifier_path: Path,
+    reference: Reference,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server, state = _quiet_server(start_server, caplog)
+    planted = plant_counting_bug(server, monkeypatch)
+    first, second = _rows(2, 13), _rows(1, 14)
+
+    async def scenario() -> tuple[Answers, grpc.StatusCode, str]:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = _open(channel, timeout=10)  # without the guard, the first answer never comes
+            await call.write(_request(first, "first"))
+            answers = [await call.read()]
+            await call.write(_request(second, "second"))
+            answers.append(await call.read())
+            await call.done_writing()
+            rest, code, details = await _rest(call)
+            return answers + rest, code, details
+
+    answers, code, details = asyncio.run(scenario())
+    assert planted == [grpc.StatusCode.OK]
+    assert code == grpc.StatusCode.OK, details
+    assert [a.infer_response.id for a in answers] == ["first", "second"]
+    _check_answer(answers[0], first, classifier_path, reference)
+    _check_answer(answers[1], second, classifier_path, reference)
+    assert state.in_flight == 0  # counted as finished all the same, so a drain does not wait
+    assert _errors_logged(caplog) == [
+        "serve.state: counting a request to model tiny failed (RuntimeError('planted bug'))"
+    ]
