@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import onnx
@@ -14,6 +15,17 @@ from export import ExportConfig, UsageError, export_checkpoint
 from export.checkpoint import key_variants, load_checkpoint
 from export.zoo.resnet import resnet18_cifar
 from export.zoo.small import mlp
+
+
+def save_scripted(model: torch.nn.Module, path: Path) -> None:
+    """Save ``model`` as a TorchScript archive, as users of older torch releases have them.
+
+    torch deprecates writing new ones (``torch.jit.script`` warns); reading them stays
+    supported, and that is what these tests are about.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+        torch.jit.script(model.eval()).save(str(path))
 
 
 def export_ok(path: Path, **options: object):
@@ -68,7 +80,7 @@ def test_torchscript_archive(small_ckpt, tmp_path: Path) -> None:
     model = resnet18_cifar(num_classes=4, in_channels=3)
     model.load_state_dict(state)
     path = tmp_path / "scripted.pt"
-    torch.jit.script(model.eval()).save(str(path))
+    save_scripted(model, path)
     loaded = load_checkpoint(path)
     assert loaded.format == "torchscript"
     assert export_ok(path).arch == "resnet18-cifar"
@@ -111,7 +123,7 @@ def test_torchscript_that_is_no_zoo_network(tmp_path: Path) -> None:
     model = user_models.TinyNet(num_classes=3)
     user_models.trained_state(model)
     path = tmp_path / "custom.pt"
-    torch.jit.script(model.eval()).save(str(path))
+    save_scripted(model, path)
     with pytest.raises(UsageError, match="--input-shape"):
         export_checkpoint(ExportConfig(checkpoint=path))
     result = export_ok(path, input_shape=(3, 8, 8))
