@@ -163,7 +163,7 @@ class Batcher:
 
         Returns a future of the logits [N, K] (cancelling it withdraws every piece still
         queued) and the queued pieces. Raises UNAVAILABLE when closed, RESOURCE_EXHAUSTED when
-        the queue has no room for every piece.
+        the queue has no room for every piece, INVALID_ARGUMENT when it never could.
         """
         if not self._open:
             raise unavailable(
@@ -172,6 +172,13 @@ class Batcher:
         loop = asyncio.get_running_loop()
         step = self.runtime.max_batch
         count = -(-len(rows) // step)
+        if count > self._max_queue:
+            raise ServeError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"expected at most {self._max_queue * step} rows per request to model "
+                f"{self.name} (--max-queue-size {self._max_queue} pieces of --max-batch-size "
+                f"{step}), got {len(rows)}; split the request or raise --max-queue-size",
+            )
         waiting = self._queue.qsize()
         if count > self._max_queue - waiting:
             raise ServeError(

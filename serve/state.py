@@ -47,8 +47,14 @@ class ServingState:
         self._idle.set()
 
     def model(self, name: str, version: str) -> Model:
-        """The model ``name`` at ``version`` ("" or "1"); NOT_FOUND otherwise."""
+        """The model ``name`` at ``version`` ("" or "1"); NOT_FOUND otherwise, UNAVAILABLE
+        while models are still loading (``name`` may be one of those still to come)."""
         model = self.models.get(name)
+        if model is None and not self.ready:
+            raise unavailable(
+                f"model {name!r} is not loaded yet: the server is still loading models; "
+                "retry when ServerReady"
+            )
         if model is None:
             known = ", ".join(sorted(self.models)) or "none"
             raise not_found(f"expected a model name among [{known}], got {name!r}; check the name")

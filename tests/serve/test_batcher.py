@@ -122,7 +122,7 @@ def test_batcher_splits_pads_and_reassembles(classifier_path: Path) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_batcher_refuses_what_the_queue_cannot_hold(classifier_path: Path) -> None:
+def test_batcher_refuses_a_request_the_queue_could_never_hold(classifier_path: Path) -> None:
     info = read_model_info("tiny", classifier_path)
     runtime = Runtime(info, device="cpu", max_batch_size=2, intra_op_threads=1)
     rows = np.zeros((7, *info.sample_shape), dtype=np.float32)
@@ -132,10 +132,17 @@ def test_batcher_refuses_what_the_queue_cannot_hold(classifier_path: Path) -> No
         batcher.start()
         try:
             with pytest.raises(ServeError) as caught:
-                await batcher.infer(rows, None)  # 4 pieces of 2 rows, room for 3
-            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "--max-queue-size" in caught.value.message
+                await batcher.infer(rows, None)  # 4 pieces of 2 rows, room for 3 at most
+            # Not RESOURCE_EXHAUSTED: retrying with backoff could never help.
+            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.message == (
+                "expected at most 6 rows per request to model tiny (--max-queue-size 3 pieces "
+                "of --max-batch-size 2), got 7; split the request or raise --max-queue-size"
+            )
             assert batcher.depth == 0  # nothing half-queued
+            np.testing.assert_allclose(  # six rows fit
+                await batcher.infer(rows[:6], None), runtime.run(rows[:6]), atol=1e-6
+            )
         finally:
             await batcher.close()
 
