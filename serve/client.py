@@ -8,6 +8,8 @@ KServe v2 ``ModelInfer`` method, or ``ModelStreamInfer`` for many requests on on
 from __future__ import annotations
 
 import argparse
+import math
+import ssl
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -261,7 +263,52 @@ def _client_error(target: str, error: grpc.RpcError) -> ClientError:
     return ClientError(code, message)
 
 
-def main(argv: list[str] | None = None) -> int:
+_MAX_TOP_K = 2**32 - 1  # ClassifyRequest.top_k is a uint32
+
+
+class _UsageError(Exception):
+    """A command-line value that cannot work; main prints it and exits 2."""
+
+
+def _read_token(path: Path) -> str:
+    """The bearer token in ``path``, checked to be a valid HTTP/2 header value."""
+    data = path.read_bytes()
+    try:
+        token = data.decode("ascii").strip()
+    except UnicodeDecodeError as e:
+        raise _UsageError(
+            f"expected an ASCII token in --token-file {str(path)!r}, got a non-ASCII byte at "
+            f"offset {e.start}; write the token as printable ASCII"
+        ) from e
+    if not token:
+        raise _UsageError(
+            f"expected a token in --token-file {str(path)!r}, got an empty file; write the "
+            "server's token into it"
+        )
+    for offset, char in enumerate(token):
+        if not " " <= char <= "~":
+            raise _UsageError(
+                f"expected a token of printable ASCII in --token-file {str(path)!r}, got "
+                f"control character {char!r} at offset {offset}; remove it (one token, one line)"
+            )
+    return token
+
+
+def _read_ca(path: Path) -> bytes:
+    """The PEM CA certificates in ``path``, checked to load before gRPC gets them."""
+    data = path.read_bytes()
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except ssl.SSLError as e:
+        raise _UsageError(
+            f"expected PEM CA certificates (-----BEGIN CERTIFICATE-----) in --ca "
+            f"{str(path)!r}, got none that load ({e.reason or e}); pass the CA certificate "
+            "that signed the server's --tls-cert"
+        ) from e
+    return data
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m serve.client", description="Classify images with a running server."
     )
@@ -273,15 +320,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path, help="bearer token (servers with auth)")
     parser.add_argument("--ca", type=Path, help="PEM CA certificate: connect with TLS")
     args = parser.parse_args(argv)
-    if args.top_k < 1:
-        parser.error(f"expected --top-k >= 1, got {args.top_k}")
+    if not args.target.strip():
+        parser.error("expected HOST:PORT, got an empty target; pass e.g. localhost:8001")
+    if not 1 <= args.top_k <= _MAX_TOP_K:
+        parser.error(f"expected 1 <= --top-k <= {_MAX_TOP_K}, got {args.top_k}; pass e.g. 5")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        parser.error(f"expected --timeout > 0 seconds, got {args.timeout:g}; pass e.g. 30")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     try:
         images = [path.read_bytes() for path in args.images]
-        token = args.token_file.read_text().strip() if args.token_file else None
-        ca = args.ca.read_bytes() if args.ca else None
+        token = _read_token(args.token_file) if args.token_file else None
+        ca = _read_ca(args.ca) if args.ca else None
     except OSError as e:
         message = f"expected a readable file, got {e.filename!r} ({e.strerror}); check the path"
         print(f"error: {message}", file=sys.stderr)
+        return 2
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         with Client(args.target, timeout=args.timeout, token=token, root_certificates=ca) as c:

@@ -17,6 +17,7 @@ from PIL import Image
 from serve.background import BackgroundServer
 from serve.client import Client, ClientError, main
 from tests.serve.conftest import free_port
+from tests.serve.pki import make_pki
 
 
 def _write_png(path: Path, seed: int) -> Path:
@@ -142,3 +143,78 @@ def test_server_down_is_a_message_not_a_traceback(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "cannot reach a ready server" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--top-k", "99999999999"], "--top-k <= 4294967295"),  # ClassifyRequest.top_k: uint32
+        (["--top-k", "0"], "--top-k"),
+        (["--timeout", "0"], "--timeout > 0"),
+        (["--timeout", "-1"], "--timeout > 0"),
+        (["--timeout", "nan"], "--timeout > 0"),
+        (["--timeout", "inf"], "--timeout > 0"),
+    ],
+)
+def test_cli_out_of_range_flags_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    image = _write_png(tmp_path / "a.png", 0)
+    with pytest.raises(SystemExit) as caught:
+        main([f"127.0.0.1:{free_port()}", "--model", "tiny", str(image), *flags])
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_empty_target_is_a_usage_error(tmp_path: Path) -> None:
+    image = _write_png(tmp_path / "a.png", 0)
+    done = subprocess.run(
+        [sys.executable, "-m", "serve.client", "", "--model", "tiny", str(image)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "expected HOST:PORT, got an empty target" in done.stderr
+    assert "Failed to create channel" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "content", "message"),
+    [
+        ("--token-file", b"abc\x01def\n", "control character '\\x01' at offset 3"),
+        ("--token-file", b"\xff\xfesecret\n", "non-ASCII byte at offset 0"),
+        ("--token-file", b" \n", "empty file"),
+        ("--ca", b"hello, not a certificate\n", "expected PEM CA certificates"),
+        ("--ca", b"", "expected PEM CA certificates"),
+    ],
+)
+def test_cli_bad_token_and_ca_files_are_usage_errors(
+    tmp_path: Path, flag: str, content: bytes, message: str
+) -> None:
+    image = _write_png(tmp_path / "a.png", 0)
+    bad = tmp_path / "bad-file"
+    bad.write_bytes(content)
+    done = subprocess.run(
+        [sys.executable, "-m", "serve.client", f"127.0.0.1:{free_port()}", "--model", "tiny",
+         str(image), flag, str(bad), "--timeout", "2"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()  # one line: no traceback, no gRPC core log lines
+    assert line.startswith("error: ") and message in line and str(bad) in line
+
+
+def test_cli_with_token_and_ca_over_tls(
+    start_server: Callable[..., BackgroundServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pki = make_pki(tmp_path)
+    token = tmp_path / "token"
+    token.write_text("right-token\n")
+    server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key, auth_token_file=token)
+    image = _write_png(tmp_path / "a.png", 0)
+    argv = [f"127.0.0.1:{server.port}", "--model", "tiny", str(image), "--ca", str(pki.ca)]
+    assert main([*argv, "--token-file", str(token)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 6
+    assert main(argv) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
