@@ -11,21 +11,33 @@ import argparse
 import asyncio
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from serve import benchreport
-from serve.benchenv import InProcess, SpawnedServer, measure_in_process, scrape
+from serve.benchenv import (
+    InProcess,
+    ModelFileError,
+    SpawnedServer,
+    check_model_file,
+    measure_in_process,
+    scrape,
+)
 from serve.loadgen import (
     Load,
     Outcome,
     channel,
     check_answer,
+    check_payload,
     infer_requests,
     model_input,
     print_progress,
@@ -51,6 +63,10 @@ class BenchConfig:
     baseline_seconds: float
     baseline_threads: tuple[int, ...]
     baseline_device: str
+
+
+class UsageError(Exception):
+    """A setting that cannot work, found once the server is asked; main exits 2."""
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -124,6 +140,23 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
         parser.error("expected --spawn with --server-arg/--compare; they configure that server")
     if args.distinct < 1 or args.channels < 1:
         parser.error("expected --distinct >= 1 and --channels >= 1")
+    if not 0 < args.baseline_seconds < math.inf:
+        parser.error(f"expected --baseline-seconds > 0, got {args.baseline_seconds}; pass e.g. 2")
+    if min(args.baseline_threads) < 0:
+        parser.error(
+            f"expected --baseline-threads >= 0 (0: ONNX Runtime's default), got "
+            f"{args.baseline_threads}; pass e.g. 1 0"
+        )
+    if args.metrics_url is not None and not _is_http_url(args.metrics_url):
+        parser.error(
+            f"expected --metrics-url http(s)://HOST:PORT/PATH, got {args.metrics_url!r}; "
+            "pass the server's metrics URL, e.g. http://localhost:8002/metrics"
+        )
+    if args.plot is not None:
+        try:
+            benchreport.check_plot_path(args.plot)
+        except ValueError as e:
+            parser.error(str(e))
     try:
         loads = [
             Load(concurrency=c, rate=r, images=args.images, seconds=args.seconds,
@@ -133,6 +166,16 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
         ]  # fmt: skip
     except ValueError as e:
         parser.error(str(e))
+    model_file = args.model_file or args.spawn
+    if model_file is not None:
+        flag = "--model-file" if args.model_file else "--spawn"
+        try:
+            shape = check_model_file(model_file)
+            check_payload(shape, args.images, args.distinct)
+        except ModelFileError as e:
+            parser.error(f"{flag}: {e}")
+        except ValueError as e:
+            parser.error(str(e))
     metrics_url = args.metrics_url
     if metrics_url is None and args.target is not None:
         metrics_url = f"http://{args.target.rsplit(':', 1)[0]}:8002/metrics"
@@ -140,7 +183,7 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
         target=args.target,
         model=args.model or (args.spawn.stem if args.spawn else ""),
         spawn=args.spawn,
-        model_file=args.model_file or args.spawn,
+        model_file=model_file,
         server_args=tuple(args.server_arg),
         compare=tuple(tuple(shlex.split(c)) for c in args.compare),
         loads=tuple(loads),
@@ -155,6 +198,15 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
     return config, args
 
 
+def _is_http_url(text: str) -> bool:
+    try:
+        url = urllib.parse.urlsplit(text)
+        url.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.hostname)
+
+
 async def _run_settings(
     config: BenchConfig,
     target: str,
@@ -166,10 +218,27 @@ async def _run_settings(
     try:
         timeout = config.loads[0].timeout
         input_name, shape = await model_input(channels[0], config.model, timeout)
+        try:
+            for load in config.loads:
+                check_payload(shape, load.images, config.distinct)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
         rows = []
         for load in config.loads:
             requests = infer_requests(config.model, input_name, shape, load.images, config.distinct)
-            await check_answer(channels[0], requests[0], load.images, timeout, load.stream)
+            try:
+                await check_answer(channels[0], requests[0], load.images, timeout, load.stream)
+            except grpc.aio.AioRpcError as e:
+                if not _too_large(e):
+                    raise
+                size = len(requests[0])
+                shown = f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size} bytes"
+                raise RuntimeError(
+                    f"expected the server to accept a request of {load.images} images "
+                    f"({shown}), got RESOURCE_EXHAUSTED: it exceeds the server's message "
+                    f"limit ({e.details()}); lower --images, or raise the server's "
+                    "--max-message-bytes (with --spawn: --server-arg=--max-message-bytes=N)"
+                ) from e
             scraped: list[dict[str, float] | None] = []
             cpu: list[tuple[float, float | None]] = []
 
@@ -199,6 +268,12 @@ async def _run_settings(
     finally:
         for chan in channels:
             await chan.close()
+
+
+def _too_large(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a call failed on a gRPC message-size limit (not on a full queue)."""
+    details = error.details() or ""
+    return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details
 
 
 def _row(label: str, outcome: Outcome, scraped: list, rss_mb: float | None) -> dict:
@@ -301,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     config, args = parse(argv)
     try:
         result = run(config)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (RuntimeError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -318,7 +396,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(benchreport.table(result))
     if args.plot is not None:
-        benchreport.plot(result, args.plot)
+        try:
+            benchreport.plot(result, args.plot)
+        except OSError as e:
+            print(
+                f"error: expected to write the plot to {str(args.plot)!r}, got "
+                f"{e.strerror or e}; check the path (the report above is complete)",
+                file=sys.stderr,
+            )
+            return 1
+        except RuntimeError as e:  # matplotlib missing
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     return 1 if any(row["errors"] for row in result["rows"]) else 0
 
 

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,52 @@ class InProcess:
         return InProcess(throughput, latency, threads)
 
 
+class ModelFileError(ValueError):
+    """ONNX Runtime cannot run the model file: missing, not ONNX, or without static dims."""
+
+
+def _session(path: Path, options: object = None, providers: list[str] | None = None) -> Any:
+    """An ONNX Runtime session of ``path``; ModelFileError when ORT refuses the file."""
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    if not path.is_file():
+        raise ModelFileError(
+            f"expected an ONNX model file, got {str(path)!r} (no such file); check the path"
+        )
+    # ORT's own exceptions (InvalidProtobuf, NoSuchFile, Fail, ...) derive from Exception
+    # only, not from RuntimeError.
+    refusals = tuple(
+        v for v in vars(ort_state).values() if isinstance(v, type) and issubclass(v, Exception)
+    )
+    try:
+        return ort.InferenceSession(
+            str(path), options, providers=providers or ["CPUExecutionProvider"]
+        )
+    except refusals as e:
+        raise ModelFileError(
+            f"expected an ONNX model that ONNX Runtime loads, got {str(path)!r}, which it "
+            f"refuses ({' '.join(str(e).split())}); pass the .onnx file `python -m export` wrote"
+        ) from e
+
+
+def _sample_shape(path: Path, tensor: Any) -> tuple[int, ...]:
+    shape = tuple(d if isinstance(d, int) else None for d in tensor.shape[1:])
+    if None in shape:
+        raise ModelFileError(
+            f"expected static sample dims in {path}, got {tensor.shape}; export with a "
+            "fixed input shape"
+        )
+    return shape  # type: ignore[return-value]
+
+
+def check_model_file(path: Path) -> tuple[int, ...]:
+    """The per-sample input shape of the ONNX file at ``path``, loaded once on the CPU
+    provider; ModelFileError saying what to do when it cannot serve as the baseline."""
+    session = _session(path)
+    return _sample_shape(path, session.get_inputs()[0])
+
+
 def measure_in_process(
     path: Path,
     batches: tuple[int, ...],
@@ -77,19 +124,14 @@ def measure_in_process(
             with contextlib.suppress(Exception):
                 ort.preload_dlls()
             providers.insert(0, "CUDAExecutionProvider")
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = _session(path, options, providers)
         if session.get_providers()[0] != providers[0]:
             raise RuntimeError(
                 f"expected {providers[0]} for the in-process baseline, got "
                 f"{session.get_providers()}; check the GPU set-up or pass --baseline-device cpu"
             )
         (tensor,) = session.get_inputs()
-        shape = [d if isinstance(d, int) else None for d in tensor.shape[1:]]
-        if None in shape:
-            raise ValueError(
-                f"expected static sample dims in {path}, got {tensor.shape}; export with a "
-                "fixed input shape"
-            )
+        shape = _sample_shape(path, tensor)
         for batch in batches:
             x = rng.random((batch, *shape), dtype=np.float32)
             session.run(None, {tensor.name: x})

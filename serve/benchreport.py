@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 from serve.benchenv import InProcess
@@ -102,6 +104,38 @@ def table(result: dict) -> str:
             f"{_num(server['rss_end_mb'], 1)} MiB after load; exit code {server['exit_code']}"
         )
     return "\n".join(lines)
+
+
+def check_plot_path(path: Path) -> None:
+    """ValueError saying what to do when ``plot`` could not write ``path``, checked before any
+    load runs. Without matplotlib the check stops at the folder; ``plot`` says it is missing."""
+    folder = path.parent
+    if path.is_dir():
+        raise ValueError(
+            f"expected a file for --plot, got the directory {str(path)!r}; pass e.g. "
+            f"{str(path / 'bench.png')!r}"
+        )
+    if not folder.is_dir():
+        raise ValueError(
+            f"expected --plot in an existing directory, got {str(path)!r}, and "
+            f"{str(folder)!r} is not a directory; create it or pick another path"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"expected --plot in a writable directory, got {str(path)!r} in read-only "
+            f"{str(folder)!r}; pick another path"
+        )
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = path.suffix[1:].lower()
+    if suffix and suffix not in formats:  # no suffix: matplotlib adds .png
+        raise ValueError(
+            f"expected --plot with a suffix matplotlib writes ({', '.join(sorted(formats))}), "
+            f"got {path.suffix!r}; use e.g. .png"
+        )
 
 
 def plot(result: dict, path: Path) -> None:

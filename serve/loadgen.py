@@ -43,14 +43,19 @@ class Load:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"expected concurrency >= 1, got {self.concurrency}; pass 1 or more")
-        if self.rate is not None and not self.rate > 0:
+        # Written so that NaN fails every check: comparisons with NaN are False.
+        if self.rate is not None and not 0 < self.rate < math.inf:
             raise ValueError(f"expected --rate > 0 requests/s, got {self.rate}; pass e.g. 500")
         if self.images < 1:
             raise ValueError(f"expected --images >= 1 per request, got {self.images}")
-        if not self.seconds > 0 or self.warmup < 0:
+        if not (0 < self.seconds < math.inf and 0 <= self.warmup < math.inf):
             raise ValueError(
                 f"expected --seconds > 0 and --warmup >= 0, got {self.seconds} and "
                 f"{self.warmup}; pass e.g. --seconds 10 --warmup 2"
+            )
+        if not 0 < self.timeout < math.inf:
+            raise ValueError(
+                f"expected --timeout > 0 seconds per call, got {self.timeout}; pass e.g. 30"
             )
 
     @property
@@ -85,6 +90,32 @@ class Outcome:
         return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
+# The channel's send limit (``channel``), and a bound on the payloads held in memory.
+MAX_REQUEST_BYTES = 256 * 1024 * 1024
+MAX_PAYLOAD_BYTES = 4 * 1024**3
+
+
+def check_payload(sample_shape: tuple[int, ...], images: int, distinct: int) -> int:
+    """The bytes of one request of ``images`` float32 samples; ValueError, saying what to
+    lower, when one request is above the channel's send limit or the ``distinct`` payloads
+    together would hold more than ``MAX_PAYLOAD_BYTES`` of memory."""
+    request = images * math.prod(sample_shape) * 4
+    shape = "×".join(map(str, sample_shape))
+    if request > MAX_REQUEST_BYTES:
+        raise ValueError(
+            f"expected a request of at most {MAX_REQUEST_BYTES / 2**20:.0f} MiB, got "
+            f"{images} images of {shape} float32 = {request / 2**20:.1f} MiB; lower --images"
+        )
+    if distinct * request > MAX_PAYLOAD_BYTES:
+        raise ValueError(
+            f"expected at most {MAX_PAYLOAD_BYTES / 2**30:.0f} GiB of request payloads, got "
+            f"--distinct {distinct} × {request / 2**20:.1f} MiB "
+            f"({images} images of {shape}) = {distinct * request / 2**30:.1f} GiB; lower "
+            "--distinct or --images"
+        )
+    return request
+
+
 def infer_requests(
     model: str, input_name: str, sample_shape: tuple[int, ...], images: int, distinct: int
 ) -> list[bytes]:
@@ -100,7 +131,7 @@ def infer_requests(
     return out
 
 
-def channel(target: str, max_message_bytes: int = 256 * 1024 * 1024) -> aio.Channel:
+def channel(target: str, max_message_bytes: int = MAX_REQUEST_BYTES) -> aio.Channel:
     """An insecure aio channel with message limits large enough for 224×224 batches."""
     return aio.insecure_channel(
         target,

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serve import bench
 from serve.background import BackgroundServer
-from serve.benchenv import InProcess
+from serve.benchenv import InProcess, measure_in_process
 from serve.loadgen import Load, Outcome
 from tests.serve.conftest import free_port
 
@@ -153,3 +153,115 @@ def test_load_checks_and_percentiles() -> None:
     assert outcome.percentile(99) == 0.004
     assert outcome.throughput == 4.0
     assert Outcome(Load()).percentile(50) is None
+
+
+def _junk(tmp_path: Path) -> Path:
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"\x80\x02not an onnx model" * 8)
+    return junk
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--timeout", "0"], "--timeout > 0"),
+        (["--timeout", "-1"], "--timeout > 0"),
+        (["--timeout", "nan"], "--timeout > 0"),
+        (["--warmup", "nan"], "--warmup >= 0"),
+        (["--seconds", "inf"], "--seconds > 0"),
+        (["--rate", "inf"], "--rate > 0"),
+        (["--baseline-seconds", "nan"], "--baseline-seconds > 0"),
+        (["--baseline-seconds", "0"], "--baseline-seconds > 0"),
+        (["--baseline-threads", "-1"], "--baseline-threads >= 0"),
+        (["--distinct", "0"], "--distinct >= 1"),
+        (["--channels", "-1"], "--channels >= 1"),
+        (["--metrics-url", "notaurl"], "expected --metrics-url http(s)://"),
+        (["--metrics-url", "http://localhost:port/metrics"], "expected --metrics-url http(s)://"),
+        (["--plot", "/nonexistent/x.png"], "existing directory"),
+        (["--model-file", "{tmp}/nope.onnx"], "--model-file: expected an ONNX model file"),
+        (["--model-file", "{junk}"], "--model-file: expected an ONNX model that ONNX Runtime"),
+    ],
+)
+def test_usage_errors_exit_2_before_any_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    flags = [f.format(tmp=tmp_path, junk=_junk(tmp_path)) for f in flags]
+    with pytest.raises(SystemExit) as caught:
+        bench.main([f"127.0.0.1:{free_port()}", "--model", "m", *flags])
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plot_suffix_matplotlib_cannot_write_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit) as caught:
+        bench.main([f"127.0.0.1:{free_port()}", "--model", "m", "--plot", str(tmp_path / "x.xyz")])
+    assert caught.value.code == 2
+    assert "suffix matplotlib writes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--images", "100000000"], "expected a request of at most 256 MiB"),
+        (["--images", "300000", "--distinct", "100"], "lower --distinct or --images"),
+        (["--model-file", "{junk}"], "--model-file: expected an ONNX model that ONNX Runtime"),
+    ],
+)
+def test_spawn_refuses_before_starting_anything(
+    classifier_path: Path, tmp_path: Path, flags: list[str], message: str
+) -> None:
+    flags = [f.format(junk=_junk(tmp_path)) for f in flags]
+    done = _bench("--spawn", str(classifier_path), *flags, timeout=60)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "spawning" not in done.stderr and "in-process" not in done.stderr
+
+
+def test_spawn_of_a_file_onnx_runtime_refuses_is_a_usage_error(tmp_path: Path) -> None:
+    done = _bench("--spawn", str(_junk(tmp_path)), timeout=60)
+    assert done.returncode == 2
+    assert "--spawn: expected an ONNX model that ONNX Runtime loads" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_in_process_baseline_refusal_is_a_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no such file"):
+        measure_in_process(tmp_path / "nope.onnx", (1,), 0.1)
+    with pytest.raises(ValueError, match=r"INVALID_PROTOBUF.*python -m export"):
+        measure_in_process(_junk(tmp_path), (1,), 0.1)
+
+
+@pytest.mark.parametrize("api", ["unary", "stream"])
+def test_request_over_the_servers_message_limit(
+    start_server: Callable[..., BackgroundServer], capsys: pytest.CaptureFixture[str], api: str
+) -> None:
+    server = start_server(max_message_bytes=1024)  # the tiny model's image: 3×8×8×4 = 768 B
+    argv = [f"127.0.0.1:{server.port}", "--model", "tiny", "--api", api, "-c", "1",
+            "--seconds", "0.2", "--warmup", "0", "--distinct", "1"]  # fmt: skip
+    assert bench.main([*argv, "--images", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "request of 8 images" in err and "exceeds the server's message limit" in err
+    assert "lower --images" in err and "--max-message-bytes" in err
+    # Known only from the server's metadata (no --model-file): refused before any payload.
+    assert bench.main([*argv, "--images", "100000000"]) == 2
+    assert "lower --images" in capsys.readouterr().err
+
+
+def test_plot_write_failure_after_the_run_is_one_line(
+    start_server: Callable[..., BackgroundServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = start_server()
+    plot = tmp_path / "bench.png"
+    plot.symlink_to(tmp_path / "gone" / "bench.png")  # passes the check, fails the write
+    argv = [f"127.0.0.1:{server.port}", "--model", "tiny", "-c", "1", "--seconds", "0.2",
+            "--warmup", "0", "--distinct", "1", "--plot", str(plot)]  # fmt: skip
+    assert bench.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "c=1" in captured.out  # the report itself is complete
+    (line,) = [x for x in captured.err.splitlines() if x.startswith("error:")]
+    assert "plot" in line or "matplotlib" in line
