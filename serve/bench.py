@@ -382,14 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # grpc.aio raises AioRpcError when the server is unreachable
-        if type(e).__name__ != "AioRpcError":
-            raise
-        print(
-            f"error: the server at {config.target} did not answer ({e.code().name}: "
-            f"{e.details()}); check HOST:PORT, --model and that `python -m serve` is running",
-            file=sys.stderr,
-        )
+    except grpc.aio.AioRpcError as e:  # the server is unreachable or refused the first call
+        if config.target:
+            where = f"the server at {config.target}"
+            hint = "check HOST:PORT, --model and that `python -m serve` is running"
+        else:
+            where = f"the server spawned for {config.spawn}"
+            hint = "check --model and the server's log above"
+        print(f"error: {where} did not answer ({e.code().name}: {e.details()}); {hint}",
+              file=sys.stderr)  # fmt: skip
         return 1
     if args.json:
         print(json.dumps(result, indent=2))

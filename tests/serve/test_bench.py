@@ -133,6 +133,17 @@ def test_usage_and_unreachable_server(tmp_path: Path) -> None:
     assert "check HOST:PORT" in done.stderr
 
 
+def test_spawned_server_refusing_the_model_name(
+    classifier_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--spawn", str(classifier_path), "--model", "nope", "-c", "1", *BRIEF]
+    assert bench.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: the server spawned for {classifier_path} did not answer "
+                          "(NOT_FOUND: "), err  # fmt: skip
+    assert err.endswith("check --model and the server's log above"), err
+
+
 def test_baseline_keeps_the_faster_measurement_per_batch_size() -> None:
     slow = InProcess({1: 100.0, 4: 300.0}, {1: 0.01, 4: 0.0133}, {1: 1, 4: 0})
     fast = InProcess({1: 150.0, 4: 250.0}, {1: 0.0067, 4: 0.016}, {1: 0, 4: 1})
