@@ -53,9 +53,7 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return Checkpoint(path, digest, "safetensors", _load_safetensors(path))
     if _is_torchscript(path):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript archives still exist
-            module = torch.jit.load(str(path), map_location="cpu")
+        module = _load_torchscript(path)
         return Checkpoint(path, digest, "torchscript", module.state_dict(), module=module)
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
@@ -156,7 +154,23 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
         return False
-    with zipfile.ZipFile(path) as z:
-        return any(name.endswith("/constants.pkl") or "/code/" in name for name in z.namelist())
+    return any(name.endswith("/constants.pkl") or "/code/" in name for name in names)
+
+
+def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript archives still exist
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:  # a damaged archive fails in torch's C++ reader in many ways
+        lines = str(e).strip().splitlines()
+        raise UsageError(
+            f"expected a readable TorchScript archive, got {path} which torch.jit.load cannot "
+            f"read ({type(e).__name__}: {lines[0][:200] if lines else ''}); save the model again "
+            "with torch.jit.save, or pass its state_dict saved with torch.save"
+        ) from e

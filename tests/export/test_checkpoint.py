@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import zipfile
 from pathlib import Path
 
 import onnx
@@ -130,3 +131,24 @@ def test_torchscript_that_is_no_zoo_network(tmp_path: Path) -> None:
     assert result.arch == "TinyNet"
     assert result.num_classes == 3
     assert result.exporter == "legacy"
+
+
+def test_damaged_torchscript_archive(tmp_path: Path) -> None:
+    good = tmp_path / "scripted.pt"
+    save_scripted(user_models.TinyNet(), good)
+    damaged = tmp_path / "ts_bad.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(damaged, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if "/code/" in info.filename and info.filename.endswith(".py"):
+                data = data[:20] + b"\xff" * 100 + data[120:]
+            dst.writestr(info, data)
+    # A zip with a code/ entry that torch.jit.save never wrote (no version record).
+    impostor = tmp_path / "impostor.pt"
+    with zipfile.ZipFile(impostor, "w") as z:
+        z.writestr("impostor/code/model.py", "def forward(x):\n    return x\n")
+    for path in (damaged, impostor):
+        with pytest.raises(UsageError, match="expected a readable TorchScript archive") as info:
+            export_checkpoint(ExportConfig(checkpoint=path, input_shape=(3, 8, 8)))
+        assert str(path) in str(info.value)
+        assert "\n" not in str(info.value)
