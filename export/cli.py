@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "checkpoint", type=Path, help="checkpoint (.ckpt/.pt/.pth, .safetensors, TorchScript)"
     )
-    p.add_argument("-o", "--output", type=Path, help="output .onnx path (default: CKPT with .onnx)")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="output .onnx path, or an existing directory (default: CKPT with .onnx)",
+    )
     p.add_argument("--arch", help=f"zoo name ({', '.join(architectures())}) or module.path:factory")
     p.add_argument("--input-shape", metavar="C,H,W", help="input shape without the batch axis")
     p.add_argument("--labels", type=Path, metavar="FILE", help="class labels, one per line")
@@ -48,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="allow checkpoints holding pickled objects (runs code from the file)",
+        help="allow checkpoints holding pickled objects, or an arch entry naming "
+        "module.path:factory (runs code the file chose)",
     )
     return p
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.errors import UsageError
 from export.onnx_export import EXPORTERS, MIN_OPSET
+
+# Parity runs batches of 32 of the input (DESIGN.md), so this bound keeps the largest input
+# batch at 2 GiB of float32 before any activation; 3×2048×2048 and 1×4096×4096 still fit.
+MAX_INPUT_VALUES = 2**24
+_SEPARATORS = tuple(sep for sep in (os.sep, os.altsep) if sep)
 
 
 @dataclass(frozen=True)
@@ -26,9 +33,13 @@ class ExportConfig:
     sample: Path | None = None
     trust_pickle: bool = False
     exporter: str = "auto"
+    # `-o models/` names a directory even before it exists; Path() drops the trailing slash.
+    output_is_dir: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint", Path(self.checkpoint))
+        if isinstance(self.output, str) and self.output.endswith(_SEPARATORS):
+            object.__setattr__(self, "output_is_dir", True)
         for name in ("output", "labels_file", "sample"):
             value = getattr(self, name)
             if value is not None:
@@ -46,14 +57,27 @@ class ExportConfig:
                 f"expected --input-shape C,H,W with three positive integers, got "
                 f"{self.input_shape}; e.g. --input-shape 3,224,224"
             )
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise UsageError(f"expected --std values > 0, got {self.std}")
+        if self.input_shape is not None and math.prod(self.input_shape) > MAX_INPUT_VALUES:
+            shape = ",".join(map(str, self.input_shape))
+            raise UsageError(
+                f"expected --input-shape with at most {MAX_INPUT_VALUES:,} values per sample "
+                f"(e.g. 3,2048,2048), got {shape} = {math.prod(self.input_shape):,}; parity runs "
+                "batches of 32 of it, which would not fit in memory; pass a smaller --input-shape"
+            )
+        if self.mean is not None and not all(math.isfinite(m) for m in self.mean):
+            raise UsageError(
+                f"expected finite --mean values, got {self.mean}; e.g. --mean 0.485,0.456,0.406"
+            )
+        if self.std is not None and not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise UsageError(
+                f"expected finite --std values > 0, got {self.std}; e.g. --std 0.229,0.224,0.225"
+            )
 
     @property
     def output_path(self) -> Path:
         if self.output is None:
             return self.checkpoint.with_suffix(".onnx")
-        if self.output.is_dir():
+        if self.output_is_dir or self.output.is_dir():
             return self.output / (self.checkpoint.stem + ".onnx")
         return self.output
 

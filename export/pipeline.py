@@ -48,8 +48,9 @@ def export_checkpoint(config: ExportConfig) -> ExportResult:
     started = time.perf_counter()
     output, report_path = config.output_path, config.report_path
     _check_writable(output.parent)
+    _check_outputs(config.checkpoint, output, report_path)
     checkpoint = load_checkpoint(config.checkpoint, trust_pickle=config.trust_pickle)
-    resolved = resolve(checkpoint, config.arch)
+    resolved = resolve(checkpoint, config.arch, trust_pickle=config.trust_pickle)
     frozen = freeze(resolved.model)
     notes = []
     if frozen.untrained_batchnorms:
@@ -149,6 +150,22 @@ def _check_writable(directory: Path) -> None:
         )
 
 
+def _check_outputs(checkpoint: Path, output: Path, report_path: Path) -> None:
+    """Refuse outputs that would destroy the checkpoint or something that is not a file."""
+    for role, path in (("output", output), ("parity report", report_path)):
+        if checkpoint.exists() and path.exists() and os.path.samefile(path, checkpoint):
+            raise UsageError(
+                f"expected the {role} to be a new file, got {path}, which is the checkpoint "
+                f"{checkpoint} itself; pass -o with another .onnx path"
+            )
+        if path.exists() and not path.is_file():
+            kind = "a directory" if path.is_dir() else "a special file (device, pipe or socket)"
+            raise UsageError(
+                f"expected the {role} {path} to be a regular file or a new path, got {kind}; "
+                "pass -o with another .onnx path"
+            )
+
+
 def _input_shape(config: ExportConfig, resolved: Resolved) -> tuple[int, int, int]:
     if config.input_shape is not None:
         shape = config.input_shape
@@ -232,7 +249,12 @@ def _sample(path: Path | None, input_shape: tuple[int, int, int]) -> np.ndarray 
     if path is None:
         return None
     try:
-        array = np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                array = _only_array(loaded, path)
+        else:
+            array = loaded
     except (OSError, ValueError) as e:
         raise UsageError(f"expected --sample to be a .npy file, got {path}: {e}") from e
     if array.shape == input_shape:
@@ -244,9 +266,35 @@ def _sample(path: Path | None, input_shape: tuple[int, int, int]) -> np.ndarray 
         )
     if not np.issubdtype(array.dtype, np.number):
         raise UsageError(f"expected a numeric --sample array, got dtype {array.dtype}")
-    return array.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf
+        array = array.astype(np.float32)
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        # Parity on NaN or inf would blame the model for what is wrong with the input.
+        raise UsageError(
+            f"expected finite values in --sample {path}, got {bad} NaN or infinite value(s) "
+            "(as float32); save the preprocessed inputs without them"
+        )
+    return array
+
+
+def _only_array(npz: np.lib.npyio.NpzFile, path: Path) -> np.ndarray:
+    """A .npz sample is accepted when it holds exactly one array (np.savez(path, x))."""
+    if len(npz.files) != 1:
+        raise UsageError(
+            f"expected --sample to be a .npy file or a .npz holding one array, got {path} with "
+            f"{len(npz.files)} arrays ({', '.join(npz.files[:5])}); save the inputs alone with "
+            "np.save(path, inputs)"
+        )
+    return npz[npz.files[0]]
 
 
 def _write_report(path: Path, parity: ParityReport, arch: str, exporter: str) -> None:
     report = {"arch": arch, "exporter": exporter, **parity.to_dict()}
-    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    try:
+        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise UsageError(
+            f"expected to write the parity report {path}, got {e.strerror or e}; "
+            "pass -o with a path whose directory you can write"
+        ) from e

@@ -56,15 +56,25 @@ class Resolved:
     spec: ArchSpec | None
 
 
-def resolve(checkpoint: Checkpoint, arch: str | None) -> Resolved:
+def resolve(checkpoint: Checkpoint, arch: str | None, *, trust_pickle: bool = False) -> Resolved:
     """Build the network: `arch` (a zoo name or `module.path:factory`), else the checkpoint's
-    own `arch` entry, else the zoo architecture whose keys and shapes fit the weights."""
+    own `arch` entry, else the zoo architecture whose keys and shapes fit the weights.
+
+    A `module.path:factory` entry read from the checkpoint is imported only with `trust_pickle`:
+    importing runs code, and the file, not the user, would have chosen which.
+    """
     name = arch or checkpoint.arch
+    source = "--arch" if arch else f"the checkpoint's 'arch' entry in {checkpoint.path}"
     if name is not None and ":" in name:
-        return _build_factory(name, checkpoint)
+        if not arch and not trust_pickle:
+            raise UsageError(
+                f"expected a zoo name in the checkpoint's 'arch' entry in {checkpoint.path}, got "
+                f"{name!r}, a module to import (that runs code the file chose); pass --arch "
+                f"{name} if you trust that module, or --trust-pickle if you trust the file"
+            )
+        return _build_factory(name, checkpoint, source)
     zoo = architectures()
     if name is not None and name not in zoo:
-        source = "--arch" if arch else f"the checkpoint's 'arch' entry in {checkpoint.path}"
         raise UsageError(
             f"expected an architecture from the zoo ({', '.join(zoo)}) or module.path:factory, "
             f"got {name!r} from {source}; pass --arch with one of these"
@@ -141,8 +151,8 @@ def _as_float32(tensor: Tensor) -> Tensor:
     return tensor.float() if tensor.is_floating_point() else tensor
 
 
-def _build_factory(target: str, checkpoint: Checkpoint) -> Resolved:
-    factory = _import_factory(target)
+def _build_factory(target: str, checkpoint: Checkpoint, source: str) -> Resolved:
+    factory = _import_factory(target, source)
     params = _parameters(factory)
     guesses = _guess_sizes(checkpoint.state_dict)
     kwargs = {k: v for k, v in guesses.items() if k in params and v is not None}
@@ -173,22 +183,39 @@ def _build_factory(target: str, checkpoint: Checkpoint) -> Resolved:
     return Resolved(target, model, kwargs.get("num_classes"), kwargs.get("in_channels"), None)
 
 
-def _import_factory(target: str) -> Callable[..., object]:
+def _import_factory(target: str, source: str) -> Callable[..., object]:
+    """Import `module.path:factory`; `source` says where the name came from, for messages."""
     module_name, _, attr = target.partition(":")
+    if not (all(part.isidentifier() for part in module_name.split(".")) and attr.isidentifier()):
+        raise UsageError(
+            f"expected module.path:factory (an absolute module path, a colon, a name), got "
+            f"{target!r} from {source}; e.g. --arch mypkg.nets:build"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise UsageError(
-            f"expected an importable module for --arch {target}, got {type(e).__name__}: {e}; "
-            "run from the directory that holds it or add it to PYTHONPATH"
+            f"expected an importable module for {target} from {source}, got "
+            f"{type(e).__name__}: {_first_line(e)}; run from the directory that holds it or add "
+            "it to PYTHONPATH"
+        ) from e
+    except Exception as e:  # SyntaxError, or anything the module raises while it is imported
+        raise UsageError(
+            f"expected module {module_name} (for {target} from {source}) to import, got "
+            f"{type(e).__name__}: {_first_line(e)}; fix the error in that module"
         ) from e
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(
-            f"expected a callable {attr!r} in module {module_name}, got "
-            f"{type(factory).__name__}; pass --arch module.path:function_or_class"
+            f"expected a callable {attr!r} in module {module_name} (for {target} from {source}), "
+            f"got {type(factory).__name__}; pass --arch module.path:function_or_class"
         )
     return factory
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else ""
 
 
 def _parameters(factory: Callable[..., object]) -> set[str]:

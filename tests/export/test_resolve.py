@@ -97,3 +97,45 @@ def test_user_factory_weights_must_fit(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(UsageError, match=r"unexpected extra\.weight"):
         export_checkpoint(ExportConfig(checkpoint=path, arch="user_models:tiny_net",
                                        input_shape=(3, 8, 8)))  # fmt: skip
+
+
+def test_factory_named_by_checkpoint_is_not_imported_unasked(run_main, tmp_path: Path) -> None:
+    # The file, not the user, would choose which module runs: a security problem.
+    planted = tmp_path / "planted_arch.py"
+    planted.write_text(
+        "from pathlib import Path\n"
+        "Path(__file__).with_name('imported').touch()\n"
+        "from user_models import tiny_net\n"
+    )
+    state = user_models.trained_state(user_models.TinyNet())
+    path = tmp_path / "tagged.ckpt"
+    torch.save({"arch": "planted_arch:tiny_net", "state_dict": state}, path)
+
+    done = run_main(path, "--input-shape", "3,8,8", extra_path=tmp_path)
+    assert done.returncode == 2, done.stderr
+    for phrase in ("'arch' entry", str(path), "--arch planted_arch:tiny_net", "--trust-pickle"):
+        assert phrase in done.stderr
+    assert not (tmp_path / "imported").exists()
+
+    done = run_main(path, "--input-shape", "3,8,8", "--trust-pickle", extra_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "exported planted_arch:tiny_net" in done.stdout
+    assert (tmp_path / "imported").exists()
+    done = run_main(path, "--input-shape", "3,8,8", "--arch", "planted_arch:tiny_net",
+                    "-o", tmp_path / "explicit.onnx", extra_path=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("arch", ["this:s", "no_such_module_here:Net"])
+def test_bad_factory_from_checkpoint_names_the_checkpoint(
+    run_main, small_ckpt, tmp_path: Path, arch: str
+) -> None:
+    _, state = small_ckpt
+    path = tmp_path / "tagged.ckpt"
+    torch.save({"arch": arch, "state_dict": state}, path)
+    done = run_main(path, "--trust-pickle")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"the checkpoint's 'arch' entry in {path}" in done.stderr
+    assert "--arch " + arch not in done.stderr
+    assert "from --arch" not in done.stderr
