@@ -54,6 +54,7 @@ class ServerConfig:
         _check_range("--instances", self.instances, 1, 64)
         _check_range("--intra-op-threads", self.intra_op_threads, 0, 1024)
         _check_range("--max-message-bytes", self.max_message_bytes, 1024, 2**31 - 1)
+        _check_range("--max-image-pixels", self.max_image_pixels, 1, 2**31 - 1)
         if not self.grace >= 0:
             raise ValueError(f"expected --grace >= 0 seconds, got {self.grace}; pass e.g. 30")
         if self.device not in DEVICES:

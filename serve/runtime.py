@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_c
 
 from serve.model_info import ModelInfo
 
 _log = logging.getLogger(__name__)
+
+# ONNX Runtime raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...), none of them
+# a RuntimeError; bench and server catch them through this tuple.
+ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    v for v in vars(_ort_c).values() if isinstance(v, type) and issubclass(v, Exception)
+)
+# Of those, the ones that mean the device failed, not the model.
+_DEVICE_ERRORS = ("EPFail", "DeviceReset", "EngineError")
+# "/onnxruntime_src/onnxruntime/core/graph/model.cc:256 onnxruntime::Model::Model(...) "
+_SOURCE_LOCATION = re.compile(r"\S*/onnxruntime\S*\.(?:cc|cpp|h):\d+ (?:[\w:~<>]+\(.*?\) )?")
 
 
 def buckets_for(max_batch: int) -> tuple[int, ...]:
@@ -64,6 +76,60 @@ def _providers(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def ort_reason(error: Exception) -> str:
+    """ONNX Runtime's message on one line, without its status prefix and C++ source location."""
+    text = " ".join(str(error).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from .*? failed:", "", text)
+    text = text.replace("Status Message: ", "").replace("Name:'' ", "")
+    text = _SOURCE_LOCATION.sub("", text).strip()
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
+def _load_hint(path: Path, reason: str) -> str:
+    ir = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", reason)
+    if ir:
+        return (
+            f"re-save it with ir_version {ir.group(2)} (m = onnx.load({str(path)!r}); "
+            f"m.ir_version = {ir.group(2)}; onnx.save(m, {str(path)!r})), re-export it with "
+            "`python -m export`, or upgrade onnxruntime"
+        )
+    if "No Op registered" in reason or "opset" in reason.lower():
+        return (
+            f"export it with standard ONNX operators at an opset onnxruntime {ort.__version__} "
+            "supports (`python -m export`), or upgrade onnxruntime"
+        )
+    return "re-export it with `python -m export` or check it with onnx.checker.check_model"
+
+
+def _device_failure(path: Path, error: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"expected onnxruntime to run {path} on its execution provider, got "
+        f"{type(error).__name__}: {ort_reason(error)}; check the GPU driver and CUDA libraries "
+        "or pass --device cpu"
+    )
+
+
+def open_session(
+    path: Path, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    """An ONNX Runtime session of the model file at ``path``.
+
+    Raises ValueError when ONNX Runtime refuses the model (one line naming the file and what to
+    do), RuntimeError when the execution provider fails.
+    """
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except ORT_ERRORS as e:
+        if type(e).__name__ in _DEVICE_ERRORS:
+            raise _device_failure(path, e) from e
+        reason = ort_reason(e)
+        raise ValueError(
+            f"expected a model onnxruntime {ort.__version__} can load at {path}, got "
+            f"{type(e).__name__}: {reason}; {_load_hint(path, reason)}"
+        ) from e
+
+
 class Runtime:
     """One ONNX Runtime session of one model, with its batch buckets warmed up.
 
@@ -90,7 +156,7 @@ class Runtime:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # CUDA-provider creation failures are reported below
         requested = _providers(device)
-        self.session = ort.InferenceSession(str(info.path), options, providers=requested)
+        self.session = open_session(info.path, options, requested)
         active = self.session.get_providers()
         self.provider = active[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
@@ -128,9 +194,39 @@ class Runtime:
         return bucket_for(rows, self.buckets) if self.pads else rows
 
     def warm_up(self) -> None:
-        """Run every bucket once so no request pays for first-shape setup."""
+        """Run every bucket once so no request pays for first-shape setup.
+
+        Raises ValueError naming the model file when a bucket fails to run or gives logits of
+        another shape than [batch, num_classes].
+        """
+        ran: list[int] = []
         for size in self.buckets:
-            self.run(np.zeros((size, *self.info.sample_shape), dtype=np.float32))
+            try:
+                logits = self.run(np.zeros((size, *self.info.sample_shape), dtype=np.float32))
+            except ORT_ERRORS as e:
+                if type(e).__name__ in _DEVICE_ERRORS:
+                    raise _device_failure(self.info.path, e) from e
+                raise self._refusal(size, ran, f"{type(e).__name__}: {ort_reason(e)}") from e
+            expected = (size, self.info.num_classes)
+            if tuple(logits.shape) != expected:
+                raise self._refusal(size, ran, f"logits of shape {list(logits.shape)}")
+            ran.append(size)
+
+    def _refusal(self, size: int, ran: list[int], got: str) -> ValueError:
+        path, classes = self.info.path, self.info.num_classes
+        if ran:  # smaller batches ran: the batch size is the problem
+            return ValueError(
+                f"expected the model {path} to run at batch size {size} (a bucket up to "
+                f"--max-batch-size {self.max_batch}), got {got}; the model does not accept batch "
+                f"size {size}: export it with a dynamic batch axis (`python -m export`) or pass "
+                f"--max-batch-size {ran[-1]}"
+            )
+        return ValueError(
+            f"expected the model {path} to give logits [{size}, {classes}] for a batch "
+            f"[{size}, {', '.join(map(str, self.info.sample_shape))}] ({classes} classes from its "
+            f"output shape or metadata num_classes), got {got}; fix the graph or its metadata "
+            "and re-export it with `python -m export`"
+        )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits [N, K] for a float32 batch [N, *sample_shape]; N from ``batch_size``."""

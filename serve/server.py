@@ -171,7 +171,11 @@ class Server:
         await self.health.enter_graceful_shutdown()
         for name in self.state.models:
             self.metrics.model_ready(name, False)
-        _log.info("draining: %d requests in flight, grace %.1f s", self.state.in_flight, grace)
+        # After a failed start there is nothing to drain: those lines would only precede the
+        # error that says what went wrong.
+        level = logging.INFO if self.state.ready else logging.DEBUG
+        in_flight = self.state.in_flight
+        _log.log(level, "draining: %d requests in flight, grace %.1f s", in_flight, grace)
         if not await self.state.wait_quiet(_QUIET_S, grace):
             _log.warning(
                 "grace period over with %d requests in flight; cancelling them",
@@ -182,7 +186,7 @@ class Server:
         for model in self.state.models.values():
             await model.batcher.close()
         self.metrics.close()
-        _log.info("stopped")
+        _log.log(level, "stopped")
 
     async def __aenter__(self) -> Server:
         try:

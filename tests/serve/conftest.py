@@ -151,3 +151,23 @@ def plant_counting_bug(server: BackgroundServer, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(state, "record", record_with_a_bug)
     return fired
+
+
+def make_reshape_model(path: Path, *, shape: list[int], declared_classes: int) -> Path:
+    """Write input [batch,3,4,4] → Reshape(``shape``) → logits declared [batch, declared_classes].
+
+    ``shape=[1, 48]`` only runs at batch size 1; ``shape=[-1, 48]`` computes 48 classes whatever
+    the output declares. Not checked with onnx.checker: its shape inference would object.
+    """
+    shape_init = numpy_helper.from_array(np.array(shape, dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["logits"])],
+        "reshape",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", declared_classes])],
+        initializer=[shape_init],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path

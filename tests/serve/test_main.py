@@ -9,11 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import tritonclient.grpc as tc
 
 from serve.client import Client
-from tests.serve.conftest import free_port
+from serve.config import ServerConfig
+from tests.serve.conftest import free_port, make_reshape_model
 from tests.serve.procs import ServeProcess
 
 
@@ -104,3 +106,28 @@ def test_a_busy_port_is_reported(classifier_path: Path, tmp_path: Path) -> None:
         done = _run(*_args(port, str(classifier_path)))
     assert done.returncode == 1
     assert "--port" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("pixels", [-5, 0])
+def test_max_image_pixels_must_be_positive(classifier_path: Path, pixels: int) -> None:
+    with pytest.raises(ValueError, match="--max-image-pixels"):
+        ServerConfig(models=(classifier_path,), max_image_pixels=pixels)
+
+
+def test_models_onnx_runtime_refuses_exit_2_with_one_line(
+    classifier_path: Path, tmp_path: Path
+) -> None:
+    model = onnx.load(str(classifier_path))
+    model.ir_version = 99  # saved by a newer onnx than this onnxruntime reads
+    too_new = tmp_path / "too_new.onnx"
+    onnx.save(model, str(too_new))
+    batch_1 = make_reshape_model(tmp_path / "batch_1.onnx", shape=[1, 48], declared_classes=48)
+    cases = {too_new: "ir_version", batch_1: "--max-batch-size 1"}
+    for path, fragment in cases.items():
+        done = _run(*_args(free_port(), str(path)))
+        assert done.returncode == 2, (path.name, done.stderr)
+        assert fragment in done.stderr and str(path) in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+        # The server never served: no drain report before the error.
+        assert "draining" not in done.stderr and "stopped" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1].split()[1] == "ERROR", done.stderr

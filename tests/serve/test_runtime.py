@@ -7,10 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from serve.model_info import read_model_info
 from serve.runtime import Runtime
+from tests.serve.conftest import make_reshape_model
 
 
 def _runtime(path: Path, io_binding: bool) -> Runtime:
@@ -61,3 +64,62 @@ def test_bound_runs_from_threads_keep_their_own_buffers(classifier_path: Path) -
         results = list(pool.map(bound.run, batches))
     for batch, got in zip(batches, results, strict=True):
         np.testing.assert_array_equal(got, plain.run(batch))
+
+
+# --- models ONNX Runtime refuses: one ValueError naming the file and what to do ----------------
+
+
+def test_a_model_from_a_newer_onnx_is_refused_with_how_to_resave(
+    classifier_path: Path, tmp_path: Path
+) -> None:
+    model = onnx.load(str(classifier_path))
+    model.ir_version = 99  # beyond any onnxruntime; the onnx package saves it as is
+    path = tmp_path / "new.onnx"
+    onnx.save(model, str(path))
+    info = read_model_info("new", path)
+    with pytest.raises(ValueError, match="IR version: 99") as refused:
+        Runtime(info, device="cpu", max_batch_size=8, intra_op_threads=1)
+    message = str(refused.value)
+    assert str(path) in message and "ir_version" in message and "python -m export" in message
+    assert "\n" not in message and "onnxruntime_src" not in message
+
+
+def test_an_unknown_operator_is_refused(tmp_path: Path) -> None:
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("FooBar", ["input"], ["logits"])],
+        "g",
+        [vi("input", TensorProto.FLOAT, ["batch", 4])],
+        [vi("logits", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    path = tmp_path / "foobar.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ValueError, match="No Op registered for FooBar") as refused:
+        Runtime(read_model_info("foobar", path), device="cpu", max_batch_size=8, intra_op_threads=1)
+    assert str(path) in str(refused.value) and "opset" in str(refused.value)
+
+
+def test_warm_up_refuses_a_model_fixed_to_batch_1(tmp_path: Path) -> None:
+    path = make_reshape_model(tmp_path / "b1.onnx", shape=[1, 48], declared_classes=48)
+    runtime = Runtime(
+        read_model_info("b1", path), device="cpu", max_batch_size=8, intra_op_threads=1
+    )
+    with pytest.raises(ValueError, match="does not accept batch size 2") as refused:
+        runtime.warm_up()
+    message = str(refused.value)
+    assert str(path) in message and "--max-batch-size 1" in message and "\n" not in message
+    # As the message says, it serves with --max-batch-size 1.
+    Runtime(
+        read_model_info("b1", path), device="cpu", max_batch_size=1, intra_op_threads=1
+    ).warm_up()
+
+
+def test_warm_up_refuses_logits_of_another_class_count(tmp_path: Path) -> None:
+    path = make_reshape_model(tmp_path / "lies.onnx", shape=[-1, 48], declared_classes=10)
+    runtime = Runtime(
+        read_model_info("lies", path), device="cpu", max_batch_size=8, intra_op_threads=1
+    )
+    with pytest.raises(ValueError, match=r"logits \[1, 10\].*got logits of shape \[1, 48\]"):
+        runtime.warm_up()
