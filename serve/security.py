@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -35,6 +37,58 @@ def _read(path: Path, what: str, flag: str) -> bytes:
             f"expected a {what} in {str(path)!r}, got an empty file; fill it or fix {flag}"
         )
     return data
+
+
+def _openssl_reason(error: ssl.SSLError) -> str:
+    return re.sub(r" \(_ssl\.c:\d+\)$", "", str(error))
+
+
+def _load_certificates(context: ssl.SSLContext, pem: bytes) -> None:
+    # cadata parses every certificate in the text, as gRPC will when it binds the port.
+    context.load_verify_locations(cadata=pem.decode("latin-1"))
+
+
+# gRPC refuses a bad certificate, key or CA only when binding, as if the port were refused; so
+# they are checked here first, with the same PEM parser (OpenSSL) behind Python's ssl module.
+def _check_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        _load_certificates(context, cert_pem)
+    except ssl.SSLError as e:
+        raise ValueError(
+            f"expected a valid PEM certificate in {str(cert)!r}, got one OpenSSL cannot parse "
+            f"({_openssl_reason(e)}); pass the server certificate (chain) to --tls-cert"
+        ) from e
+    if b"ENCRYPTED" in key_pem:
+        raise ValueError(
+            f"expected an unencrypted private key in {str(key)!r}, got an encrypted one; "
+            "decrypt it (openssl pkey -in KEY -out PLAIN.key) and pass that to --tls-key"
+        )
+    try:
+        # A password callback, so OpenSSL never prompts on the terminal.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as e:
+        if "KEY_VALUES_MISMATCH" in str(e):
+            raise ValueError(
+                f"expected the private key of the certificate {str(cert)!r}, got the key of "
+                f"another pair in {str(key)!r}; pass the key made with that certificate to "
+                "--tls-key"
+            ) from e
+        raise ValueError(
+            f"expected a valid PEM private key in {str(key)!r}, got one OpenSSL cannot parse "
+            f"({_openssl_reason(e)}); pass the certificate's unencrypted key to --tls-key"
+        ) from e
+
+
+def _check_ca(ca: Path, ca_pem: bytes) -> None:
+    try:
+        _load_certificates(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), ca_pem)
+    except ssl.SSLError as e:
+        raise ValueError(
+            f"expected valid PEM CA certificates in {str(ca)!r}, got text OpenSSL cannot parse "
+            f"({_openssl_reason(e)}); pass the CA that signs client certificates to "
+            "--tls-client-ca"
+        ) from e
 
 
 def server_credentials(
@@ -70,6 +124,7 @@ def server_credentials(
             f"expected a PEM private key in {str(key)!r}, got something else; "
             "pass the unencrypted key (-----BEGIN ... PRIVATE KEY-----) to --tls-key"
         )
+    _check_pair(cert, key, cert_pem, key_pem)
     ca_pem = None
     if client_ca is not None:
         ca_pem = _read(client_ca, "PEM CA certificate", "--tls-client-ca")
@@ -78,6 +133,7 @@ def server_credentials(
                 f"expected a PEM CA certificate in {str(client_ca)!r}, got something else; "
                 "pass the CA that signs client certificates to --tls-client-ca"
             )
+        _check_ca(client_ca, ca_pem)
     return grpc.ssl_server_credentials(
         [(key_pem, cert_pem)],
         root_certificates=ca_pem,

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import serialization
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -58,6 +59,41 @@ def test_unreadable_or_wrong_files_are_refused(pki: Pki, tmp_path: Path) -> None
     empty.write_text("\n")
     with pytest.raises(ValueError, match="empty file"):
         server_credentials(pki.server_cert, pki.server_key, empty)
+
+
+def _pem(path: Path, label: str, body: str) -> Path:
+    path.write_text(f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n")
+    return path
+
+
+def test_bad_pem_contents_are_refused_before_binding(pki: Pki, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="key of another pair") as refused:
+        server_credentials(pki.server_cert, pki.client_key, None)
+    assert "--tls-key" in str(refused.value)
+    garbage_cert = _pem(tmp_path / "cert.pem", "CERTIFICATE", "not base64 at all!")
+    with pytest.raises(ValueError, match=r"OpenSSL cannot parse.*--tls-cert"):
+        server_credentials(garbage_cert, pki.server_key, None)
+    garbage_key = _pem(tmp_path / "key.pem", "PRIVATE KEY", "AAAA")
+    with pytest.raises(ValueError, match=r"OpenSSL cannot parse.*--tls-key"):
+        server_credentials(pki.server_cert, garbage_key, None)
+    garbage_ca = _pem(tmp_path / "ca.pem", "CERTIFICATE", "AAAA")
+    with pytest.raises(ValueError, match=r"OpenSSL cannot parse.*--tls-client-ca"):
+        server_credentials(pki.server_cert, pki.server_key, garbage_ca)
+    key = serialization.load_pem_private_key(pki.server_key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(ValueError, match="unencrypted"):  # and no password prompt
+        server_credentials(pki.server_cert, encrypted, None)
+    # A certificate chain still passes.
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(pki.server_cert.read_bytes() + pki.ca.read_bytes())
+    assert server_credentials(chain, pki.server_key, pki.ca) is not None
 
 
 # --- tokens ---------------------------------------------------------------------------------
@@ -373,3 +409,15 @@ def test_cli_refuses_half_tls_config(classifier_path: Path, pki: Pki) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert "--tls-key" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_refuses_a_key_of_another_pair_as_bad_input(classifier_path: Path, pki: Pki) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "serve", str(classifier_path), "--host", "127.0.0.1",
+         "--port", "0", "--metrics-port", "0", "--device", "cpu",
+         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.client_key)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "key of another pair" in done.stderr and "--tls-key" in done.stderr
+    assert "Traceback" not in done.stderr and "refused (in use" not in done.stderr
