@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,39 @@ def _parse_floats(text: str, what: str, path: Path) -> tuple[float, ...]:
             f"expected metadata {what!r} of {path} to be a JSON list of numbers, got {text!r}; "
             "re-export the model or fix its metadata_props"
         ) from e
+
+
+def _parse_classes(text: str, path: Path) -> int:
+    try:
+        count = int(text.strip())
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(
+            f"expected metadata 'num_classes' of {path} to be a positive integer, got {text!r}; "
+            "fix the model's metadata_props or export with a fixed output size"
+        )
+    return count
+
+
+def _channel_stats(
+    meta: dict[str, str], key: str, default: float, channels: int, path: Path
+) -> tuple[float, ...]:
+    values = _parse_floats(meta[key], key, path) if key in meta else (default,)
+    if len(values) == 1:
+        values = values * channels
+    # NaN or infinity would turn every image's scores into NaN; a zero std divides by zero.
+    if (
+        len(values) != channels
+        or not all(math.isfinite(v) for v in values)
+        or (key == "std" and 0.0 in values)
+    ):
+        rule = "finite and non-zero" if key == "std" else "finite"
+        raise ValueError(
+            f"expected metadata {key!r} of {path} with {channels} {rule} values (one per "
+            f"channel), got {meta[key]!r}; fix the model's metadata_props or re-export it"
+        )
+    return values
 
 
 def read_model_info(name: str, path: Path) -> ModelInfo:
@@ -117,7 +151,7 @@ def read_model_info(name: str, path: Path) -> ModelInfo:
         )
     num_classes = out_dims[1]
     if num_classes is None and "num_classes" in meta:
-        num_classes = int(meta["num_classes"])
+        num_classes = _parse_classes(meta["num_classes"], path)
     if num_classes is None:
         raise ValueError(
             f"expected a fixed number of classes in the output of {path}, got a symbolic axis; "
@@ -138,17 +172,8 @@ def read_model_info(name: str, path: Path) -> ModelInfo:
                 num_classes,
             )
     channels = sample[0] if len(sample) == 3 else 1
-    mean = _parse_floats(meta["mean"], "mean", path) if "mean" in meta else (0.0,) * channels
-    std = _parse_floats(meta["std"], "std", path) if "std" in meta else (1.0,) * channels
-    if len(mean) == 1:
-        mean = mean * channels
-    if len(std) == 1:
-        std = std * channels
-    if len(mean) != channels or len(std) != channels or any(s == 0 for s in std):
-        raise ValueError(
-            f"expected metadata mean and std of {path} with {channels} values and std != 0, got "
-            f"mean={list(mean)} std={list(std)}; fix the model's metadata_props"
-        )
+    mean = _channel_stats(meta, "mean", 0.0, channels, path)
+    std = _channel_stats(meta, "std", 1.0, channels, path)
     batch = in_dims[0]
     return ModelInfo(
         name=name,

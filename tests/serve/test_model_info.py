@@ -89,3 +89,36 @@ def test_fixed_batch_and_flat_inputs(tmp_path: Path) -> None:
     )
     info = read_model_info("flat", path)
     assert info.fixed_batch == 2 and info.sample_shape == (4,) and info.image_shape is None
+
+
+@pytest.mark.parametrize("text", ["ten", "0", "-3", ""])
+def test_bad_num_classes_metadata_names_the_file_and_key(tmp_path: Path, text: str) -> None:
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [vi("x", TensorProto.FLOAT, ["n", 4])],
+        [vi("y", TensorProto.FLOAT, ["n", "k"])],  # classes only from metadata num_classes
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    helper.set_model_props(model, {"num_classes": text})
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ValueError, match="'num_classes'") as refused:
+        read_model_info("m", path)
+    assert str(path) in str(refused.value) and "metadata_props" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "text"),
+    [("mean", "NaN"), ("mean", "[0.5, 1e999, 0.5]"), ("std", "[0.2, NaN, 0.2]"),
+     ("std", "Infinity"), ("std", "[0.2, -Infinity, 0.2]")],
+)  # fmt: skip
+def test_non_finite_mean_or_std_is_refused(
+    make_classifier: Make, tmp_path: Path, key: str, text: str
+) -> None:
+    path = make_classifier(tmp_path / "m.onnx", metadata={key: text})
+    with pytest.raises(ValueError, match=f"metadata '{key}' .* finite") as refused:
+        read_model_info("m", path)
+    assert str(path) in str(refused.value)
