@@ -56,29 +56,22 @@ class ModelFileError(ValueError):
     """ONNX Runtime cannot run the model file: missing, not ONNX, or without static dims."""
 
 
-def _session(path: Path, options: object = None, providers: list[str] | None = None) -> Any:
+def _session(path: Path, options: Any = None, providers: list[str] | None = None) -> Any:
     """An ONNX Runtime session of ``path``; ModelFileError when ORT refuses the file."""
     import onnxruntime as ort
-    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    from serve.runtime import open_session
 
     if not path.is_file():
         raise ModelFileError(
             f"expected an ONNX model file, got {str(path)!r} (no such file); check the path"
         )
-    # ORT's own exceptions (InvalidProtobuf, NoSuchFile, Fail, ...) derive from Exception
-    # only, not from RuntimeError.
-    refusals = tuple(
-        v for v in vars(ort_state).values() if isinstance(v, type) and issubclass(v, Exception)
-    )
     try:
-        return ort.InferenceSession(
-            str(path), options, providers=providers or ["CPUExecutionProvider"]
+        return open_session(
+            path, options or ort.SessionOptions(), providers or ["CPUExecutionProvider"]
         )
-    except refusals as e:
-        raise ModelFileError(
-            f"expected an ONNX model that ONNX Runtime loads, got {str(path)!r}, which it "
-            f"refuses ({' '.join(str(e).split())}); pass the .onnx file `python -m export` wrote"
-        ) from e
+    except ValueError as e:  # refused the model, said in one line with what to do
+        raise ModelFileError(str(e)) from e
 
 
 def _sample_shape(path: Path, tensor: Any) -> tuple[int, ...]:
