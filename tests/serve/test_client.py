@@ -26,6 +26,13 @@ def _write_png(path: Path, seed: int) -> Path:
     return path
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m serve.client ARGS`` in a subprocess (what a user runs, gRPC logs included)."""
+    return subprocess.run(
+        [sys.executable, "-m", "serve.client", *args], capture_output=True, text=True, timeout=120
+    )
+
+
 def test_client_api(shared_server: BackgroundServer, classifier_path: Path, tmp_path: Path,
                     reference: Callable) -> None:  # fmt: skip
     target = f"127.0.0.1:{shared_server.port}"
@@ -135,11 +142,8 @@ def test_server_down_is_a_message_not_a_traceback(tmp_path: Path) -> None:
     image = io.BytesIO()
     Image.new("RGB", (4, 4)).save(image, format="PNG")
     (tmp_path / "a.png").write_bytes(image.getvalue())
-    done = subprocess.run(
-        [sys.executable, "-m", "serve.client", f"127.0.0.1:{free_port()}", "--model", "tiny",
-         str(tmp_path / "a.png"), "--timeout", "5"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = _cli(f"127.0.0.1:{free_port()}", "--model", "tiny", str(tmp_path / "a.png"),
+                "--timeout", "5")  # fmt: skip
     assert done.returncode == 1
     assert "cannot reach a ready server" in done.stderr
     assert "Traceback" not in done.stderr
@@ -168,10 +172,7 @@ def test_cli_out_of_range_flags_are_usage_errors(
 
 def test_cli_empty_target_is_a_usage_error(tmp_path: Path) -> None:
     image = _write_png(tmp_path / "a.png", 0)
-    done = subprocess.run(
-        [sys.executable, "-m", "serve.client", "", "--model", "tiny", str(image)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = _cli("", "--model", "tiny", str(image))
     assert done.returncode == 2
     assert "expected HOST:PORT, got an empty target" in done.stderr
     assert "Failed to create channel" not in done.stderr
@@ -193,11 +194,8 @@ def test_cli_bad_token_and_ca_files_are_usage_errors(
     image = _write_png(tmp_path / "a.png", 0)
     bad = tmp_path / "bad-file"
     bad.write_bytes(content)
-    done = subprocess.run(
-        [sys.executable, "-m", "serve.client", f"127.0.0.1:{free_port()}", "--model", "tiny",
-         str(image), flag, str(bad), "--timeout", "2"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = _cli(f"127.0.0.1:{free_port()}", "--model", "tiny", str(image), flag, str(bad),
+                "--timeout", "2")  # fmt: skip
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.splitlines()  # one line: no traceback, no gRPC core log lines
     assert line.startswith("error: ") and message in line and str(bad) in line
