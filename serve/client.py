@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import ssl
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 
 from protos import classifier_pb2, classifier_pb2_grpc, kserve_pb2
 from serve.config import DEFAULT_MAX_MESSAGE_BYTES
+from serve.security import check_certificates, read_token
 
 _KSERVE = "/inference.GRPCInferenceService/"
 
@@ -266,48 +266,6 @@ def _client_error(target: str, error: grpc.RpcError) -> ClientError:
 _MAX_TOP_K = 2**32 - 1  # ClassifyRequest.top_k is a uint32
 
 
-class _UsageError(Exception):
-    """A command-line value that cannot work; main prints it and exits 2."""
-
-
-def _read_token(path: Path) -> str:
-    """The bearer token in ``path``, checked to be a valid HTTP/2 header value."""
-    data = path.read_bytes()
-    try:
-        token = data.decode("ascii").strip()
-    except UnicodeDecodeError as e:
-        raise _UsageError(
-            f"expected an ASCII token in --token-file {str(path)!r}, got a non-ASCII byte at "
-            f"offset {e.start}; write the token as printable ASCII"
-        ) from e
-    if not token:
-        raise _UsageError(
-            f"expected a token in --token-file {str(path)!r}, got an empty file; write the "
-            "server's token into it"
-        )
-    for offset, char in enumerate(token):
-        if not " " <= char <= "~":
-            raise _UsageError(
-                f"expected a token of printable ASCII in --token-file {str(path)!r}, got "
-                f"control character {char!r} at offset {offset}; remove it (one token, one line)"
-            )
-    return token
-
-
-def _read_ca(path: Path) -> bytes:
-    """The PEM CA certificates in ``path``, checked to load before gRPC gets them."""
-    data = path.read_bytes()
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
-    except ssl.SSLError as e:
-        raise _UsageError(
-            f"expected PEM CA certificates (-----BEGIN CERTIFICATE-----) in --ca "
-            f"{str(path)!r}, got none that load ({e.reason or e}); pass the CA certificate "
-            "that signed the server's --tls-cert"
-        ) from e
-    return data
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m serve.client", description="Classify images with a running server."
@@ -333,13 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         images = [path.read_bytes() for path in args.images]
-        token = _read_token(args.token_file) if args.token_file else None
-        ca = _read_ca(args.ca) if args.ca else None
+        token = read_token(args.token_file, "--token-file") if args.token_file else None
+        if args.ca is not None:
+            check_certificates(args.ca, "--ca", "pass the CA that signed the server's --tls-cert")
+        ca = args.ca.read_bytes() if args.ca else None
     except OSError as e:
         message = f"expected a readable file, got {e.filename!r} ({e.strerror}); check the path"
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except _UsageError as e:
+    except ValueError as e:  # a token or CA file that cannot work
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

@@ -43,22 +43,32 @@ def _openssl_reason(error: ssl.SSLError) -> str:
     return re.sub(r" \(_ssl\.c:\d+\)$", "", str(error))
 
 
-def _load_certificates(context: ssl.SSLContext, pem: bytes) -> None:
-    # cadata parses every certificate in the text, as gRPC will when it binds the port.
-    context.load_verify_locations(cadata=pem.decode("latin-1"))
+def _context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # Security level 0: refuse only what cannot work. gRPC's own TLS (BoringSSL) serves 1024-bit
+    # keys and SHA-1 chains; OpenSSL's default level would call those keys unparsable.
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
+
+
+def check_certificates(path: Path, flag: str, hint: str) -> None:
+    """Raise ValueError naming ``flag`` unless ``path`` holds PEM certificates OpenSSL loads.
+
+    Text outside the BEGIN/END blocks (comments, "Bag Attributes") is allowed, as gRPC allows it.
+    """
+    try:
+        _context().load_verify_locations(cafile=str(path))
+    except ssl.SSLError as e:
+        raise ValueError(
+            f"expected PEM certificates (-----BEGIN CERTIFICATE-----) in {flag} {str(path)!r}, "
+            f"got none that load ({_openssl_reason(e)}); {hint}"
+        ) from e
 
 
 # gRPC refuses a bad certificate, key or CA only when binding, as if the port were refused; so
 # they are checked here first, with the same PEM parser (OpenSSL) behind Python's ssl module.
-def _check_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        _load_certificates(context, cert_pem)
-    except ssl.SSLError as e:
-        raise ValueError(
-            f"expected a valid PEM certificate in {str(cert)!r}, got one OpenSSL cannot parse "
-            f"({_openssl_reason(e)}); pass the server certificate (chain) to --tls-cert"
-        ) from e
+def _check_pair(cert: Path, key: Path, key_pem: bytes) -> None:
+    check_certificates(cert, "--tls-cert", "pass the server certificate (chain) to --tls-cert")
     if b"ENCRYPTED" in key_pem:
         raise ValueError(
             f"expected an unencrypted private key in {str(key)!r}, got an encrypted one; "
@@ -66,7 +76,7 @@ def _check_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
         )
     try:
         # A password callback, so OpenSSL never prompts on the terminal.
-        context.load_cert_chain(cert, key, password=lambda: b"")
+        _context().load_cert_chain(cert, key, password=lambda: b"")
     except ssl.SSLError as e:
         if "KEY_VALUES_MISMATCH" in str(e):
             raise ValueError(
@@ -75,19 +85,8 @@ def _check_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
                 "--tls-key"
             ) from e
         raise ValueError(
-            f"expected a valid PEM private key in {str(key)!r}, got one OpenSSL cannot parse "
+            f"expected a valid PEM private key in {str(key)!r}, got one OpenSSL cannot load "
             f"({_openssl_reason(e)}); pass the certificate's unencrypted key to --tls-key"
-        ) from e
-
-
-def _check_ca(ca: Path, ca_pem: bytes) -> None:
-    try:
-        _load_certificates(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), ca_pem)
-    except ssl.SSLError as e:
-        raise ValueError(
-            f"expected valid PEM CA certificates in {str(ca)!r}, got text OpenSSL cannot parse "
-            f"({_openssl_reason(e)}); pass the CA that signs client certificates to "
-            "--tls-client-ca"
         ) from e
 
 
@@ -124,7 +123,7 @@ def server_credentials(
             f"expected a PEM private key in {str(key)!r}, got something else; "
             "pass the unencrypted key (-----BEGIN ... PRIVATE KEY-----) to --tls-key"
         )
-    _check_pair(cert, key, cert_pem, key_pem)
+    _check_pair(cert, key, key_pem)
     ca_pem = None
     if client_ca is not None:
         ca_pem = _read(client_ca, "PEM CA certificate", "--tls-client-ca")
@@ -133,7 +132,9 @@ def server_credentials(
                 f"expected a PEM CA certificate in {str(client_ca)!r}, got something else; "
                 "pass the CA that signs client certificates to --tls-client-ca"
             )
-        _check_ca(client_ca, ca_pem)
+        check_certificates(
+            client_ca, "--tls-client-ca", "pass the CA that signs client certificates"
+        )
     return grpc.ssl_server_credentials(
         [(key_pem, cert_pem)],
         root_certificates=ca_pem,
@@ -141,15 +142,25 @@ def server_credentials(
     )
 
 
-def read_token(token_file: Path) -> str:
-    """The bearer token in ``token_file``, stripped of surrounding whitespace."""
-    raw = _read(token_file, "bearer token", "--auth-token-file")
-    token = raw.decode("utf-8", "replace").strip()
-    if any(c.isspace() for c in token) or not token.isprintable():
+def read_token(token_file: Path, flag: str = "--auth-token-file") -> str:
+    """The bearer token in ``token_file`` (given as ``flag``), stripped of surrounding
+    whitespace; ValueError unless it is one word of printable ASCII, all that gRPC metadata
+    and a ``Bearer`` header can carry. Server and client read their token files with this."""
+    raw = _read(token_file, "bearer token", flag)
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError as e:
         raise ValueError(
-            f"expected one token without spaces in {str(token_file)!r}, got whitespace or "
-            "control characters inside it; put a single token on one line"
-        )
+            f"expected a token of printable ASCII in {flag} {str(token_file)!r}, got a "
+            f"non-ASCII byte at offset {e.start}; gRPC metadata carries ASCII only"
+        ) from e
+    for offset, char in enumerate(token):
+        if not "!" <= char <= "~":
+            raise ValueError(
+                f"expected one token of printable ASCII without spaces in {flag} "
+                f"{str(token_file)!r}, got {char!r} at offset {offset}; put a single token on "
+                "one line"
+            )
     return token
 
 

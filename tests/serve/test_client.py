@@ -181,11 +181,11 @@ def test_cli_empty_target_is_a_usage_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flag", "content", "message"),
     [
-        ("--token-file", b"abc\x01def\n", "control character '\\x01' at offset 3"),
+        ("--token-file", b"abc\x01def\n", "got '\\x01' at offset 3"),
         ("--token-file", b"\xff\xfesecret\n", "non-ASCII byte at offset 0"),
         ("--token-file", b" \n", "empty file"),
-        ("--ca", b"hello, not a certificate\n", "expected PEM CA certificates"),
-        ("--ca", b"", "expected PEM CA certificates"),
+        ("--ca", b"hello, not a certificate\n", "expected PEM certificates"),
+        ("--ca", b"", "expected PEM certificates"),
     ],
 )
 def test_cli_bad_token_and_ca_files_are_usage_errors(

@@ -4,6 +4,7 @@ the real `python -m serve`."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -12,7 +13,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -71,13 +75,13 @@ def test_bad_pem_contents_are_refused_before_binding(pki: Pki, tmp_path: Path) -
         server_credentials(pki.server_cert, pki.client_key, None)
     assert "--tls-key" in str(refused.value)
     garbage_cert = _pem(tmp_path / "cert.pem", "CERTIFICATE", "not base64 at all!")
-    with pytest.raises(ValueError, match=r"OpenSSL cannot parse.*--tls-cert"):
+    with pytest.raises(ValueError, match=r"--tls-cert .*got none that load"):
         server_credentials(garbage_cert, pki.server_key, None)
     garbage_key = _pem(tmp_path / "key.pem", "PRIVATE KEY", "AAAA")
-    with pytest.raises(ValueError, match=r"OpenSSL cannot parse.*--tls-key"):
+    with pytest.raises(ValueError, match=r"OpenSSL cannot load.*--tls-key"):
         server_credentials(pki.server_cert, garbage_key, None)
     garbage_ca = _pem(tmp_path / "ca.pem", "CERTIFICATE", "AAAA")
-    with pytest.raises(ValueError, match=r"OpenSSL cannot parse.*--tls-client-ca"):
+    with pytest.raises(ValueError, match=r"--tls-client-ca .*got none that load"):
         server_credentials(pki.server_cert, pki.server_key, garbage_ca)
     key = serialization.load_pem_private_key(pki.server_key.read_bytes(), None)
     encrypted = tmp_path / "encrypted.key"
@@ -96,6 +100,39 @@ def test_bad_pem_contents_are_refused_before_binding(pki: Pki, tmp_path: Path) -
     assert server_credentials(chain, pki.server_key, pki.ca) is not None
 
 
+def test_what_grpc_serves_passes_the_pre_check(pki: Pki, tmp_path: Path) -> None:
+    # Text outside the PEM blocks (an export tool's UTF-8 "Bag Attributes"), and a 1024-bit RSA
+    # key, which OpenSSL's default security level refuses: gRPC serves both, so must the check.
+    labelled = tmp_path / "labelled.pem"
+    labelled.write_bytes(
+        "Bag Attributes\n    friendlyName: Zertifikat für Server\n".encode()
+        + pki.server_cert.read_bytes()
+    )
+    assert server_credentials(labelled, pki.server_key, labelled) is not None
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    weak = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "weak.pem").write_bytes(weak.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "weak.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    assert server_credentials(tmp_path / "weak.pem", tmp_path / "weak.key", None) is not None
+
+
 # --- tokens ---------------------------------------------------------------------------------
 
 
@@ -105,7 +142,7 @@ def test_token_file_is_stripped(tmp_path: Path) -> None:
     assert read_token(path) == "s3cret-token"
 
 
-@pytest.mark.parametrize("text", ["", "\n", "two words\n"])
+@pytest.mark.parametrize("text", ["", "\n", "two words\n", "pässwort\n"])  # not ASCII: no metadata
 def test_bad_token_files_are_refused(tmp_path: Path, text: str) -> None:
     path = tmp_path / "token"
     path.write_text(text)
