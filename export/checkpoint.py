@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from export.errors import UsageError
+from export.errors import UsageError, first_line
 
 STATE_DICT_ENTRIES = ("state_dict", "model_state_dict", "model", "net", "state_dict_ema")
 STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -168,9 +168,8 @@ def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
             warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript archives still exist
             return torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # a damaged archive fails in torch's C++ reader in many ways
-        lines = str(e).strip().splitlines()
         raise UsageError(
             f"expected a readable TorchScript archive, got {path} which torch.jit.load cannot "
-            f"read ({type(e).__name__}: {lines[0][:200] if lines else ''}); save the model again "
+            f"read ({type(e).__name__}: {first_line(e)}); save the model again "
             "with torch.jit.save, or pass its state_dict saved with torch.save"
         ) from e

@@ -19,3 +19,10 @@ class CheckFailed(ExportError):
     """A graph or parity check failed; no `.onnx` is left at the output path."""
 
     exit_code = 1
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of ``error``'s message, at most ``limit`` characters (its type if empty):
+    libraries' errors run to pages, and a message for the user is one line."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__

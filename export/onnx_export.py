@@ -17,7 +17,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from export.errors import UsageError
+from export.errors import UsageError, first_line
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -55,9 +55,9 @@ def export_onnx(
         if exporter == "legacy" or isinstance(model, torch.jit.ScriptModule):
             raise UsageError(
                 f"expected a model the ONNX exporter can trace, got {type(e).__name__}: "
-                f"{_first_line(e)}; try --exporter dynamo or simplify the forward"
+                f"{first_line(e)}; try --exporter dynamo or simplify the forward"
             ) from e
-        reason = _first_line(e)
+        reason = first_line(e)
     _export_dynamo(model, example, path, opset)
     return Exported("dynamo", fallback_reason=reason)
 
@@ -104,7 +104,7 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: i
     except Exception as e:
         raise UsageError(
             f"expected a model the ONNX exporter can trace, got {type(e).__name__}: "
-            f"{_first_line(e)}; simplify the forward (no data-dependent control flow)"
+            f"{first_line(e)}; simplify the forward (no data-dependent control flow)"
         ) from e
 
 
@@ -116,7 +116,7 @@ def check_graph(model: onnx.ModelProto, input_shape: tuple[int, int, int], size:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        return [f"onnx.checker rejected the graph: {_first_line(e)}"]
+        return [f"onnx.checker rejected the graph: {first_line(e)}"]
     problems = _check_io(model, input_shape)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
@@ -210,11 +210,6 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 def as_json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
 
 
 @contextlib.contextmanager

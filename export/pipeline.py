@@ -7,6 +7,7 @@ import os
 import tempfile
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from export.checkpoint import load_checkpoint
 from export.config import ExportConfig
-from export.errors import CheckFailed, UsageError
+from export.errors import CheckFailed, UsageError, first_line
 from export.freeze import Frozen, check_unchanged, freeze
 from export.onnx_export import as_json, check_graph, export_onnx, write_metadata
 from export.parity import ParityReport, Tolerance, check_parity, make_inputs
@@ -193,7 +194,7 @@ def _probe(model: nn.Module, input_shape: tuple[int, int, int], arch: str) -> in
     except Exception as e:
         raise UsageError(
             f"expected {arch} to accept inputs of shape {','.join(map(str, input_shape))}, got "
-            f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}; pass a matching "
+            f"{type(e).__name__}: {first_line(e)}; pass a matching "
             "--input-shape C,H,W"
         ) from e
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
@@ -255,8 +256,11 @@ def _sample(path: Path | None, input_shape: tuple[int, int, int]) -> np.ndarray 
                 array = _only_array(loaded, path)
         else:
             array = loaded
-    except (OSError, ValueError) as e:
-        raise UsageError(f"expected --sample to be a .npy file, got {path}: {e}") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UsageError(
+            f"expected --sample to be a .npy file (or an .npz of one array), got {path}: "
+            f"{type(e).__name__}: {first_line(e)}; save the inputs with np.save(path, inputs)"
+        ) from e
     if array.shape == input_shape:
         array = array[None]
     if array.ndim != 4 or tuple(array.shape[1:]) != input_shape or len(array) == 0:

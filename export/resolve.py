@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from export.checkpoint import Checkpoint, key_variants
-from export.errors import UsageError
+from export.errors import UsageError, first_line
 from export.zoo import ArchSpec, architectures
 
 # BatchNorm's step counter is absent from old checkpoints and plays no part in eval mode.
@@ -196,13 +196,13 @@ def _import_factory(target: str, source: str) -> Callable[..., object]:
     except ImportError as e:
         raise UsageError(
             f"expected an importable module for {target} from {source}, got "
-            f"{type(e).__name__}: {_first_line(e)}; run from the directory that holds it or add "
+            f"{type(e).__name__}: {first_line(e)}; run from the directory that holds it or add "
             "it to PYTHONPATH"
         ) from e
     except Exception as e:  # SyntaxError, or anything the module raises while it is imported
         raise UsageError(
             f"expected module {module_name} (for {target} from {source}) to import, got "
-            f"{type(e).__name__}: {_first_line(e)}; fix the error in that module"
+            f"{type(e).__name__}: {first_line(e)}; fix the error in that module"
         ) from e
     factory = getattr(module, attr, None)
     if not callable(factory):
@@ -211,11 +211,6 @@ def _import_factory(target: str, source: str) -> Callable[..., object]:
             f"got {type(factory).__name__}; pass --arch module.path:function_or_class"
         )
     return factory
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else ""
 
 
 def _parameters(factory: Callable[..., object]) -> set[str]:

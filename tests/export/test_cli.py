@@ -210,6 +210,24 @@ def test_bad_sample_file(run_main, small_ckpt, tmp_path: Path, values, phrase: s
     assert no_onnx_in(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("bad.npz", b"PK\x03\x04garbage", "BadZipFile"),
+        ("empty.npy", b"", "EOFError"),
+    ],
+)
+def test_unreadable_sample_file(
+    run_main, small_ckpt, tmp_path: Path, name: str, content: bytes, reason: str
+) -> None:
+    path, _ = small_ckpt
+    sample = tmp_path / name
+    sample.write_bytes(content)
+    done = run_main(path, "--sample", sample, "-o", tmp_path / "out.onnx")
+    assert_usage_error(done, reason, "np.save(path, inputs)")
+    assert no_onnx_in(tmp_path)
+
+
 def test_sample_npz_with_one_array(run_main, small_ckpt, tmp_path: Path) -> None:
     path, _ = small_ckpt
     sample = tmp_path / "sample.npz"
