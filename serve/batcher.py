@@ -137,6 +137,10 @@ class Batcher:
         self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._open = False
+        fixed = runtime.info.fixed_batch
+        self._piece = (
+            f"the model's fixed batch {fixed}" if fixed else f"--max-batch-size {runtime.max_batch}"
+        )
 
     def start(self) -> None:
         """Start the instance threads; call from the event loop that will submit requests."""
@@ -176,8 +180,8 @@ class Batcher:
             raise ServeError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"expected at most {self._max_queue * step} rows per request to model "
-                f"{self.name} (--max-queue-size {self._max_queue} pieces of --max-batch-size "
-                f"{step}), got {len(rows)}; split the request or raise --max-queue-size",
+                f"{self.name} (--max-queue-size {self._max_queue} pieces of {self._piece}), "
+                f"got {len(rows)}; split the request or raise --max-queue-size",
             )
         waiting = self._queue.qsize()
         if count > self._max_queue - waiting:

@@ -80,6 +80,7 @@ class Server:
     async def start(self) -> int:
         """Bind, start answering (not ready), load and warm every model, then turn ready."""
         paths = find_models(self.config)
+        self.state.loading = set(paths)
         self._server = self._build()
         self.port = self._bind(self._server)
         await self._server.start()

@@ -40,6 +40,7 @@ class ServingState:
         self.metrics = metrics
         self.max_image_pixels = max_image_pixels
         self.ready = False
+        self.loading: set[str] = set()  # the names being loaded before ready
         self._drain = asyncio.Event()
         self._in_flight = 0
         self._arrivals = 0
@@ -48,9 +49,9 @@ class ServingState:
 
     def model(self, name: str, version: str) -> Model:
         """The model ``name`` at ``version`` ("" or "1"); NOT_FOUND otherwise, UNAVAILABLE
-        while models are still loading (``name`` may be one of those still to come)."""
+        for a model in ``loading`` that is not loaded yet."""
         model = self.models.get(name)
-        if model is None and not self.ready:
+        if model is None and not self.ready and name in self.loading:
             raise unavailable(
                 f"model {name!r} is not loaded yet: the server is still loading models; "
                 "retry when ServerReady"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 
 from serve.batcher import Batcher, Pending, collect
@@ -203,3 +204,28 @@ def test_a_bug_in_one_batch_fails_it_and_the_instance_keeps_serving(
             await batcher.close()
 
     assert asyncio.run(scenario()).shape == (1, info.num_classes)
+
+
+def test_the_limit_names_the_models_fixed_batch(classifier_path: Path, tmp_path: Path) -> None:
+    model = onnx.load(str(classifier_path))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 2  # a graph exported for batch 2 only
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(model, str(fixed))
+    info = read_model_info("fixed", fixed)
+    runtime = Runtime(info, device="cpu", max_batch_size=64, intra_op_threads=1)
+    rows = np.zeros((7, *info.sample_shape), dtype=np.float32)
+
+    async def scenario() -> None:
+        batcher = Batcher(runtime, max_queue_size=3, max_queue_delay_s=0, instances=1)
+        batcher.start()
+        try:
+            with pytest.raises(ServeError) as caught:
+                await batcher.infer(rows, None)
+            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "3 pieces of the model's fixed batch 2" in caught.value.message
+            assert "--max-batch-size" not in caught.value.message  # 64 is not what limits it
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario())

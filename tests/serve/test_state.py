@@ -27,11 +27,13 @@ def test_a_model_not_loaded_yet_is_unavailable_until_ready(classifier_path: Path
     runtime = Runtime(info, device="cpu", max_batch_size=2, intra_op_threads=1)
     tiny = Model(info, Batcher(runtime, max_queue_size=4, max_queue_delay_s=0, instances=1))
     state = ServingState({}, None, max_image_pixels=1 << 20)
+    state.loading = {"tiny", "other"}
     assert _lookup_code(state, "tiny") == grpc.StatusCode.UNAVAILABLE
-    state.models["tiny"] = tiny  # loaded, others may still be loading
+    assert _lookup_code(state, "typo") == grpc.StatusCode.NOT_FOUND  # never coming: say so now
+    state.models["tiny"] = tiny  # loaded, "other" still loading
     assert state.model("tiny", "") is tiny
     assert _lookup_code(state, "other") == grpc.StatusCode.UNAVAILABLE
-    state.ready = True
+    state.ready = True  # loading is over: a name still missing will not come
     assert _lookup_code(state, "other") == grpc.StatusCode.NOT_FOUND
     assert _lookup_code(state, "tiny", "2") == grpc.StatusCode.NOT_FOUND
     assert state.model("tiny", "1") is tiny
