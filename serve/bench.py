@@ -170,7 +170,7 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
     if model_file is not None:
         flag = "--model-file" if args.model_file else "--spawn"
         try:
-            shape = check_model_file(model_file)
+            shape = check_model_file(model_file, args.baseline_device)
             check_payload(shape, args.images, args.distinct)
         except ModelFileError as e:
             parser.error(f"{flag}: {e}")

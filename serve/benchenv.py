@@ -84,10 +84,21 @@ def _sample_shape(path: Path, tensor: Any) -> tuple[int, ...]:
     return shape  # type: ignore[return-value]
 
 
-def check_model_file(path: Path) -> tuple[int, ...]:
-    """The per-sample input shape of the ONNX file at ``path``, loaded once on the CPU
-    provider; ModelFileError saying what to do when it cannot serve as the baseline."""
-    session = _session(path)
+def _providers(device: str) -> list[str]:
+    if device != "cuda":
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    # A missing CUDA library shows up in the provider check of measure_in_process.
+    with contextlib.suppress(Exception):
+        ort.preload_dlls()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def check_model_file(path: Path, device: str = "cpu") -> tuple[int, ...]:
+    """The per-sample input shape of the ONNX file at ``path``, loaded once as the baseline on
+    ``device`` will load it; ModelFileError saying what to do when it cannot serve as one."""
+    session = _session(path, providers=_providers(device))
     return _sample_shape(path, session.get_inputs()[0])
 
 
@@ -111,12 +122,7 @@ def measure_in_process(
         options = ort.SessionOptions()
         if count:
             options.intra_op_num_threads = count
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda":
-            # A missing CUDA library shows up in the provider check below.
-            with contextlib.suppress(Exception):
-                ort.preload_dlls()
-            providers.insert(0, "CUDAExecutionProvider")
+        providers = _providers(device)
         session = _session(path, options, providers)
         if session.get_providers()[0] != providers[0]:
             raise RuntimeError(
