@@ -18,6 +18,7 @@ from serve.batcher import Batcher, Pending, collect
 from serve.errors import ServeError
 from serve.model_info import read_model_info
 from serve.runtime import Runtime, bucket_for, buckets_for
+from tests.serve.conftest import reference
 
 
 @pytest.fixture
@@ -123,9 +124,23 @@ def test_batcher_splits_pads_and_reassembles(classifier_path: Path) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_batcher_refuses_a_request_the_queue_could_never_hold(classifier_path: Path) -> None:
-    info = read_model_info("tiny", classifier_path)
-    runtime = Runtime(info, device="cpu", max_batch_size=2, intra_op_threads=1)
+@pytest.mark.parametrize(
+    ("fixed", "piece"),
+    [(None, "--max-batch-size 2"), (2, "the model's fixed batch 2")],
+    ids=["max-batch-size", "fixed-batch"],
+)
+def test_batcher_refuses_a_request_the_queue_could_never_hold(
+    classifier_path: Path, tmp_path: Path, fixed: int | None, piece: str
+) -> None:
+    path = classifier_path
+    if fixed is not None:  # a graph exported for one batch size: that, not the flag, limits
+        model = onnx.load(str(classifier_path))
+        for value in (*model.graph.input, *model.graph.output):
+            value.type.tensor_type.shape.dim[0].dim_value = fixed
+        path = tmp_path / "fixed.onnx"
+        onnx.save(model, str(path))
+    info = read_model_info("tiny", path)
+    runtime = Runtime(info, device="cpu", max_batch_size=64 if fixed else 2, intra_op_threads=1)
     rows = np.zeros((7, *info.sample_shape), dtype=np.float32)
 
     async def scenario() -> None:
@@ -137,12 +152,12 @@ def test_batcher_refuses_a_request_the_queue_could_never_hold(classifier_path: P
             # Not RESOURCE_EXHAUSTED: retrying with backoff could never help.
             assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
             assert caught.value.message == (
-                "expected at most 6 rows per request to model tiny (--max-queue-size 3 pieces "
-                "of --max-batch-size 2), got 7; split the request or raise --max-queue-size"
+                f"expected at most 6 rows per request to model tiny (--max-queue-size 3 pieces "
+                f"of {piece}), got 7; split the request or raise --max-queue-size"
             )
             assert batcher.depth == 0  # nothing half-queued
             np.testing.assert_allclose(  # six rows fit
-                await batcher.infer(rows[:6], None), runtime.run(rows[:6]), atol=1e-6
+                await batcher.infer(rows[:6], None), reference(classifier_path, rows[:6]), atol=1e-5
             )
         finally:
             await batcher.close()
@@ -205,27 +220,3 @@ def test_a_bug_in_one_batch_fails_it_and_the_instance_keeps_serving(
 
     assert asyncio.run(scenario()).shape == (1, info.num_classes)
 
-
-def test_the_limit_names_the_models_fixed_batch(classifier_path: Path, tmp_path: Path) -> None:
-    model = onnx.load(str(classifier_path))
-    for value in (*model.graph.input, *model.graph.output):
-        value.type.tensor_type.shape.dim[0].dim_value = 2  # a graph exported for batch 2 only
-    fixed = tmp_path / "fixed.onnx"
-    onnx.save(model, str(fixed))
-    info = read_model_info("fixed", fixed)
-    runtime = Runtime(info, device="cpu", max_batch_size=64, intra_op_threads=1)
-    rows = np.zeros((7, *info.sample_shape), dtype=np.float32)
-
-    async def scenario() -> None:
-        batcher = Batcher(runtime, max_queue_size=3, max_queue_delay_s=0, instances=1)
-        batcher.start()
-        try:
-            with pytest.raises(ServeError) as caught:
-                await batcher.infer(rows, None)
-            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
-            assert "3 pieces of the model's fixed batch 2" in caught.value.message
-            assert "--max-batch-size" not in caught.value.message  # 64 is not what limits it
-        finally:
-            await batcher.close()
-
-    asyncio.run(scenario())
