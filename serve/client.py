@@ -292,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         images = [path.read_bytes() for path in args.images]
         token = read_token(args.token_file, "--token-file") if args.token_file else None
+        ca = None
         if args.ca is not None:
             check_certificates(args.ca, "--ca", "pass the CA that signed the server's --tls-cert")
-        ca = args.ca.read_bytes() if args.ca else None
+            ca = args.ca.read_bytes()
     except OSError as e:
         message = f"expected a readable file, got {e.filename!r} ({e.strerror}); check the path"
         print(f"error: {message}", file=sys.stderr)
