@@ -95,10 +95,10 @@ MAX_REQUEST_BYTES = 256 * 1024 * 1024
 MAX_PAYLOAD_BYTES = 4 * 1024**3
 
 
-def check_payload(sample_shape: tuple[int, ...], images: int, distinct: int) -> int:
-    """The bytes of one request of ``images`` float32 samples; ValueError, saying what to
-    lower, when one request is above the channel's send limit or the ``distinct`` payloads
-    together would hold more than ``MAX_PAYLOAD_BYTES`` of memory."""
+def check_payload(sample_shape: tuple[int, ...], images: int, distinct: int) -> None:
+    """ValueError, saying what to lower, when one request of ``images`` float32 samples is
+    above the channel's send limit or the ``distinct`` payloads together would hold more than
+    ``MAX_PAYLOAD_BYTES`` of memory."""
     request = images * math.prod(sample_shape) * 4
     shape = "×".join(map(str, sample_shape))
     if request > MAX_REQUEST_BYTES:
@@ -113,7 +113,6 @@ def check_payload(sample_shape: tuple[int, ...], images: int, distinct: int) -> 
             f"({images} images of {shape}) = {distinct * request / 2**30:.1f} GiB; lower "
             "--distinct or --images"
         )
-    return request
 
 
 def infer_requests(
