@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from serve.affinity import pin_current_thread
 from serve.errors import ServeError, unavailable
 from serve.runtime import Runtime
 
@@ -242,6 +243,7 @@ class Batcher:
 
     def _work(self, loop: asyncio.AbstractEventLoop) -> None:
         """One instance: collect, run, hand results to the loop; until a stop mark."""
+        pin_current_thread(self.runtime.caller_cpus)
         held: Pending | None = None
         # This instance's batch buffer, reused while big enough: a fresh multi-megabyte array
         # per batch costs page faults that slowed 224×224 batches by ~6% (docs/benchmarks.md).

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_c
 
+from serve import affinity
 from serve.model_info import ModelInfo
 
 _log = logging.getLogger(__name__)
@@ -156,9 +157,17 @@ class Runtime:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # CUDA-provider creation failures are reported below
         requested = _providers(device)
+        threads_before = affinity.thread_ids()
         self.session = open_session(info.path, options, requested)
         active = self.session.get_providers()
         self.provider = active[0]
+        # Where ORT pinned its pool threads (its default thread count), the CPUs it left for
+        # the thread that calls run; instance threads pin themselves there (serve/affinity.py).
+        self.caller_cpus = (
+            affinity.cpus_left_by(threads_before)
+            if self.provider == "CPUExecutionProvider"
+            else None
+        )
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise RuntimeError(
                 f"expected the CUDA execution provider for --device cuda, got {active}; "
@@ -172,6 +181,12 @@ class Runtime:
         else:
             why = " (no usable CUDA: no NVIDIA driver or no CUDA build of onnxruntime)"
         _log.info("model %s runs on %s%s", info.name, self.provider, why)
+        if self.caller_cpus is not None:
+            _log.info(
+                "model %s: instance threads pinned to CPUs %s, off ONNX Runtime's pool threads",
+                info.name,
+                sorted(self.caller_cpus),
+            )
         limit = max_batch_size if info.fixed_batch is None else info.fixed_batch
         self.max_batch = limit
         self.buckets = (info.fixed_batch,) if info.fixed_batch else buckets_for(limit)
