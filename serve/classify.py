@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from concurrent.futures import Executor
 
 import grpc
 import numpy as np
@@ -22,8 +23,9 @@ DEFAULT_TOP_K = 5
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     """Decodes each image (Pillow, in a worker thread), batches, and answers with top-k."""
 
-    def __init__(self, state: ServingState) -> None:
+    def __init__(self, state: ServingState, decoder: Executor | None = None) -> None:
         self.state = state
+        self._decoder = decoder  # None: the event loop's default executor
 
     async def Classify(
         self, request: pb.ClassifyRequest | Undecodable, context: aio.ServicerContext
@@ -33,7 +35,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             model = self.state.model(parsed.model, parsed.version)
             if not parsed.images:
                 raise invalid("expected at least one image in ClassifyRequest.images, got none")
-            rows = await asyncio.to_thread(_decode_all, model, parsed, self.state.max_image_pixels)
+            rows = await asyncio.get_running_loop().run_in_executor(
+                self._decoder, _decode_all, model, parsed, self.state.max_image_pixels
+            )
             logits = await model.batcher.infer(rows, self.state.deadline(context))
             return _encode(model, logits, parsed.top_k or DEFAULT_TOP_K)
 

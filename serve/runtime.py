@@ -161,11 +161,11 @@ class Runtime:
         self.session = open_session(info.path, options, requested)
         active = self.session.get_providers()
         self.provider = active[0]
-        # Where ORT pinned its pool threads (its default thread count), the CPUs it left for
-        # the thread that calls run; instance threads pin themselves there (serve/affinity.py).
+        # With its default thread count ORT pins its pool threads; the CPUs it left for the
+        # thread that calls run, where instance threads and the loop go (serve/affinity.py).
         self.caller_cpus = (
             affinity.cpus_left_by(threads_before)
-            if self.provider == "CPUExecutionProvider"
+            if self.provider == "CPUExecutionProvider" and not intra_op_threads
             else None
         )
         if device == "cuda" and self.provider != "CUDAExecutionProvider":

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from serve import classify, kserve, reflection, security
+from serve import affinity, classify, kserve, reflection, security
 from serve.batcher import Batcher
 from serve.classify import ClassifierServicer
 from serve.config import ServerConfig
@@ -72,6 +73,14 @@ class Server:
         self.port: int | None = None
         self._server: aio.Server | None = None
         self._stopped = False
+        self._loop_cpus: frozenset[int] | None = None  # the loop thread's CPUs before start
+        # Image decoding keeps the CPUs the loop had: threads inherit their creator's, and
+        # the loop creates these after it pinned itself (``_pin_loop``).
+        self._decoder = ThreadPoolExecutor(
+            thread_name_prefix="decode",
+            initializer=affinity.pin_current_thread,
+            initargs=(affinity.current_cpus(),),
+        )
 
     @property
     def models(self) -> dict[str, Model]:
@@ -98,6 +107,7 @@ class Server:
             batcher.start()
             self.state.models[name] = Model(runtime.info, batcher)
         self.metrics.serve_http(self.config.host, self.config.metrics_port)
+        self._pin_loop()
         self.state.ready = True
         for name in self.state.models:
             await self.health.set(name, _SERVING)
@@ -105,6 +115,14 @@ class Server:
         await self.health.set("", _SERVING)
         _log.info("ready: serving %s on port %d", ", ".join(self.state.models), self.port)
         return self.port
+
+    def _pin_loop(self) -> None:
+        """Run the event loop on the CPUs the instance threads run on, off ONNX Runtime's pool
+        threads' cores (serve/affinity.py); ``stop`` undoes it."""
+        shared = {model.batcher.runtime.caller_cpus for model in self.state.models.values()}
+        if len(shared) == 1 and None not in shared:
+            self._loop_cpus = affinity.current_cpus()
+            affinity.pin_current_thread(shared.pop())
 
     def _build(self) -> aio.Server:
         limit = self.config.max_message_bytes
@@ -121,7 +139,8 @@ class Server:
             ],
         )
         server.add_generic_rpc_handlers((kserve.handler(kserve.KServeServicer(self.state)),))
-        server.add_generic_rpc_handlers((classify.handler(ClassifierServicer(self.state)),))
+        classifier = ClassifierServicer(self.state, self._decoder)
+        server.add_generic_rpc_handlers((classify.handler(classifier),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable(server)
         return server
@@ -187,6 +206,8 @@ class Server:
         for model in self.state.models.values():
             await model.batcher.close()
         self.metrics.close()
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+        affinity.pin_current_thread(self._loop_cpus)
         _log.log(level, "stopped")
 
     async def __aenter__(self) -> Server:

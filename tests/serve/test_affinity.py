@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from PIL import Image
 
+from protos import classifier_pb2, classifier_pb2_grpc
+from serve import classify
 from serve.affinity import caller_cpus, thread_ids
+from serve.background import BackgroundServer
 from serve.batcher import Batcher
 from serve.model_info import read_model_info
 from serve.runtime import Runtime
@@ -89,3 +96,45 @@ def test_nothing_is_pinned_with_an_explicit_thread_count(classifier_path: Path) 
     )
     assert runtime.caller_cpus is None
     assert _instance_cpus(runtime) == [frozenset(os.sched_getaffinity(0))] * 2
+
+
+@needs_cpus
+def test_the_loop_joins_the_instance_threads_and_decoding_stays_unpinned(
+    start_server: Callable[..., BackgroundServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    allowed = frozenset(os.sched_getaffinity(0))
+    decoded_on: list[frozenset[int]] = []
+    decode = classify.images.decode
+
+    def recording_decode(*args: object) -> np.ndarray:
+        decoded_on.append(frozenset(os.sched_getaffinity(0)))
+        return decode(*args)
+
+    monkeypatch.setattr(classify.images, "decode", recording_decode)
+    bg = start_server(intra_op_threads=0)
+    assert bg.server is not None
+    caller = bg.server.models["tiny"].batcher.runtime.caller_cpus
+    assert caller is not None and caller < allowed
+    assert _affinity(bg._thread) == caller
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    request = classifier_pb2.ClassifyRequest(model="tiny")
+    request.images.add(encoded=buffer.getvalue())
+    with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
+        answer = classifier_pb2_grpc.ClassifierStub(channel).Classify(request, timeout=30)
+    assert len(answer.results) == 1
+    assert decoded_on == [allowed]
+
+    bg.stop(0)
+    assert _affinity(bg._thread) == allowed
+
+
+def test_a_server_with_an_explicit_thread_count_pins_nothing(
+    start_server: Callable[..., BackgroundServer],
+) -> None:
+    bg = start_server(intra_op_threads=1)
+    assert bg.server is not None
+    assert bg.server.models["tiny"].batcher.runtime.caller_cpus is None
+    if hasattr(os, "sched_getaffinity"):
+        assert _affinity(bg._thread) == frozenset(os.sched_getaffinity(0))
