@@ -121,8 +121,10 @@ class Server:
         threads' cores (serve/affinity.py); ``stop`` undoes it."""
         shared = {model.batcher.runtime.caller_cpus for model in self.state.models.values()}
         if len(shared) == 1 and None not in shared:
+            cpus = shared.pop()
             self._loop_cpus = affinity.current_cpus()
-            affinity.pin_current_thread(shared.pop())
+            affinity.pin_current_thread(cpus)
+            _log.info("event loop pinned to CPUs %s with the instance threads", sorted(cpus))
 
     def _build(self) -> aio.Server:
         limit = self.config.max_message_bytes
