@@ -7,33 +7,20 @@ served figure is also a ratio that holds on a noisy machine. See docs/benchmarks
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime
 import json
-import math
 import os
 import platform
-import shlex
 import sys
 import time
-import urllib.parse
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
 from serve import benchreport
-from serve.benchenv import (
-    InProcess,
-    ModelFileError,
-    SpawnedServer,
-    check_model_file,
-    measure_in_process,
-    scrape,
-)
+from serve.benchargs import BenchConfig, parse
+from serve.benchenv import InProcess, SpawnedServer, measure_in_process, scrape
 from serve.loadgen import (
-    Load,
     Outcome,
     channel,
     check_answer,
@@ -45,166 +32,8 @@ from serve.loadgen import (
 )
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    """Everything one bench run does; built from the command line by ``parse``."""
-
-    target: str | None
-    model: str
-    spawn: Path | None
-    model_file: Path | None
-    server_args: tuple[str, ...]
-    compare: tuple[tuple[str, ...], ...]
-    loads: tuple[Load, ...]
-    distinct: int
-    channels: int
-    metrics_url: str | None
-    baseline_batches: tuple[int, ...]
-    baseline_seconds: float
-    baseline_threads: tuple[int, ...]
-    baseline_device: str
-
-
 class UsageError(Exception):
     """A setting that cannot work, found once the server is asked; main exits 2."""
-
-
-def _batches(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected batch sizes >= 1, got {text!r}")
-    return values
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m serve.bench",
-        description="Benchmark a classifier server (KServe v2 ModelInfer) against in-process "
-        "ONNX Runtime on the same model file.",
-        epilog="exit codes: 0 every call answered; 1 some calls failed (see the errors column) "
-        "or the server could not be reached; 2 usage",
-    )
-    p.add_argument("target", nargs="?", metavar="HOST:PORT", help="a running server")
-    p.add_argument("--model", help="model name (default with --spawn: the file's stem)")
-    p.add_argument("--spawn", type=Path, metavar="MODEL.onnx",
-                   help="start `python -m serve MODEL.onnx` on free 127.0.0.1 ports for the run")
-    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                   help="extra flag for the spawned server, e.g. --server-arg=--max-batch-size=1")
-    p.add_argument("--compare", action="append", default=[], metavar="'ARGS'",
-                   help="also spawn a server with these extra flags and run the same settings "
-                   "(--compare='--max-batch-size=1')")
-    p.add_argument("--model-file", type=Path, help="the ONNX file for the in-process baseline")
-    p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 16, 64],
-                   help="closed-loop calls in flight per setting (default 1 16 64)")
-    p.add_argument("--rate", type=float, nargs="*", default=[],
-                   help="open-loop settings: requests per second")
-    p.add_argument("--api", choices=("unary", "stream"), nargs="+", default=["unary"],
-                   help="unary ModelInfer calls and/or ModelStreamInfer streams (closed loop: "
-                   "one stream per concurrent caller); each api runs every setting")
-    p.add_argument("--images", type=int, default=1, help="images per request")
-    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per setting")
-    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per setting")
-    p.add_argument("--timeout", type=float, default=30.0, help="deadline per call")
-    p.add_argument("--distinct", type=int, default=16, help="distinct request payloads")
-    p.add_argument("--channels", type=int, default=1, help="gRPC channels (connections)")
-    p.add_argument("--metrics-url",
-                   help="the server's /metrics (default http://HOST:8002/metrics; "
-                   "a spawned server's own)")
-    p.add_argument("--baseline-batches", type=_batches, default=(1, 2, 4, 8, 16, 32, 64),
-                   metavar="B,B,...", help="in-process batch sizes (default 1,2,4,...,64)")
-    p.add_argument("--baseline-seconds", type=float, default=2.0, help="per in-process batch size")
-    p.add_argument("--baseline-threads", type=int, nargs="+", default=[1, 0],
-                   help="in-process intra-op thread counts to try, best kept per batch size "
-                   "(0: ONNX Runtime's default; default 1 0)")
-    p.add_argument("--baseline-device", choices=("cpu", "cuda"), default="cpu",
-                   help="execution provider of the in-process baseline")
-    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    p.add_argument("--plot", type=Path, metavar="FILE.png",
-                   help="draw throughput vs p99 latency per concurrency (needs matplotlib)")
-    return p  # fmt: skip
-
-
-def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if (args.target is None) == (args.spawn is None):
-        parser.error("expected HOST:PORT or --spawn MODEL.onnx (exactly one); pass one of them")
-    if args.spawn is not None and not args.spawn.is_file():
-        parser.error(f"expected a model file for --spawn, got {str(args.spawn)!r}; check the path")
-    if args.target is not None and not args.model:
-        parser.error("expected --model NAME with HOST:PORT; pass the served model's name")
-    if (args.server_arg or args.compare) and args.spawn is None:
-        parser.error("expected --spawn with --server-arg/--compare; they configure that server")
-    if args.distinct < 1 or args.channels < 1:
-        parser.error("expected --distinct >= 1 and --channels >= 1")
-    if not 0 < args.baseline_seconds < math.inf:
-        parser.error(f"expected --baseline-seconds > 0, got {args.baseline_seconds}; pass e.g. 2")
-    if min(args.baseline_threads) < 0:
-        parser.error(
-            f"expected --baseline-threads >= 0 (0: ONNX Runtime's default), got "
-            f"{args.baseline_threads}; pass e.g. 1 0"
-        )
-    if args.metrics_url is not None and not _is_http_url(args.metrics_url):
-        parser.error(
-            f"expected --metrics-url http(s)://HOST:PORT/PATH, got {args.metrics_url!r}; "
-            "pass the server's metrics URL, e.g. http://localhost:8002/metrics"
-        )
-    if args.plot is not None:
-        try:
-            benchreport.check_plot_path(args.plot)
-        except ValueError as e:
-            parser.error(str(e))
-    try:
-        loads = [
-            Load(concurrency=c, rate=r, images=args.images, seconds=args.seconds,
-                 warmup=args.warmup, timeout=args.timeout, stream=api == "stream")
-            for api in dict.fromkeys(args.api)
-            for c, r in [(c, None) for c in args.concurrency] + [(1, r) for r in args.rate]
-        ]  # fmt: skip
-    except ValueError as e:
-        parser.error(str(e))
-    model_file = args.model_file or args.spawn
-    if model_file is not None:
-        flag = "--model-file" if args.model_file else "--spawn"
-        try:
-            shape = check_model_file(model_file, args.baseline_device)
-            check_payload(shape, args.images, args.distinct)
-        except ModelFileError as e:
-            parser.error(f"{flag}: {e}")
-        except ValueError as e:
-            parser.error(str(e))
-    metrics_url = args.metrics_url
-    if metrics_url is None and args.target is not None:
-        metrics_url = f"http://{args.target.rsplit(':', 1)[0]}:8002/metrics"
-    config = BenchConfig(
-        target=args.target,
-        model=args.model or (args.spawn.stem if args.spawn else ""),
-        spawn=args.spawn,
-        model_file=model_file,
-        server_args=tuple(args.server_arg),
-        compare=tuple(tuple(shlex.split(c)) for c in args.compare),
-        loads=tuple(loads),
-        distinct=args.distinct,
-        channels=args.channels,
-        metrics_url=metrics_url,
-        baseline_batches=args.baseline_batches,
-        baseline_seconds=args.baseline_seconds,
-        baseline_threads=tuple(args.baseline_threads),
-        baseline_device=args.baseline_device,
-    )
-    return config, args
-
-
-def _is_http_url(text: str) -> bool:
-    try:
-        url = urllib.parse.urlsplit(text)
-        url.port  # noqa: B018 (raises ValueError for a port that is not a number)
-    except ValueError:
-        return False
-    return url.scheme in ("http", "https") and bool(url.hostname)
 
 
 async def _run_settings(
