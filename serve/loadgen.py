@@ -21,9 +21,8 @@ import numpy as np
 from grpc import aio
 
 from protos import kserve_pb2
+from serve.loadsend import INFER, STREAM_INFER, StreamSender, unary_sender
 
-INFER = "/inference.GRPCInferenceService/ModelInfer"
-STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 METADATA = "/inference.GRPCInferenceService/ModelMetadata"
 
 
@@ -204,7 +203,7 @@ async def run_load(
     outcome = Outcome(load)
     window = _Window()
     loop = asyncio.get_running_loop()
-    send = _StreamSender(channels, load, outcome) if load.stream else _unary_sender(channels, load)
+    send = StreamSender(channels, load, outcome) if load.stream else unary_sender(channels, load)
 
     async def one(index: int, scheduled: float) -> None:
         try:
@@ -273,131 +272,6 @@ async def run_load(
         if close is not None:
             await close()
     return outcome
-
-
-Send = Callable[[int, bytes], Awaitable["str | None"]]
-
-
-def _unary_sender(channels: list[aio.Channel], load: Load) -> Send:
-    """Call ``index`` as one unary ModelInfer; errors raise grpc.RpcError."""
-    calls = [c.unary_unary(INFER) for c in channels]
-
-    async def send(index: int, request: bytes) -> str | None:
-        await calls[index % len(calls)](request, timeout=load.timeout)
-        return None
-
-    return send
-
-
-def stream_error(answer: bytes) -> str | None:
-    """The status name of a ModelStreamInferResponse that reports an error, else None.
-
-    Fields are serialized in field order, so a set ``error_message`` (field 1, tag 0x0a) comes
-    first: answers that start otherwise are not parsed at all.
-    """
-    if answer[:1] != b"\n":
-        return None
-    message = kserve_pb2.ModelStreamInferResponse.FromString(answer).error_message
-    return message.split(":", 1)[0] or "UNKNOWN"
-
-
-def with_id(request: bytes, ident: str) -> bytes:
-    """``request`` (a serialized ModelInferRequest without an id) with ``id`` set to ``ident``.
-
-    Appending a field to serialized protobuf sets it, so no request is re-serialized.
-    """
-    return request + kserve_pb2.ModelInferRequest(id=ident).SerializeToString()
-
-
-class _StreamSender:
-    """Sends over ModelStreamInfer streams opened on first use.
-
-    Closed loop: one stream per concurrent caller, one request in flight on each. Open loop:
-    one stream per channel with any number in flight, answers matched by request id.
-    """
-
-    def __init__(self, channels: list[aio.Channel], load: Load, outcome: Outcome) -> None:
-        self._open = [c.stream_stream(STREAM_INFER) for c in channels]
-        self._load = load
-        self._outcome = outcome
-        self._streams: dict[int, aio.StreamStreamCall] = {}
-        self._locks: dict[int, asyncio.Lock] = {}
-        self._readers: list[asyncio.Task[None]] = []
-        self._waiting: dict[str, asyncio.Future[bytes]] = {}
-
-    def _stream(self, slot: int) -> aio.StreamStreamCall:
-        call = self._streams.get(slot)
-        if call is None:
-            # A stream outlives many requests, so its deadline covers the whole setting.
-            timeout = self._load.warmup + self._load.seconds + 2 * self._load.timeout
-            call = self._streams[slot] = self._open[slot % len(self._open)](timeout=timeout)
-            if self._load.rate is not None:
-                self._locks[slot] = asyncio.Lock()
-                self._readers.append(asyncio.create_task(self._read(call)))
-        return call
-
-    async def __call__(self, index: int, request: bytes) -> str | None:
-        closed_loop = self._load.rate is None
-        slot = index % (self._load.concurrency if closed_loop else len(self._open))
-        call = self._stream(slot)
-        try:
-            if closed_loop:
-                await call.write(request)
-                answer = await call.read()
-            else:
-                answer = await self._send_tagged(slot, call, str(index), request)
-        except grpc.RpcError:
-            self._streams.pop(slot, None)  # the stream is over: the next call opens another
-            raise
-        if answer is None:
-            return grpc.StatusCode.DEADLINE_EXCEEDED.name
-        if answer is aio.EOF:
-            self._streams.pop(slot, None)
-            return "STREAM_ENDED"
-        return stream_error(answer)
-
-    async def _send_tagged(
-        self, slot: int, call: aio.StreamStreamCall, ident: str, request: bytes
-    ) -> bytes | object | None:
-        waiter = self._waiting[ident] = asyncio.get_running_loop().create_future()
-        try:
-            async with self._locks[slot]:  # one write at a time per stream
-                await call.write(with_id(request, ident))
-            return await asyncio.wait_for(waiter, self._load.timeout)
-        except asyncio.TimeoutError:
-            return None
-        finally:
-            self._waiting.pop(ident, None)
-
-    async def _read(self, call: aio.StreamStreamCall) -> None:
-        while True:
-            answer = await call.read()
-            if answer is aio.EOF:
-                for waiter in self._waiting.values():
-                    if not waiter.done():
-                        waiter.set_result(answer)
-                return
-            ident = kserve_pb2.ModelStreamInferResponse.FromString(answer).infer_response.id
-            waiter = self._waiting.get(ident)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(answer)
-
-    async def close(self) -> None:
-        """Half-close every stream and wait for the server to end it (status OK)."""
-        for call in self._streams.values():
-            try:
-                await call.done_writing()
-                if self._load.rate is None:
-                    while await call.read() is not aio.EOF:
-                        pass
-            except grpc.RpcError:
-                pass  # counted from its code below
-            code = await call.code()
-            if code != grpc.StatusCode.OK:
-                self._outcome.errors[code.name] += 1
-        for reader in self._readers:
-            reader.cancel()
-        await asyncio.gather(*self._readers, return_exceptions=True)
 
 
 def print_progress(label: str) -> Callable[[Outcome, float], None]:
