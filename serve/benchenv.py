@@ -3,7 +3,6 @@ the server's Prometheus metrics."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -87,11 +86,10 @@ def _sample_shape(path: Path, tensor: Any) -> tuple[int, ...]:
 def _providers(device: str) -> list[str]:
     if device != "cuda":
         return ["CPUExecutionProvider"]
-    import onnxruntime as ort
+    from serve.runtime import preload_cuda_libraries
 
     # A missing CUDA library shows up in the provider check of measure_in_process.
-    with contextlib.suppress(Exception):
-        ort.preload_dlls()
+    preload_cuda_libraries()
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 

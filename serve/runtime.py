@@ -67,14 +67,20 @@ def _providers(device: str) -> list[str]:
                 f"{available}; install onnxruntime-gpu or pass --device auto"
             )
         return ["CPUExecutionProvider"]
-    # CUDA and cuDNN may come from pip wheels (the [cuda] extra); preload_dlls finds them.
+    preload_cuda_libraries()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from pip wheels (the [cuda] extra) where onnxruntime can
+    (``preload_dlls``). A missing wheel only means the CUDA provider will not be created,
+    which the caller's provider check reports."""
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
         try:
             preload()
-        except Exception as e:  # a missing wheel only means CUDA will not be created
+        except Exception as e:
             _log.debug("onnxruntime.preload_dlls() failed: %s", e)
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def ort_reason(error: Exception) -> str:
@@ -103,12 +109,14 @@ def _load_hint(path: Path, reason: str) -> str:
     return "re-export it with `python -m export` or check it with onnx.checker.check_model"
 
 
-def _device_failure(path: Path, error: Exception) -> RuntimeError:
-    return RuntimeError(
-        f"expected onnxruntime to run {path} on its execution provider, got "
-        f"{type(error).__name__}: {ort_reason(error)}; check the GPU driver and CUDA libraries "
-        "or pass --device cpu"
-    )
+def _raise_if_device_failed(path: Path, error: Exception) -> None:
+    """RuntimeError when ``error`` means the execution provider failed, not the model."""
+    if type(error).__name__ in _DEVICE_ERRORS:
+        raise RuntimeError(
+            f"expected onnxruntime to run {path} on its execution provider, got "
+            f"{type(error).__name__}: {ort_reason(error)}; check the GPU driver and CUDA "
+            "libraries or pass --device cpu"
+        ) from error
 
 
 def open_session(
@@ -122,8 +130,7 @@ def open_session(
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except ORT_ERRORS as e:
-        if type(e).__name__ in _DEVICE_ERRORS:
-            raise _device_failure(path, e) from e
+        _raise_if_device_failed(path, e)
         reason = ort_reason(e)
         raise ValueError(
             f"expected a model onnxruntime {ort.__version__} can load at {path}, got "
@@ -219,8 +226,7 @@ class Runtime:
             try:
                 logits = self.run(np.zeros((size, *self.info.sample_shape), dtype=np.float32))
             except ORT_ERRORS as e:
-                if type(e).__name__ in _DEVICE_ERRORS:
-                    raise _device_failure(self.info.path, e) from e
+                _raise_if_device_failed(self.info.path, e)
                 raise self._refusal(size, ran, f"{type(e).__name__}: {ort_reason(e)}") from e
             expected = (size, self.info.num_classes)
             if tuple(logits.shape) != expected:
