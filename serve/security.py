@@ -113,11 +113,6 @@ def server_credentials(
         )
     cert_pem = _read(cert, "PEM certificate", "--tls-cert")
     key_pem = _read(key, "PEM private key", "--tls-key")
-    if b"-----BEGIN" not in cert_pem or b"CERTIFICATE" not in cert_pem:
-        raise ValueError(
-            f"expected a PEM certificate in {str(cert)!r}, got something else; "
-            "pass the certificate (-----BEGIN CERTIFICATE-----) to --tls-cert"
-        )
     if b"PRIVATE KEY-----" not in key_pem:
         raise ValueError(
             f"expected a PEM private key in {str(key)!r}, got something else; "
@@ -127,11 +122,6 @@ def server_credentials(
     ca_pem = None
     if client_ca is not None:
         ca_pem = _read(client_ca, "PEM CA certificate", "--tls-client-ca")
-        if b"CERTIFICATE" not in ca_pem:
-            raise ValueError(
-                f"expected a PEM CA certificate in {str(client_ca)!r}, got something else; "
-                "pass the CA that signs client certificates to --tls-client-ca"
-            )
         check_certificates(
             client_ca, "--tls-client-ca", "pass the CA that signs client certificates"
         )
