@@ -203,13 +203,17 @@ class Server:
                 "grace period over with %d requests in flight; cancelling them",
                 self.state.in_flight,
             )
-        if self._server is not None:
-            await self._server.stop(max(0.0, until - loop.time()))
-        for model in self.state.models.values():
-            await model.batcher.close()
-        self.metrics.close()
-        self._decoder.shutdown(wait=False, cancel_futures=True)
-        affinity.pin_current_thread(self._loop_cpus)
+        try:
+            if self._server is not None:
+                await self._server.stop(max(0.0, until - loop.time()))
+            for model in self.state.models.values():
+                await model.batcher.close()
+            self.metrics.close()
+        finally:
+            # The loop thread outlives the server (tests, embedding apps): give it back its
+            # CPUs and end the decoder threads even when a step above failed.
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+            affinity.pin_current_thread(self._loop_cpus)
         _log.log(level, "stopped")
 
     async def __aenter__(self) -> Server:

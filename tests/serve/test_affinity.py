@@ -130,6 +130,26 @@ def test_the_loop_joins_the_instance_threads_and_decoding_stays_unpinned(
     assert _affinity(bg._thread) == allowed
 
 
+@needs_cpus
+def test_the_loop_gets_its_cpus_back_when_a_stop_step_fails(
+    start_server: Callable[..., BackgroundServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    allowed = frozenset(os.sched_getaffinity(0))
+    bg = start_server(intra_op_threads=0)
+    assert bg.server is not None
+    assert _affinity(bg._thread) < allowed
+
+    async def failing_close(self: Batcher, timeout: float = 10.0) -> None:
+        raise RuntimeError("close failed")
+
+    monkeypatch.setattr(Batcher, "close", failing_close)
+    with pytest.raises(RuntimeError, match="close failed"):
+        bg.stop(0)
+    assert _affinity(bg._thread) == allowed
+    monkeypatch.undo()
+    bg.call(bg.server.models["tiny"].batcher.close)  # end the instance threads it left
+
+
 def test_a_server_with_an_explicit_thread_count_pins_nothing(
     start_server: Callable[..., BackgroundServer],
 ) -> None:
