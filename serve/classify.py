@@ -13,7 +13,7 @@ from grpc import aio
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
 from serve import images, tensors
-from serve.errors import invalid
+from serve.errors import invalid, shown
 from serve.state import VERSION, Model, ServingState
 from serve.wire import Undecodable, deserializer, require_parsed
 
@@ -68,7 +68,7 @@ def _decode_all(model: Model, request: pb.ClassifyRequest, max_pixels: int) -> n
             if shape != info.sample_shape:
                 raise invalid(
                     f"expected tensor {i} of shape {list(info.sample_shape)} for model "
-                    f"{info.name}, got {list(shape)}; send one image without a batch axis"
+                    f"{info.name}, got {shown(list(shape))}; send one image without a batch axis"
                 )
             if len(image.tensor.data) != count * 4:
                 raise invalid(

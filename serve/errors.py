@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import grpc
 
+# A unary call's status message travels in a trailer, and gRPC turns trailers above 8 KiB
+# (sometimes) or 16 KiB (always) into RESOURCE_EXHAUSTED; a non-ASCII character takes up to 12
+# bytes once percent-encoded. Values taken from a request are shown cut (``shown``) and every
+# message is capped here, so a client's 20 000-character model name still gets NOT_FOUND and a
+# message it can read.
+MAX_SHOWN_CHARS = 80
+MAX_MESSAGE_CHARS = 600
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for a message, cut to about ``MAX_SHOWN_CHARS`` characters."""
+    text = repr(value)
+    if len(text) <= MAX_SHOWN_CHARS:
+        return text
+    return f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)"
+
 
 class ServeError(Exception):
     """A request failed for a reason the client can act on; ``code`` is the gRPC status."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = f"{message[:MAX_MESSAGE_CHARS]}... (cut)"
         super().__init__(message)
         self.code = code
         self.message = message

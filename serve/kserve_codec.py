@@ -7,7 +7,7 @@ import numpy as np
 
 from protos import kserve_pb2 as pb
 from serve import tensors
-from serve.errors import invalid
+from serve.errors import invalid, shown
 from serve.state import VERSION, Model
 
 _CLASSIFICATION = "classification"
@@ -27,16 +27,16 @@ def _decode_input(model: Model, request: pb.ModelInferRequest) -> np.ndarray:
         names = [t.name for t in request.inputs]
         raise invalid(
             f"expected exactly one input named {info.input_name!r} for model {info.name}, "
-            f"got {names}; name the tensor as ModelMetadata lists it"
+            f"got {shown(names)}; name the tensor as ModelMetadata lists it"
         )
     tensor = request.inputs[0]
     if tensor.datatype != "FP32":
         raise invalid(
-            f"expected datatype FP32 for input {tensor.name!r}, got {tensor.datatype!r}; "
+            f"expected datatype FP32 for input {shown(tensor.name)}, got {shown(tensor.datatype)}; "
             "send float32 data"
         )
     shape = tuple(tensor.shape)
-    what = f"input {tensor.name!r}"
+    what = f"input {shown(tensor.name)}"
     has_typed = len(tensor.contents.fp32_contents) > 0
     if request.raw_input_contents:
         if has_typed or len(request.raw_input_contents) != 1:
@@ -63,7 +63,7 @@ def _requested_classes(model: Model, request: pb.ModelInferRequest) -> int | Non
         names = [o.name for o in request.outputs]
         raise invalid(
             f"expected the requested output to be {info.output_name!r} for model {info.name}, "
-            f"got {names}; ask for it by that name or ask for none"
+            f"got {shown(names)}; ask for it by that name or ask for none"
         )
     params = request.outputs[0].parameters
     if _CLASSIFICATION not in params:
@@ -74,7 +74,7 @@ def _requested_classes(model: Model, request: pb.ModelInferRequest) -> int | Non
     if choice not in ("int64_param", "uint64_param") or k < 1:
         raise invalid(
             f"expected the classification parameter to be an integer >= 1, got "
-            f"{getattr(param, choice) if choice else None!r}; pass class_count=k"
+            f"{shown(getattr(param, choice) if choice else None)}; pass class_count=k"
         )
     return min(int(k), info.num_classes)
 

@@ -13,7 +13,7 @@ import grpc
 from grpc import aio
 
 from serve.batcher import TRACE, Batcher, Trace
-from serve.errors import ServeError, not_found, outcome, unavailable
+from serve.errors import ServeError, not_found, outcome, shown, unavailable
 from serve.model_info import ModelInfo
 
 if TYPE_CHECKING:
@@ -53,15 +53,17 @@ class ServingState:
         model = self.models.get(name)
         if model is None and not self.ready and name in self.loading:
             raise unavailable(
-                f"model {name!r} is not loaded yet: the server is still loading models; "
+                f"model {shown(name)} is not loaded yet: the server is still loading models; "
                 "retry when ServerReady"
             )
         if model is None:
             known = ", ".join(sorted(self.models)) or "none"
-            raise not_found(f"expected a model name among [{known}], got {name!r}; check the name")
+            raise not_found(
+                f"expected a model name among [{known}], got {shown(name)}; check the name"
+            )
         if version not in ("", VERSION):
             raise not_found(
-                f"expected version '' or {VERSION!r} of model {name}, got {version!r}; "
+                f"expected version '' or {VERSION!r} of model {name}, got {shown(version)}; "
                 f"this server serves version {VERSION} only"
             )
         return model

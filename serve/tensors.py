@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 
-from serve.errors import invalid
+from serve.errors import invalid, shown
 from serve.model_info import ModelInfo
 
 
@@ -16,12 +16,12 @@ def check_rows(info: ModelInfo, shape: tuple[int, ...], what: str) -> int:
     expected = [-1, *info.sample_shape]
     if len(shape) != len(expected) or tuple(shape[1:]) != info.sample_shape or shape[0] < 0:
         raise invalid(
-            f"expected {what} of shape {expected} for model {info.name}, got {list(shape)}; "
+            f"expected {what} of shape {expected} for model {info.name}, got {shown(list(shape))}; "
             "send [batch, *dims] as ModelMetadata lists"
         )
     if shape[0] == 0:
         raise invalid(
-            f"expected at least one row in {what}, got shape {list(shape)}; send 1 or more"
+            f"expected at least one row in {what}, got shape {shown(list(shape))}; send 1 or more"
         )
     return shape[0]
 

@@ -205,3 +205,38 @@ def test_bytes_that_do_not_parse_are_invalid_argument_on_every_method(
         assert f"expected a serialized {method}Request" in caught.value.details()
         live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=10)
         assert kserve_pb2.ServerLiveResponse.FromString(live).live
+
+
+def _long_request(**change: object) -> kserve_pb2.ModelInferRequest:
+    request = kserve_pb2.ModelInferRequest(model_name=change.get("model", "tiny"))
+    request.inputs.add(
+        name=change.get("name", "input"),
+        datatype=change.get("datatype", "FP32"),
+        shape=change.get("shape", [1, 3, 8, 8]),
+    )
+    request.raw_input_contents.append(np.zeros(192, np.float32).tobytes())
+    return request
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"model": "m" * 20_000}, grpc.StatusCode.NOT_FOUND),
+        ({"model": "é" * 20_000}, grpc.StatusCode.NOT_FOUND),
+        ({"name": "x" * 20_000}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"datatype": "F" * 20_000}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"shape": [1] * 50_000}, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+    ids=["model", "non-ascii-model", "input-name", "datatype", "shape"],
+)
+def test_long_client_strings_are_cut_in_status_messages(
+    shared_server: BackgroundServer, change: dict[str, object], code: grpc.StatusCode
+) -> None:
+    # Echoed whole, they overflowed gRPC's trailer limit: RESOURCE_EXHAUSTED instead of `code`.
+    with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(_long_request(**change).SerializeToString(), timeout=10)
+    assert caught.value.code() == code
+    details = caught.value.details()
+    assert "characters)" in details and len(details) < 700
