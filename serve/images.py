@@ -5,12 +5,17 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from serve.errors import invalid
+from serve.errors import ServeError, invalid, shown
 from serve.model_info import ModelInfo
 
 _MODES = {1: "L", 3: "RGB"}
+# The formats Classify decodes. Pillow reads many more, but fuzzing its other plugins with
+# malformed bytes raised NotImplementedError (DDS, BLP), AttributeError (SPIDER) and TypeError
+# (TIFF, whose libtiff also writes to stderr), and EPS runs Ghostscript where it is installed.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
+_NAMES = "PNG, JPEG, GIF, BMP or WebP"
 
 
 def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndarray:
@@ -28,7 +33,7 @@ def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndar
     channels, height, width = shape
     try:
         # Image.open reads only the header; Pillow itself refuses sizes far above its limit.
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
         pixels = image.size[0] * image.size[1]
         if pixels > max_pixels:
             raise invalid(
@@ -44,10 +49,17 @@ def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndar
             f"expected a reasonably sized image, got image {index} refused by Pillow ({e}); "
             "resize it before sending"
         ) from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except (ServeError, MemoryError):
+        raise
+    except UnidentifiedImageError as e:
         raise invalid(
-            f"expected image {index} to be a complete PNG or JPEG, got an undecodable one "
-            f"({e}); check the file"
+            f"expected image {index} to be a {_NAMES} image, got bytes in none of these "
+            "formats; convert it to PNG or JPEG"
+        ) from e
+    except Exception as e:  # a decoder's error on bytes it cannot read, whatever its type
+        raise invalid(
+            f"expected image {index} to be a complete {_NAMES} image, got an undecodable one "
+            f"({type(e).__name__}: {shown(str(e))}); check the file"
         ) from e
     array = array.reshape(height, width, channels).transpose(2, 0, 1) / np.float32(255.0)
     mean = np.asarray(info.mean, dtype=np.float32)[:, None, None]

@@ -1,4 +1,9 @@
-"""Server reflection from a private descriptor pool that describes ``inference.*`` as upstream.
+"""The stock services beside ours: server reflection, and grpc.health.v1.
+
+Both are registered with tolerant deserializers (``serve.wire``), so bytes that do not parse
+get INVALID_ARGUMENT rather than the stock handlers' UNKNOWN and a logged traceback.
+
+Reflection answers from a private descriptor pool that describes ``inference.*`` as upstream.
 
 Our KServe messages live in package ``kserve.v2`` (tritonclient owns ``inference.*`` in the
 default pool). For reflection clients (grpcurl) the private pool holds a copy of our file with
@@ -8,12 +13,13 @@ service and message names tritonclient's stubs use, with identical field numbers
 
 from __future__ import annotations
 
+import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc import aio
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from protos import classifier_pb2, kserve_pb2
+from serve.wire import checked, checked_stream, deserializer
 
 UPSTREAM_PACKAGE = "inference"
 UPSTREAM_FILE = "inference/grpc_service.proto"
@@ -66,6 +72,31 @@ def service_names() -> tuple[str, ...]:
     )
 
 
-def enable(server: aio.Server) -> None:
-    """Add the reflection service to ``server``, answering from :func:`reflection_pool`."""
-    reflection.enable_server_reflection(service_names(), server, pool=reflection_pool())
+def handler() -> grpc.GenericRpcHandler:
+    """The reflection service, answering from :func:`reflection_pool`; bytes that do not parse
+    end the call with INVALID_ARGUMENT (grpcio-reflection's own handler answers UNKNOWN)."""
+    servicer = reflection.aio.ReflectionServicer(service_names(), pool=reflection_pool())
+    info = grpc.stream_stream_rpc_method_handler(
+        checked_stream(servicer.ServerReflectionInfo),
+        request_deserializer=deserializer(reflection_pb2.ServerReflectionRequest),
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(
+        reflection.SERVICE_NAME, {"ServerReflectionInfo": info}
+    )
+
+
+def health_handler(servicer: health.aio.HealthServicer) -> grpc.GenericRpcHandler:
+    """grpc.health.v1.Health served by ``servicer``; bytes that do not parse get
+    INVALID_ARGUMENT (the stock registration answers UNKNOWN)."""
+    request = deserializer(health_pb2.HealthCheckRequest)
+    answer = health_pb2.HealthCheckResponse.SerializeToString
+    methods = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            checked(servicer.Check), request_deserializer=request, response_serializer=answer
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            checked(servicer.Watch), request_deserializer=request, response_serializer=answer
+        ),
+    }
+    return grpc.method_handlers_generic_handler(health.SERVICE_NAME, methods)

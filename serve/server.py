@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from serve import affinity, classify, kserve, reflection, security
 from serve.batcher import Batcher
@@ -143,8 +143,8 @@ class Server:
         server.add_generic_rpc_handlers((kserve.handler(kserve.KServeServicer(self.state)),))
         classifier = ClassifierServicer(self.state, self._decoder)
         server.add_generic_rpc_handlers((classify.handler(classifier),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable(server)
+        server.add_generic_rpc_handlers((reflection.health_handler(self.health),))
+        server.add_generic_rpc_handlers((reflection.handler(),))
         return server
 
     def _count_unauthenticated(self, method: str, request: object) -> None:

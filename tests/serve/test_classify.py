@@ -14,7 +14,10 @@ import pytest
 from PIL import Image
 
 from protos import classifier_pb2, classifier_pb2_grpc
+from serve import images
 from serve.background import BackgroundServer
+from serve.errors import ServeError
+from serve.model_info import read_model_info
 
 Reference = Callable[[Path, np.ndarray], np.ndarray]
 
@@ -116,6 +119,69 @@ def test_bad_images_are_invalid_argument(stub) -> None:
         )
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, name
         assert "image 1" in error.details(), name
+
+
+# A 2x2 TIFF with one byte changed, found by fuzzing: Pillow's TIFF plugin raised TypeError
+# ('IFDRational' object cannot be interpreted as an integer) on it, which became INTERNAL.
+_FUZZED_TIFF = bytes.fromhex(
+    "49492a00080000000a0000010400010000000200000001010400010000000200000002010300030000008600"
+    "000003010300010000000100000006010300010000000200000011010500010000008c000000150103000100"
+    "00000300000016010400010000000200000017010400010000000c0000001c01030001000000010000000000"
+    "0000080008000800a2440a04cfe89aba8aeed076"
+)
+
+
+def _dds(flags: bytes) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (4, 4)).save(buffer, format="DDS")
+    data = bytearray(buffer.getvalue())
+    data[80:84] = flags  # the pixel format's flags: Pillow raised NotImplementedError on these
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        (_FUZZED_TIFF, "none of these formats"),
+        (_dds(b"\0\0\0\xff"), "none of these formats"),
+        (b"GIF89a" + b"\xff" * 40, "GIF"),
+    ],
+    ids=["fuzzed-tiff", "fuzzed-dds", "broken-gif"],
+)
+def test_only_common_formats_are_decoded_and_their_errors_are_invalid_argument(
+    stub, data: bytes, said: str
+) -> None:
+    error = _classify_error(stub, classifier_pb2.Image(encoded=data))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert said in error.details() and "image 0" in error.details()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "WEBP"])
+def test_gif_bmp_and_webp_are_decoded_too(stub, fmt: str) -> None:
+    data = _png(np.full((8, 8, 3), 128, dtype=np.uint8), fmt=fmt)
+    answer = stub.Classify(
+        classifier_pb2.ClassifyRequest(model="tiny", images=[classifier_pb2.Image(encoded=data)]),
+        timeout=30,
+    )
+    assert len(answer.results) == 1
+
+
+def test_a_decoder_error_of_any_type_is_invalid_argument(
+    classifier_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pillow's plugins raise what they meet on malformed bytes (NotImplementedError in DDS,
+    # AttributeError in SPIDER); whatever the type, the image is the client's to fix.
+    info = read_model_info("tiny", classifier_path)
+    data = _png(np.zeros((8, 8, 3), dtype=np.uint8))
+
+    def broken(*args: object) -> Image.Image:
+        raise NotImplementedError("Unknown pixel format flags 4278190080")
+
+    monkeypatch.setattr(Image.Image, "convert", broken)
+    with pytest.raises(ServeError) as caught:
+        images.decode(info, data, 3, 1_000_000)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image 3" in caught.value.message and "NotImplementedError" in caught.value.message
 
 
 def test_bad_tensors_and_requests(stub) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import grpc
 import pytest
 import tritonclient.grpc as tc  # registers inference.* in the default pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from protos import classifier_pb2, kserve_pb2
 from serve.background import BackgroundServer
 
+REFLECTION_INFO = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 SERVICES = {
     "inference.GRPCInferenceService",
     "classifier.v1.Classifier",
@@ -81,3 +83,34 @@ def test_grpcurl_lists_all_four_services(shared_server: BackgroundServer) -> Non
         check=True,
     ).stdout.split()
     assert set(listed) == SERVICES
+
+
+def test_health_and_reflection_answer_invalid_argument_to_bytes_that_do_not_parse(
+    shared_server: BackgroundServer,
+) -> None:
+    garbage = b"\x0f\x01"
+    with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+        calls = {
+            "HealthCheckRequest": channel.unary_unary("/grpc.health.v1.Health/Check"),
+            "HealthCheckRequest (Watch)": lambda data, timeout: list(
+                channel.unary_stream("/grpc.health.v1.Health/Watch")(data, timeout=timeout)
+            ),
+            "ServerReflectionRequest": lambda data, timeout: list(
+                channel.stream_stream(REFLECTION_INFO)(iter([data]), timeout=timeout)
+            ),
+        }
+        for message, call in calls.items():
+            with pytest.raises(grpc.RpcError) as caught:
+                call(garbage, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, message
+            expected = f"expected a serialized {message.split()[0]}, got bytes that do not parse"
+            assert expected in caught.value.details(), message
+
+        # Both still answer what parses, Watch included.
+        check = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert check.Check(health_pb2.HealthCheckRequest(), timeout=10).status == serving
+        watch = check.Watch(health_pb2.HealthCheckRequest(service="tiny"), timeout=10)
+        assert next(watch).status == serving
+        watch.cancel()
+        assert set(ProtoReflectionDescriptorDatabase(channel).get_services()) == SERVICES
