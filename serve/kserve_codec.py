@@ -37,12 +37,14 @@ def _decode_input(model: Model, request: pb.ModelInferRequest) -> np.ndarray:
         )
     shape = tuple(tensor.shape)
     what = f"input {shown(tensor.name)}"
-    has_typed = len(tensor.contents.fp32_contents) > 0
+    typed = len(tensor.contents.fp32_contents)
+    has_typed = typed > 0
     if request.raw_input_contents:
         if has_typed or len(request.raw_input_contents) != 1:
             raise invalid(
                 f"expected one raw_input_contents entry and no typed contents, got "
-                f"{len(request.raw_input_contents)} raw entries; send the tensor once"
+                f"{len(request.raw_input_contents)} raw entries and {typed} fp32_contents "
+                "values; send the tensor once"
             )
         return tensors.from_raw(info, shape, request.raw_input_contents[0], what)
     if not has_typed:

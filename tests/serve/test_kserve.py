@@ -240,3 +240,14 @@ def test_long_client_strings_are_cut_in_status_messages(
     assert caught.value.code() == code
     details = caught.value.details()
     assert "characters)" in details and len(details) < 700
+
+
+def test_raw_and_typed_contents_together_are_named_both(shared_server: BackgroundServer) -> None:
+    request = _long_request()
+    request.inputs[0].contents.fp32_contents.extend([0.0] * 192)
+    with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(request.SerializeToString(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "got 1 raw entries and 192 fp32_contents values" in caught.value.details()
