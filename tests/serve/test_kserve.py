@@ -207,7 +207,7 @@ def test_bytes_that_do_not_parse_are_invalid_argument_on_every_method(
         assert kserve_pb2.ServerLiveResponse.FromString(live).live
 
 
-def _long_request(**change: object) -> kserve_pb2.ModelInferRequest:
+def _infer_request(**change: object) -> kserve_pb2.ModelInferRequest:
     request = kserve_pb2.ModelInferRequest(model_name=change.get("model", "tiny"))
     request.inputs.add(
         name=change.get("name", "input"),
@@ -236,14 +236,14 @@ def test_long_client_strings_are_cut_in_status_messages(
     with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         with pytest.raises(grpc.RpcError) as caught:
-            call(_long_request(**change).SerializeToString(), timeout=10)
+            call(_infer_request(**change).SerializeToString(), timeout=10)
     assert caught.value.code() == code
     details = caught.value.details()
     assert "characters)" in details and len(details) < 700
 
 
 def test_raw_and_typed_contents_together_are_named_both(shared_server: BackgroundServer) -> None:
-    request = _long_request()
+    request = _infer_request()
     request.inputs[0].contents.fp32_contents.extend([0.0] * 192)
     with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
