@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
 import torch
 from torch import Tensor, nn
 
@@ -18,6 +19,8 @@ from export.errors import UsageError, first_line
 
 STATE_DICT_ENTRIES = ("state_dict", "model_state_dict", "model", "net", "state_dict_ema")
 STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "model.")
+# An ONNX ModelProto starts with its ir_version field (field 1, varint): the tag byte 0x08.
+_ONNX_FIRST_BYTE = b"\x08"
 
 
 @dataclass(frozen=True)
@@ -40,26 +43,57 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
-    """Load a torch.save file (weights only unless `trust_pickle`), safetensors or TorchScript."""
-    path = Path(path)
+def check_checkpoint_path(path: Path) -> None:
+    """Refuse, saying what the path is instead, anything but a readable, non-empty file that is
+    not already an ONNX model (checked before the output path is compared with it)."""
+    if path.is_dir():
+        raise UsageError(
+            f"expected a checkpoint file, got {path} which is a directory; pass the checkpoint "
+            "file inside it"
+        )
+    if path.exists() and not path.is_file():
+        raise UsageError(
+            f"expected a checkpoint file, got {path} which is a special file (device, pipe or "
+            "socket); pass the checkpoint file written by torch.save"
+        )
     if not path.is_file():
         raise UsageError(
             f"expected a checkpoint file, got {path} which does not exist; check the path"
         )
-    if path.stat().st_size == 0:
+    try:
+        with path.open("rb") as f:
+            head = f.read(1)
+    except OSError as e:
+        raise _unreadable(path, e) from e
+    if not head:
         raise UsageError(f"expected a checkpoint, got an empty file {path}; save the model again")
-    digest = sha256_of(path)
+    if head == _ONNX_FIRST_BYTE and _is_onnx_model(path):
+        raise UsageError(
+            f"expected a PyTorch checkpoint, got {path} which is already an ONNX model; serve it "
+            f"with python -m serve {path}, or pass the torch checkpoint it was exported from"
+        )
+
+
+def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
+    """Load a torch.save file (weights only unless `trust_pickle`), safetensors or TorchScript."""
+    path = Path(path)
+    check_checkpoint_path(path)
+    try:
+        digest = sha256_of(path)
+    except OSError as e:
+        raise _unreadable(path, e) from e
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return Checkpoint(path, digest, "safetensors", _load_safetensors(path))
     if _is_torchscript(path):
-        module = _load_torchscript(path)
+        module = _float32_module(_load_torchscript(path))
         return Checkpoint(path, digest, "torchscript", module.state_dict(), module=module)
     obj = _torch_load(path, trust_pickle)
-    if isinstance(obj, nn.Module):
-        return Checkpoint(path, digest, "pickled module", obj.state_dict(), module=obj)
-    state_dict, arch = _find_state_dict(obj, path)
-    return Checkpoint(path, digest, "state_dict", state_dict, arch=arch)
+    found, arch = (obj, None) if isinstance(obj, nn.Module) else _find_state_dict(obj, path)
+    if isinstance(found, nn.Module):
+        module = _float32_module(found)
+        return Checkpoint(path, digest, "pickled module", module.state_dict(), arch=arch,
+                          module=module)  # fmt: skip
+    return Checkpoint(path, digest, "state_dict", found, arch=arch)
 
 
 def key_variants(state_dict: Mapping[str, Tensor]) -> Iterator[dict[str, Tensor]]:
@@ -103,6 +137,27 @@ def _torch_load(path: Path, trust_pickle: bool) -> object:
         raise _not_a_checkpoint(path) from e
 
 
+def _unreadable(path: Path, error: OSError) -> UsageError:
+    return UsageError(
+        f"expected a readable checkpoint file, got {path} which cannot be read "
+        f"({error.strerror or error}); check its permissions, or pass a copy you can read"
+    )
+
+
+def _is_onnx_model(path: Path) -> bool:
+    """Whether `path` parses as an ONNX ModelProto with a graph (a torch zip or pickle does not)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError, or anything else: then it is no ONNX model
+        return False
+    return model.ir_version > 0 and len(model.graph.output) > 0
+
+
+def _float32_module(module: nn.Module) -> nn.Module:
+    """Half, bfloat16 or double modules export as float32 (the ONNX input and output are)."""
+    return module.float()
+
+
 def _not_a_checkpoint(path: Path) -> UsageError:
     return UsageError(
         f"expected a PyTorch checkpoint (torch.save, .safetensors or TorchScript), got {path} "
@@ -110,7 +165,9 @@ def _not_a_checkpoint(path: Path) -> UsageError:
     )
 
 
-def _find_state_dict(obj: object, path: Path) -> tuple[dict[str, Tensor], str | None]:
+def _find_state_dict(obj: object, path: Path) -> tuple[dict[str, Tensor] | nn.Module, str | None]:
+    """The weights in a torch.load result, or the whole module that a trusted training checkpoint
+    keeps under one of the entries (YOLO's {"model": DetectionModel, "epoch": ...})."""
     if not isinstance(obj, Mapping):
         raise UsageError(
             f"expected a state_dict (a dict of tensors), got a {type(obj).__name__} in {path}; "
@@ -119,6 +176,8 @@ def _find_state_dict(obj: object, path: Path) -> tuple[dict[str, Tensor], str | 
     arch = obj.get("arch") if isinstance(obj.get("arch"), str) else None
     for entry in STATE_DICT_ENTRIES:
         inner = obj.get(entry)
+        if isinstance(inner, nn.Module):
+            return inner, arch
         if isinstance(inner, Mapping) and _tensors(inner):
             return _tensors(inner), arch
     tensors = _tensors(obj)

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from export.config import ExportConfig, parse_floats, parse_shape
-from export.errors import ExportError
-from export.onnx_export import EXPORTERS, MIN_OPSET
+from export.errors import ExportError, strip_ansi
+from export.onnx_export import EXPORTERS, MAX_OPSET, MIN_OPSET
 from export.pipeline import ExportResult, export_checkpoint
 from export.zoo import architectures
 
@@ -17,6 +17,20 @@ from export.zoo import architectures
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"error: {message}; see python -m export --help\n")
+
+
+def _text(value: str) -> str:
+    # An empty value (`--mean=`, `-o "$UNSET"`) is a mistake: ignored, or read as the current
+    # directory, it would export something other than what was asked for.
+    if not value.strip():
+        raise argparse.ArgumentTypeError(
+            "expected a value, got an empty string; give one or leave the option out"
+        )
+    return value
+
+
+def _path(value: str) -> Path:
+    return Path(_text(value))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,22 +41,33 @@ def build_parser() -> argparse.ArgumentParser:
         "left at the output path); 2 bad input or usage",
     )
     p.add_argument(
-        "checkpoint", type=Path, help="checkpoint (.ckpt/.pt/.pth, .safetensors, TorchScript)"
+        "checkpoint", type=_path, help="checkpoint (.ckpt/.pt/.pth, .safetensors, TorchScript)"
     )
     p.add_argument(
         "-o",
         "--output",
+        type=_text,
         help="output .onnx path, or an existing directory (default: CKPT with .onnx)",
     )
-    p.add_argument("--arch", help=f"zoo name ({', '.join(architectures())}) or module.path:factory")
-    p.add_argument("--input-shape", metavar="C,H,W", help="input shape without the batch axis")
-    p.add_argument("--labels", type=Path, metavar="FILE", help="class labels, one per line")
-    p.add_argument("--mean", metavar="M[,M...]", help="per-channel mean for preprocessing")
-    p.add_argument("--std", metavar="S[,S...]", help="per-channel std for preprocessing")
-    p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
+    p.add_argument(
+        "--arch", type=_text, help=f"zoo name ({', '.join(architectures())}) or module.path:factory"
+    )
+    p.add_argument(
+        "--input-shape", type=_text, metavar="C,H,W", help="input shape without the batch axis"
+    )
+    p.add_argument("--labels", type=_path, metavar="FILE", help="class labels, one per line")
+    p.add_argument(
+        "--mean", type=_text, metavar="M[,M...]", help="per-channel mean for preprocessing"
+    )
+    p.add_argument(
+        "--std", type=_text, metavar="S[,S...]", help="per-channel std for preprocessing"
+    )
+    p.add_argument(
+        "--opset", type=int, default=MIN_OPSET, help=f"ONNX opset ({MIN_OPSET} to {MAX_OPSET})"
+    )
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
-    p.add_argument("--sample", type=Path, metavar="FILE.npy", help="extra inputs for parity")
+    p.add_argument("--sample", type=_path, metavar="FILE.npy", help="extra inputs for parity")
     p.add_argument(
         "--exporter",
         choices=EXPORTERS,
@@ -103,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = export_checkpoint(config_from_args(args))
     except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {strip_ansi(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; no .onnx written", file=sys.stderr)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.errors import UsageError
-from export.onnx_export import EXPORTERS, MIN_OPSET
+from export.onnx_export import EXPORTERS, MAX_OPSET, MIN_OPSET
 
 # Parity runs batches of 32 of the input (DESIGN.md), so this bound keeps the largest input
 # batch at 2 GiB of float32 before any activation; 3×2048×2048 and 1×4096×4096 still fit.
@@ -44,10 +44,18 @@ class ExportConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
-        if self.opset < MIN_OPSET:
-            raise UsageError(f"expected --opset >= {MIN_OPSET}, got {self.opset}; pass 18 or newer")
-        if not (self.atol >= 0 and self.rtol >= 0):
-            raise UsageError(f"expected --atol and --rtol >= 0, got {self.atol} and {self.rtol}")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise UsageError(
+                f"expected --opset from {MIN_OPSET} to {MAX_OPSET} (the opsets the installed torch "
+                f"exporter writes), got {self.opset}; pass one in that range, e.g. --opset "
+                f"{MIN_OPSET}"
+            )
+        # An infinite tolerance would let every parity comparison pass.
+        if not all(math.isfinite(t) and t >= 0 for t in (self.atol, self.rtol)):
+            raise UsageError(
+                f"expected finite --atol and --rtol >= 0, got {self.atol} and {self.rtol}; "
+                "pass e.g. --atol 1e-4 --rtol 1e-3 (the defaults)"
+            )
         if self.exporter not in EXPORTERS:
             raise UsageError(f"expected --exporter in {EXPORTERS}, got {self.exporter!r}")
         if self.input_shape is not None and (

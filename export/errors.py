@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
+# Colour and cursor codes (CSI sequences) that some libraries put in their messages (torch.export
+# highlights "This is step 1/3"); in a message for the user, or a log file, they are noise.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
 
 class ExportError(Exception):
     """Base class: the message is meant for the user and says what to do."""
@@ -24,5 +30,10 @@ class CheckFailed(ExportError):
 def first_line(error: BaseException, limit: int = 300) -> str:
     """The first line of ``error``'s message, at most ``limit`` characters (its type if empty):
     libraries' errors run to pages, and a message for the user is one line."""
-    lines = str(error).strip().splitlines()
+    lines = strip_ansi(str(error)).strip().splitlines()
     return lines[0][:limit] if lines else type(error).__name__
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escape sequences."""
+    return _ANSI_ESCAPE.sub("", text)

@@ -22,10 +22,12 @@ class Frozen:
 
 
 def freeze(model: nn.Module) -> Frozen:
-    """eval(), gradients off, and every BatchNorm checked for usable running statistics."""
+    """eval(), gradients off, every value checked to be finite, and every BatchNorm checked for
+    usable running statistics."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    _check_finite(model)
     norms = [
         (n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
     ]
@@ -47,6 +49,19 @@ def freeze(model: nn.Module) -> Frozen:
         fingerprint=fingerprint(model),
         parameters=sum(p.numel() for p in model.parameters()),
     )
+
+
+def _check_finite(model: nn.Module) -> None:
+    """NaN or inf weights make every parity comparison fail, which would blame the export."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+            if bad:
+                raise UsageError(
+                    f"expected finite parameters and buffers, got {bad} NaN or infinite value(s) "
+                    f"of {tensor.numel()} in {name}; the training diverged or the file is "
+                    "damaged: export an earlier checkpoint"
+                )
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -27,6 +27,24 @@ MAX_BYTES = 2**31 - 1
 EXPORTERS = ("auto", "legacy", "dynamo")
 
 
+def _max_opset() -> int:
+    """The newest opset that the installed torch exporters and onnx both know (23 for torch 2.13).
+
+    Above it the legacy exporter refuses, and the dynamo exporter quietly writes its own default
+    (18) instead, so the file would not have the opset asked for.
+    """
+    try:
+        from torch.onnx import _constants  # private, but the only place torch states its limit
+
+        newest = int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        newest = MIN_OPSET
+    return max(MIN_OPSET, min(newest, onnx.defs.onnx_opset_version()))
+
+
+MAX_OPSET = _max_opset()
+
+
 @dataclass(frozen=True)
 class Exported:
     """Which exporter wrote the graph (and why another one was not used)."""
@@ -45,6 +63,13 @@ def export_onnx(
     that does not divide the input (VGG's 7×7 pool on small inputs).
     """
     example = torch.randn(2, *input_shape)
+    scripted = isinstance(model, torch.jit.ScriptModule)
+    if exporter == "dynamo" and scripted:
+        raise UsageError(
+            "expected a Python nn.Module for --exporter dynamo, got a TorchScript model, which "
+            "the dynamo exporter cannot take (torch.export traces Python code); leave --exporter "
+            "at auto or pass --exporter legacy"
+        )
     if exporter == "dynamo":
         _export_dynamo(model, example, path, opset)
         return Exported("dynamo")
@@ -52,10 +77,16 @@ def export_onnx(
         _export_legacy(model, example, path, opset)
         return Exported("legacy")
     except Exception as e:
-        if exporter == "legacy" or isinstance(model, torch.jit.ScriptModule):
+        if exporter == "legacy" or scripted:
+            hint = (
+                "export the original model's state_dict instead (the dynamo exporter cannot "
+                "take TorchScript)"
+                if scripted
+                else "try --exporter dynamo or simplify the forward"
+            )
             raise UsageError(
                 f"expected a model the ONNX exporter can trace, got {type(e).__name__}: "
-                f"{first_line(e)}; try --exporter dynamo or simplify the forward"
+                f"{first_line(e)}; {hint}"
             ) from e
         reason = first_line(e)
     _export_dynamo(model, example, path, opset)
@@ -118,10 +149,15 @@ def check_graph(model: onnx.ModelProto, input_shape: tuple[int, int, int], size:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         return [f"onnx.checker rejected the graph: {first_line(e)}"]
     problems = _check_io(model, input_shape)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = graph_opset(model)
     if opset < MIN_OPSET:
         problems.append(f"expected opset >= {MIN_OPSET}, got {opset}")
     return problems + training_mode_ops(model)
+
+
+def graph_opset(model: onnx.ModelProto) -> int:
+    """The default-domain opset the graph imports (0 when it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _check_io(model: onnx.ModelProto, input_shape: tuple[int, int, int]) -> list[str]:

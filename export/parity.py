@@ -12,6 +12,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from export.errors import UsageError, first_line
 from export.onnx_export import INPUT_NAME
 from serve.runtime import nvidia_driver_present
 
@@ -142,17 +143,46 @@ def make_inputs(
     return batches
 
 
+def run_torch(
+    model: nn.Module, batches: dict[str, np.ndarray], arch: str, num_classes: int
+) -> dict[str, np.ndarray]:
+    """The torch reference for every batch, run before anything is exported. torch runs on the
+    CPU whatever the provider: one reference per batch serves them all.
+
+    Raises UsageError when the model breaks the conventions the ONNX file must keep (DESIGN.md:
+    every batch size runs, the output is N×K logits): the model itself has to change, as when
+    the probe in the pipeline refuses it, so this is bad input (exit 2), not a failed check.
+    """
+    expected = {}
+    for name, batch in batches.items():
+        where = f"batch size {name}" if name.isdigit() else f"the --sample batch (N={len(batch)})"
+        try:
+            out = _run_torch(model, batch)
+        except Exception as e:
+            raise UsageError(
+                f"expected {arch} to accept any batch size, got {type(e).__name__} at {where}: "
+                f"{first_line(e)}; make forward work for every N (e.g. x.flatten(1) or "
+                "x.reshape(x.shape[0], -1), not a fixed batch size)"
+            ) from e
+        if out.shape != (len(batch), num_classes):
+            raise UsageError(
+                f"expected {arch} to return logits of shape N×K = {len(batch)}×{num_classes} "
+                f"at {where}, got {tuple(out.shape)}; make forward keep the batch axis for "
+                "every N (e.g. no .squeeze() without a dim)"
+            )
+        expected[name] = out
+    return expected
+
+
 def check_parity(
-    model: nn.Module,
+    expected_by_batch: dict[str, np.ndarray],
     path: Path,
     batches: dict[str, np.ndarray],
     tolerance: Tolerance,
     graph_problems: list[str],
 ) -> ParityReport:
-    """Run every batch through torch and every usable ORT provider and compare."""
+    """Run every batch through every usable ORT provider and compare with torch's outputs."""
     sessions = create_sessions(path)
-    # torch runs on the CPU whatever the provider: one reference per batch serves them all.
-    expected_by_batch = {name: _run_torch(model, batch) for name, batch in batches.items()}
     results = []
     for provider, session in sessions.items():
         for name, batch in batches.items():
@@ -176,7 +206,7 @@ def _compare(
     alone: np.ndarray,
     tol: Tolerance,
 ) -> BatchResult:
-    if got.shape != expected.shape:
+    if got.shape != expected.shape or alone.shape != expected.shape:
         return BatchResult(provider, name, len(expected), float("inf"), float("inf"),
                            False, False, False, float("inf"))  # fmt: skip
     diff = np.abs(got.astype(np.float64) - expected)

@@ -16,12 +16,12 @@ import onnx
 import torch
 from torch import nn
 
-from export.checkpoint import load_checkpoint
+from export.checkpoint import check_checkpoint_path, load_checkpoint
 from export.config import ExportConfig
 from export.errors import CheckFailed, UsageError, first_line
 from export.freeze import Frozen, check_unchanged, freeze
-from export.onnx_export import as_json, check_graph, export_onnx, write_metadata
-from export.parity import ParityReport, Tolerance, check_parity, make_inputs
+from export.onnx_export import as_json, check_graph, export_onnx, graph_opset, write_metadata
+from export.parity import ParityReport, Tolerance, check_parity, make_inputs, run_torch
 from export.resolve import Resolved, resolve
 
 
@@ -48,6 +48,7 @@ def export_checkpoint(config: ExportConfig) -> ExportResult:
     """Export `config.checkpoint`; raises UsageError (exit 2) or CheckFailed (exit 1)."""
     started = time.perf_counter()
     output, report_path = config.output_path, config.report_path
+    check_checkpoint_path(config.checkpoint)
     _check_writable(output.parent)
     _check_outputs(config.checkpoint, output, report_path)
     checkpoint = load_checkpoint(config.checkpoint, trust_pickle=config.trust_pickle)
@@ -65,6 +66,15 @@ def export_checkpoint(config: ExportConfig) -> ExportResult:
     labels = _labels(config.labels_file, num_classes)
     mean, std = _stats(config, resolved, input_shape[0])
     sample = _sample(config.sample, input_shape)
+    batches = make_inputs(input_shape, sample)
+    try:
+        expected = run_torch(resolved.model, batches, resolved.arch, num_classes)
+    except UsageError:
+        # A model that fails at some batch size, or drops the batch axis, could never pass
+        # parity, so a .onnx already at the output path is no checked export of it: as after a
+        # failed check, it must not be served in its place (DESIGN.md).
+        output.unlink(missing_ok=True)
+        raise
 
     try:
         fd, tmp_name = tempfile.mkstemp(
@@ -84,10 +94,12 @@ def export_checkpoint(config: ExportConfig) -> ExportResult:
         if exported.fallback_reason:
             notes.append(f"legacy exporter failed ({exported.fallback_reason}); used dynamo")
         graph = onnx.load(str(tmp))
+        opset = graph_opset(graph)
+        if opset != config.opset:
+            notes.append(f"asked for --opset {config.opset}, the exporter wrote opset {opset}")
         problems = check_graph(graph, input_shape, tmp.stat().st_size)
         tolerance = Tolerance(atol=config.atol, rtol=config.rtol)
-        batches = make_inputs(input_shape, sample)
-        parity = check_parity(resolved.model, tmp, batches, tolerance, problems)
+        parity = check_parity(expected, tmp, batches, tolerance, problems)
         check_unchanged(resolved.model, frozen)
         _write_report(report_path, parity, resolved.arch, exported.exporter)
         if not parity.passed:
@@ -123,7 +135,7 @@ def export_checkpoint(config: ExportConfig) -> ExportResult:
         input_shape=input_shape,
         num_classes=num_classes,
         frozen=frozen,
-        opset=config.opset,
+        opset=opset,
         exporter=exported.exporter,
         file_bytes=output.stat().st_size,
         parity=parity,
@@ -212,11 +224,23 @@ def _labels(path: Path | None, num_classes: int) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"expected a readable UTF-8 labels file, got {path}: {e}") from e
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise UsageError(
+            f"expected a readable UTF-8 labels file, got {path} ({reason}); pass --labels a "
+            "text file with one label per line, in class-index order"
+        ) from e
     labels = [line.strip() for line in lines]
     while labels and not labels[-1]:
         labels.pop()
-    if len(labels) != num_classes or not all(labels):
+    if not all(labels):
+        # A blank line inside the list would shift every later label to the wrong class.
+        blank = labels.index("") + 1
+        raise UsageError(
+            f"expected {num_classes} non-empty labels (one per line) in {path}, got "
+            f"{sum(map(bool, labels))} and a blank line {blank}; remove it, or write the "
+            "missing label there, one label per class in class-index order"
+        )
+    if len(labels) != num_classes:
         raise UsageError(
             f"expected {num_classes} non-empty labels (one per line) in {path}, got "
             f"{len(labels)}; write one label per class in class-index order"
@@ -241,7 +265,9 @@ def _stats(
             chosen.append(given)
         else:
             raise UsageError(
-                f"expected {option} with 1 or {channels} values (one per channel), got {len(given)}"
+                f"expected {option} with 1 or {channels} values (one per channel), got "
+                f"{len(given)}; pass one value (used for every channel) or one per channel, e.g. "
+                f"{option} {','.join(['0.5'] * channels)}"
             )
     return chosen[0], chosen[1]
 
@@ -268,8 +294,12 @@ def _sample(path: Path | None, input_shape: tuple[int, int, int]) -> np.ndarray 
             f"expected --sample of shape (N,{','.join(map(str, input_shape))}) or "
             f"({','.join(map(str, input_shape))}), got {array.shape}; save the preprocessed inputs"
         )
-    if not np.issubdtype(array.dtype, np.number):
-        raise UsageError(f"expected a numeric --sample array, got dtype {array.dtype}")
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        # bool, strings, or complex numbers (whose imaginary part a cast would drop)
+        raise UsageError(
+            f"expected a real-valued numeric --sample array, got dtype {array.dtype}; save the "
+            "preprocessed inputs as float32, e.g. np.save(path, inputs.astype(np.float32))"
+        )
     with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf
         array = array.astype(np.float32)
     bad = int(array.size - np.count_nonzero(np.isfinite(array)))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import io
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -140,10 +143,25 @@ def _build_zoo(spec: ArchSpec, weights: dict[str, Tensor], checkpoint: Checkpoin
         # initialisation that would be overwritten (hundreds of ms for VGG).
         with torch.device("meta"):
             model = spec.build(num_classes=num_classes, in_channels=in_channels)
+        _check_floating(model.state_dict(), weights, spec.name, checkpoint)
         tensors = {k: _as_float32(weights[k]) if k in weights else torch.zeros_like(v, device="cpu")
                    for k, v in model.state_dict().items()}  # fmt: skip
         model.load_state_dict(tensors, assign=True)
     return Resolved(spec.name, model, num_classes, in_channels, spec)
+
+
+def _check_floating(
+    expected: Mapping[str, Tensor], weights: Mapping[str, Tensor], arch: str, checkpoint: Checkpoint
+) -> None:
+    """Integer (quantized, or cast by mistake) values where the network holds floats would load
+    as nonsense, or not at all (an integer tensor cannot be a parameter)."""
+    for key, value in weights.items():
+        if key in expected and expected[key].is_floating_point() and not value.is_floating_point():
+            raise UsageError(
+                f"expected floating-point weights for {arch}, got {key} of dtype "
+                f"{str(value.dtype).removeprefix('torch.')} in {checkpoint.path}; save the float "
+                "model's state_dict (quantized or integer weights cannot be exported as float32)"
+            )
 
 
 def _as_float32(tensor: Tensor) -> Tensor:
@@ -179,6 +197,7 @@ def _build_factory(target: str, checkpoint: Checkpoint, source: str) -> Resolved
             f"expected weights that fit {target}, got {best[0].describe()}; check that the "
             "factory builds the network the checkpoint was trained with"
         )
+    _check_floating(expected, best[1], target, checkpoint)
     _load(model, best[1], target)
     return Resolved(target, model, kwargs.get("num_classes"), kwargs.get("in_channels"), None)
 
@@ -191,8 +210,21 @@ def _import_factory(target: str, source: str) -> Callable[..., object]:
             f"expected module.path:factory (an absolute module path, a colon, a name), got "
             f"{target!r} from {source}; e.g. --arch mypkg.nets:build"
         )
+    # What the module prints while it is imported is held back: when importing fails (an
+    # argparse error in a training script) it would read as this command's usage text.
+    printed = io.StringIO()
     try:
-        module = importlib.import_module(module_name)
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            module = importlib.import_module(module_name)
+    except SystemExit as e:
+        # A training script's sys.exit() or argparse error, run at import: without this the
+        # export would end with the script's exit code, and usage text that is not ours.
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise UsageError(
+            f"expected module {module_name} (for {target} from {source}) to import, got "
+            f"SystemExit: importing {module_name} exited (code {code}); guard its script code "
+            "with if __name__ == '__main__':"
+        ) from e
     except ImportError as e:
         raise UsageError(
             f"expected an importable module for {target} from {source}, got "
@@ -204,6 +236,7 @@ def _import_factory(target: str, source: str) -> Callable[..., object]:
             f"expected module {module_name} (for {target} from {source}) to import, got "
             f"{type(e).__name__}: {first_line(e)}; fix the error in that module"
         ) from e
+    sys.stderr.write(printed.getvalue())
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(

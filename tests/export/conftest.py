@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,14 +19,17 @@ RunCli = Callable[..., subprocess.CompletedProcess[str]]
 
 @pytest.fixture
 def run_cli() -> RunCli:
-    """Run `python -m export ARGS...` as a subprocess; extra_path goes on PYTHONPATH."""
+    """Run `python -m export ARGS...` as a subprocess; extra_path goes on PYTHONPATH, prefix
+    (a command such as setpriv) before the interpreter."""
 
-    def run(*args: object, extra_path: Path | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: object, extra_path: Path | None = None, prefix: Sequence[str] = ()
+    ) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ)
         paths = [str(ROOT)] + ([str(extra_path)] if extra_path else [])
         env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
         return subprocess.run(
-            [sys.executable, "-m", "export", *map(str, args)],
+            [*prefix, sys.executable, "-m", "export", *map(str, args)],
             capture_output=True,
             text=True,
             env=env,

@@ -152,3 +152,28 @@ def test_damaged_torchscript_archive(tmp_path: Path) -> None:
             export_checkpoint(ExportConfig(checkpoint=path, input_shape=(3, 8, 8)))
         assert str(path) in str(info.value)
         assert "\n" not in str(info.value)
+
+
+def test_half_precision_pickled_module_exports_as_float32(tmp_path: Path) -> None:
+    # Used to fail with advice to fix --input-shape (float input against half weights).
+    model = user_models.TinyNet(num_classes=3)
+    user_models.trained_state(model)
+    path = tmp_path / "whole_half.pt"
+    torch.save(model.half(), path)
+    result = export_ok(path, input_shape=(3, 8, 8), trust_pickle=True)
+    assert result.arch == "TinyNet"
+    graph = onnx.load(str(result.output)).graph
+    for value in (graph.input[0], graph.output[0]):
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_torchscript_with_the_dynamo_exporter(tmp_path: Path) -> None:
+    path = tmp_path / "scripted.pt"
+    save_scripted(user_models.TinyNet(), path)
+    with pytest.raises(UsageError) as info:
+        export_checkpoint(ExportConfig(checkpoint=path, input_shape=(3, 8, 8), exporter="dynamo"))
+    message = str(info.value)
+    assert "the dynamo exporter cannot take" in message
+    assert "leave --exporter at auto" in message
+    assert "\x1b" not in message
+    assert not list(tmp_path.glob("*.onnx*"))

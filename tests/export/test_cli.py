@@ -7,12 +7,16 @@ where an uncaught exception would fail the test just as a traceback would.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import user_models
+from safetensors.torch import save_file
 
 from export import ExportConfig, UsageError
 
@@ -119,9 +123,13 @@ def test_unwritable_output(run_main, small_ckpt, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("args", "phrase"),
-    [(("--opset", "11"), "--opset >= 18"), (("--std", "0"), "--std values > 0"),
-     (("--mean", "0.1,0.2"), "--mean with 1 or 3 values"), (("--atol", "x"), "invalid float")],
-    ids=["opset", "std", "mean-count", "atol"],
+    [(("--opset", "11"), "--opset from 18 to"), (("--opset", "99"), "got 99; pass one in that"),
+     (("--std", "0"), "--std values > 0"), (("--mean", "0.1,0.2"), "; pass one value (used for"),
+     (("--atol", "x"), "invalid float"), (("--atol", "-1"), "got -1.0 and 0.001; pass e.g."),
+     (("--atol", "nan"), "got nan and 0.001; pass e.g. --atol"),
+     (("--rtol", "inf"), "finite --atol and --rtol")],
+    ids=["opset", "opset-too-new", "std", "mean-count", "atol", "atol-negative", "atol-nan",
+         "rtol-inf"],
 )  # fmt: skip
 def test_bad_options(run_main, small_ckpt, args: tuple[str, ...], phrase: str) -> None:
     path, _ = small_ckpt
@@ -134,6 +142,22 @@ def test_labels_count_must_match(run_main, small_ckpt, tmp_path: Path) -> None:
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\n")
     assert_usage_error(run_main(path, "--labels", labels), "expected 4 non-empty labels")
+    # Four lines for four classes, one blank: three labels, and the blank line is named.
+    labels.write_text("cat\n\ndog\nemu\n")
+    assert_usage_error(run_main(path, "--labels", labels), "got 3 and a blank line 2; remove it")
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "binary"])
+def test_unreadable_labels_file(run_main, small_ckpt, tmp_path: Path, kind: str) -> None:
+    path, _ = small_ckpt
+    labels = tmp_path / "labels.txt"
+    if kind == "directory":
+        labels.mkdir()
+    elif kind == "binary":
+        labels.write_bytes(b"\xff\xfe\x00bad" * 5)
+    done = run_main(path, "--labels", labels, "-o", tmp_path / "out.onnx")
+    assert_usage_error(done, str(labels), "; pass --labels a text file with one label per line")
+    assert done.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize(
@@ -144,9 +168,12 @@ def test_labels_count_must_match(run_main, small_ckpt, tmp_path: Path) -> None:
         ("user_models:", None, "module.path:factory"),
         ("syntax_error_mod:build", "def build(:\n", "SyntaxError"),
         ("raises_mod:build", "raise RuntimeError('no GPU here')\n", "RuntimeError: no GPU here"),
+        ("exits_mod:build", "import sys\nprint('training...')\nsys.exit(0)\n",
+         "importing exits_mod exited (code 0); guard its script code with if __name__"),
     ],
-    ids=["empty-module", "relative-module", "empty-name", "syntax-error", "raises-at-import"],
-)
+    ids=["empty-module", "relative-module", "empty-name", "syntax-error", "raises-at-import",
+         "exits-at-import"],
+)  # fmt: skip
 def test_factory_that_fails_to_import(
     run_main, small_ckpt, tmp_path: Path, arch: str, source: str | None, phrase: str
 ) -> None:
@@ -155,6 +182,24 @@ def test_factory_that_fails_to_import(
         (tmp_path / (arch.partition(":")[0] + ".py")).write_text(source)
     done = run_main(path, "--arch", arch, "--input-shape", "3,32,32", extra_path=tmp_path)
     assert_usage_error(done, phrase, arch)
+
+
+def test_factory_module_that_runs_argparse_at_import(run_cli, small_ckpt, tmp_path: Path) -> None:
+    # A training script imported for its model class parses our arguments and exits 2.
+    (tmp_path / "train_script.py").write_text(
+        "import argparse\n"
+        "parser = argparse.ArgumentParser()\n"
+        "parser.add_argument('--epochs', type=int)\n"
+        "args = parser.parse_args()\n"
+        "print('training started')\n"
+    )
+    path, _ = small_ckpt
+    done = run_cli(path, "--arch", "train_script:build", "-o", tmp_path / "out.onnx",
+                   extra_path=tmp_path)  # fmt: skip
+    assert_usage_error(done, "importing train_script exited (code 2)", "__name__ == '__main__'")
+    assert done.stderr.count("\n") == 1, done.stderr  # no usage text of the script's own
+    assert "usage:" not in done.stderr
+    assert no_onnx_in(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -185,8 +230,10 @@ def test_huge_input_shape_is_refused_before_any_work(small_ckpt) -> None:
         ({"": "nan"}, "got 1 NaN or infinite value(s)"),
         ({"": "inf"}, "NaN or infinite"),
         ({"": "too-big"}, "got 3072 NaN or infinite"),
+        ({"": "bool"}, "got dtype bool; save the preprocessed inputs as float32"),
+        ({"": "complex"}, "expected a real-valued numeric --sample array, got dtype complex128"),
     ],
-    ids=["npz-two-arrays", "nan", "inf", "beyond-float32"],
+    ids=["npz-two-arrays", "nan", "inf", "beyond-float32", "bool", "complex"],
 )
 def test_bad_sample_file(run_main, small_ckpt, tmp_path: Path, values, phrase: str) -> None:
     path, _ = small_ckpt
@@ -198,6 +245,10 @@ def test_bad_sample_file(run_main, small_ckpt, tmp_path: Path, values, phrase: s
             array[1, 2, 3, 4] = float(kind)
         elif kind == "too-big":
             array[0] = 1e300  # finite as float64, infinite once cast to the model's float32
+        elif kind == "bool":
+            array = array > 0.5
+        elif kind == "complex":
+            array = array + 1j  # a cast to float32 would silently drop the imaginary part
         arrays[name] = array
     if "" in arrays:
         sample = tmp_path / "sample.npy"
@@ -278,3 +329,137 @@ def test_output_with_trailing_slash_is_a_directory(run_main, small_ckpt, tmp_pat
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "models" / f"{path.stem}.onnx").is_file()
     assert (tmp_path / "models" / f"{path.stem}.parity.json").is_file()
+
+
+def lenet_state() -> dict[str, torch.Tensor]:
+    from export.zoo.small import lenet5
+
+    torch.manual_seed(0)
+    return lenet5(num_classes=10, in_channels=3).state_dict()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_integer_weights_are_refused(run_main, tmp_path: Path, suffix: str) -> None:
+    # load_state_dict(assign=True) used to fail with a traceback: ints cannot be parameters.
+    state = lenet_state()
+    state["fc_unit.2.weight"] = (state["fc_unit.2.weight"] * 100).long()
+    path = tmp_path / f"int{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    done = run_main(path)
+    assert_usage_error(done, "floating-point weights for lenet5", "fc_unit.2.weight of dtype int64",
+                       "; save the float model's state_dict")  # fmt: skip
+    assert no_onnx_in(tmp_path)
+
+
+def test_non_finite_weights_are_refused(run_main, tmp_path: Path) -> None:
+    # Exported, they used to give a dozen parity failures that blamed the exporter.
+    state = lenet_state()
+    state["fc_unit.2.bias"][3] = float("inf")
+    state["fc_unit.4.weight"][0, :2] = float("nan")
+    path = tmp_path / "diverged.pt"
+    torch.save(state, path)
+    done = run_main(path)
+    assert_usage_error(done, "got 1 NaN or infinite value(s) of 84 in fc_unit.2.bias",
+                       "export an earlier checkpoint")  # fmt: skip
+    assert done.stderr.count("\n") == 1
+    assert no_onnx_in(tmp_path)
+
+
+def test_unreadable_checkpoint(run_cli, tmp_path: Path) -> None:
+    path = tmp_path / "locked.pt"
+    torch.save(lenet_state(), path)
+    path.chmod(0)
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:
+        # root reads any file; without these two capabilities it obeys the permission bits.
+        prefix = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
+        if not shutil.which("setpriv") or subprocess.run([*prefix, "true"]).returncode:
+            pytest.skip("running as root, and setpriv cannot drop CAP_DAC_OVERRIDE here")
+    done = run_cli(path, prefix=prefix)
+    assert_usage_error(done, f"got {path} which cannot be read (Permission denied)",
+                       "check its permissions")  # fmt: skip
+    assert no_onnx_in(tmp_path)
+
+
+def test_checkpoint_that_is_no_regular_file(run_main, tmp_path: Path) -> None:
+    folder = tmp_path / "run1"
+    folder.mkdir()
+    assert_usage_error(run_main(folder), f"got {folder} which is a directory", "file inside it")
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    done = run_main(fifo, "-o", tmp_path / "out.onnx")
+    assert_usage_error(done, f"got {fifo} which is a special file")
+    assert no_onnx_in(tmp_path)
+
+
+def test_onnx_model_as_checkpoint(run_main, tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    before = path.read_bytes()
+    # Said first, rather than that the default output (model.onnx) is the checkpoint itself.
+    done = run_main(path)
+    assert_usage_error(done, "which is already an ONNX model", f"python -m serve {path}")
+    assert "is the checkpoint" not in done.stderr
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--input-shape=",), ("--mean=",), ("--std=",), ("-o", ""), ("--arch=",), ("--labels=",)],
+    ids=["input-shape", "mean", "std", "output", "arch", "labels"],
+)
+def test_empty_option_value(
+    run_main, small_ckpt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...]
+) -> None:
+    # `-o ""` used to mean the current directory, and the others were ignored.
+    monkeypatch.chdir(tmp_path)
+    path, _ = small_ckpt
+    done = run_main(path, *args)
+    assert_usage_error(done, f"argument {args[0].rstrip('=')}", "got an empty string")
+    assert not list(tmp_path.iterdir())
+
+
+def test_whole_module_under_a_state_dict_entry(run_main, tmp_path: Path) -> None:
+    # YOLO-style training checkpoints keep the module itself under "model".
+    model = user_models.TinyNet(num_classes=3)
+    user_models.trained_state(model)
+    path = tmp_path / "train.pt"
+    torch.save({"model": model, "epoch": 3}, path)
+    done = run_main(path, "--input-shape", "3,8,8", extra_path=HERE)
+    assert_usage_error(done, "pickled Python object (user_models.TinyNet)", "--trust-pickle")
+    done = run_main(path, "--input-shape", "3,8,8", "--trust-pickle", extra_path=HERE)
+    assert done.returncode == 0, done.stderr
+    assert "exported TinyNet" in done.stdout
+    assert "3 classes" in done.stdout
+
+
+def test_summary_gives_the_opset_in_the_file(
+    run_main, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "lenet.pt"
+    torch.save(lenet_state(), path)
+    done = run_main(path, "--opset", "19")
+    assert done.returncode == 0, done.stderr
+    assert "opset        19 (legacy exporter)" in done.stdout
+    assert onnx.load(str(tmp_path / "lenet.onnx")).opset_import[0].version == 19
+    # The dynamo exporter writes its own default opset when it cannot convert to the one asked
+    # for; the summary must give the file's opset, not the option's.
+    from export import pipeline
+
+    real = pipeline.export_onnx
+    monkeypatch.setattr(pipeline, "export_onnx", lambda *a, **kw: real(*a, **{**kw, "opset": 18}))
+    done = run_main(path, "--opset", "19")
+    assert done.returncode == 0, done.stderr
+    assert "opset        18 (legacy exporter)" in done.stdout
+    assert "asked for --opset 19, the exporter wrote opset 18" in done.stderr

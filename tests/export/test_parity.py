@@ -44,6 +44,30 @@ def test_planted_defect_exits_1(run_main, tmp_path: Path, cls: str, cause: str) 
     assert any(cause in line for line in report["failures"])
 
 
+@pytest.mark.parametrize(
+    ("cls", "phrases"),
+    [
+        ("FixedBatch", ("accept any batch size", "RuntimeError at batch size 1", "x.flatten(1)")),
+        ("Squeeze", ("shape N×K = 1×5 at batch size 1, got (5,)", "no .squeeze()")),
+    ],
+)
+def test_model_that_breaks_the_batch_axis_exits_2(
+    run_main, tmp_path: Path, cls: str, phrases: tuple[str, ...]
+) -> None:
+    # Both pass the probe (batch 2) and used to end in a traceback from the parity run.
+    path = tmp_path / "tiny.ckpt"
+    torch.save(user_models.trained_state(user_models.TinyNet()), path)
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"a previous export that must not be served in place of this model")
+    done = run_main(path, "-o", out, "--arch", f"user_models:{cls}", "--input-shape", "3,8,8",
+                    extra_path=HERE)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    for phrase in (f"user_models:{cls}", *phrases):
+        assert phrase in done.stderr
+    assert not list(tmp_path.glob("*.onnx*"))
+
+
 def test_training_batchnorm_via_cli_subprocess(run_cli, tmp_path: Path) -> None:
     path = save_user_model(tmp_path, user_models.TrainingBatchNorm)
     done = run_cli(path, "--arch", "user_models:TrainingBatchNorm", "--input-shape", "3,8,8",

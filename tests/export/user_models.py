@@ -78,6 +78,20 @@ class Counter(TinyNet):
         return super().forward(x)
 
 
+class FixedBatch(TinyNet):
+    """Flattens to a fixed batch of 2: runs at the probe's batch size only."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.bn(self.conv(x))).reshape(2, -1))
+
+
+class Squeeze(TinyNet):
+    """Squeezes every axis of size 1: at batch size 1 the output loses its batch axis."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).squeeze()
+
+
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
     """Move BN statistics away from their initial values, then return the state_dict."""
     torch.manual_seed(0)
