@@ -46,7 +46,7 @@ async def _run_settings(
     channels = [channel(target) for _ in range(config.channels)]
     try:
         timeout = config.loads[0].timeout
-        input_name, shape = await model_input(channels[0], config.model, timeout)
+        input_name, shape = await _served_input(config, channels[0], target)
         try:
             for load in config.loads:
                 check_payload(shape, load.images, config.distinct)
@@ -99,6 +99,35 @@ async def _run_settings(
             await chan.close()
 
 
+async def _served_input(
+    config: BenchConfig, chan: grpc.aio.Channel, target: str
+) -> tuple[str, tuple[int, ...]]:
+    """The served model's input name and sample shape; UsageError when ``--model-file`` is
+    another model, whose in-process figures would make every ratio meaningless."""
+    timeout = config.loads[0].timeout
+    input_name, shape, classes = await model_input(chan, config.model, timeout)
+    info = config.model_file_info
+    if info is not None and (
+        shape != info.sample_shape or classes not in (None, info.num_classes)
+    ):
+        served = "×".join(map(str, shape)) + (f", {classes} classes" if classes else "")
+        raise UsageError(
+            f"expected --model-file to be the model {config.model!r} served at {target} "
+            f"(input {served}), got {config.model_file} (input "
+            f"{'×'.join(map(str, info.sample_shape))}, {info.num_classes} classes); pass the "
+            "ONNX file that server serves to --model-file, or leave --model-file out"
+        )
+    return input_name, shape
+
+
+async def _check_served_model(config: BenchConfig, target: str) -> None:
+    chan = channel(target)
+    try:
+        await _served_input(config, chan, target)
+    finally:
+        await chan.close()
+
+
 def _too_large(error: grpc.aio.AioRpcError) -> bool:
     """Whether a call failed on a gRPC message-size limit (not on a full queue)."""
     details = error.details() or ""
@@ -144,19 +173,34 @@ def _servers(config: BenchConfig) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def _baseline(config: BenchConfig, when: str) -> InProcess:
+    from serve.runtime import ORT_ERRORS, ort_reason
+
     sys.stderr.write(f"in-process ONNX Runtime on {config.model_file} ({when} the load) ...\n")
-    return measure_in_process(
-        config.model_file,
-        config.baseline_batches,
-        config.baseline_seconds,
-        config.baseline_threads,
-        config.baseline_device,
-    )
+    try:
+        return measure_in_process(
+            config.model_file,
+            config.baseline_batches,
+            config.baseline_seconds,
+            config.baseline_threads,
+            config.baseline_device,
+        )
+    except ORT_ERRORS as e:  # none of them a RuntimeError: caught here, not as a traceback
+        sizes = ",".join(map(str, config.baseline_batches))
+        device = " or --baseline-device cpu" if config.baseline_device == "cuda" else ""
+        raise UsageError(
+            f"expected ONNX Runtime to run {config.model_file} in-process at batch sizes "
+            f"{sizes}, got {type(e).__name__}: {ort_reason(e)}; pass --baseline-batches with "
+            f"sizes the model runs{device}, or a model exported with a symbolic batch axis"
+        ) from e
 
 
 def run(config: BenchConfig) -> dict:
     """Measure in-process ONNX Runtime, then every server setting; returns the report."""
     in_process: InProcess | None = None
+    if config.spawn is None and config.model_file is not None:
+        # Asked before the baseline, which takes a while: a --model-file of another model, or
+        # a server that does not answer, is then said at once.
+        asyncio.run(_check_served_model(config, config.target or ""))
     if config.model_file is not None:
         in_process = _baseline(config, "before")
     servers: list[dict] = []

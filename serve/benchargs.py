@@ -12,10 +12,15 @@ import shlex
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serve import benchreport
 from serve.benchenv import ModelFileError, check_model_file
 from serve.loadgen import Load, check_payload
+from serve.targets import check_target
+
+if TYPE_CHECKING:
+    from serve.model_info import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class BenchConfig:
     model: str
     spawn: Path | None
     model_file: Path | None
+    model_file_info: ModelInfo | None  # what the server would read from model_file
     server_args: tuple[str, ...]
     compare: tuple[tuple[str, ...], ...]
     loads: tuple[Load, ...]
@@ -46,6 +52,27 @@ def _batches(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected batch sizes >= 1, got {text!r}")
     return values
+
+
+# Flags of `python -m serve` a spawned server must not get: the bench sets them itself, or
+# cannot follow them (its channels and readiness probe are plaintext). The server would
+# listen elsewhere and the bench wait for it in vain.
+_OWN_FLAGS = {
+    "--host": "the bench starts the server on 127.0.0.1 and free ports itself",
+    "--port": "the bench starts the server on 127.0.0.1 and free ports itself",
+    "--metrics-port": "the bench starts the server on 127.0.0.1 and free ports itself",
+    "--tls-cert": "the bench connects in plaintext",
+    "--tls-key": "the bench connects in plaintext",
+    "--tls-client-ca": "the bench connects in plaintext",
+}
+
+
+def _own_flag(token: str) -> str | None:
+    """The flag of ``_OWN_FLAGS`` that ``token`` sets (argparse takes a unique prefix too)."""
+    name = token.split("=", 1)[0]
+    if not name.startswith("--") or len(name) < 3:
+        return None
+    return next((flag for flag in _OWN_FLAGS if flag.startswith(name)), None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,12 +128,33 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
     args = parser.parse_args(argv)
     if (args.target is None) == (args.spawn is None):
         parser.error("expected HOST:PORT or --spawn MODEL.onnx (exactly one); pass one of them")
+    if args.target is not None:
+        try:
+            check_target(args.target)
+        except ValueError as e:
+            parser.error(str(e))
     if args.spawn is not None and not args.spawn.is_file():
         parser.error(f"expected a model file for --spawn, got {str(args.spawn)!r}; check the path")
     if args.target is not None and not args.model:
         parser.error("expected --model NAME with HOST:PORT; pass the served model's name")
     if (args.server_arg or args.compare) and args.spawn is None:
         parser.error("expected --spawn with --server-arg/--compare; they configure that server")
+    compare = []
+    for text in args.compare:
+        try:
+            compare.append(tuple(shlex.split(text)))
+        except ValueError as e:  # "No closing quotation", "No escaped character"
+            parser.error(
+                f"expected --compare 'FLAGS' in shell quoting, got {text!r} ({e}); close the "
+                "quote, e.g. --compare='--instances=2'"
+            )
+    for token in (*args.server_arg, *(token for flags in compare for token in flags)):
+        flag = _own_flag(token)
+        if flag is not None:
+            parser.error(
+                f"expected --server-arg and --compare without {flag}, got {token!r}: "
+                f"{_OWN_FLAGS[flag]}; leave it out"
+            )
     if args.distinct < 1 or args.channels < 1:
         parser.error("expected --distinct >= 1 and --channels >= 1")
     if not 0 < args.baseline_seconds < math.inf:
@@ -136,25 +184,27 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
     except ValueError as e:
         parser.error(str(e))
     model_file = args.model_file or args.spawn
+    info = None
     if model_file is not None:
         flag = "--model-file" if args.model_file else "--spawn"
         try:
-            shape = check_model_file(model_file, args.baseline_device)
-            check_payload(shape, args.images, args.distinct)
+            info = check_model_file(model_file, args.baseline_device)
+            check_payload(info.sample_shape, args.images, args.distinct)
         except ModelFileError as e:
             parser.error(f"{flag}: {e}")
         except ValueError as e:
             parser.error(str(e))
     metrics_url = args.metrics_url
-    if metrics_url is None and args.target is not None:
+    if metrics_url is None and args.target is not None and not args.target.startswith("unix:"):
         metrics_url = f"http://{args.target.rsplit(':', 1)[0]}:8002/metrics"
     config = BenchConfig(
         target=args.target,
         model=args.model or (args.spawn.stem if args.spawn else ""),
         spawn=args.spawn,
         model_file=model_file,
+        model_file_info=info,
         server_args=tuple(args.server_arg),
-        compare=tuple(tuple(shlex.split(c)) for c in args.compare),
+        compare=tuple(compare),
         loads=tuple(loads),
         distinct=args.distinct,
         channels=args.channels,

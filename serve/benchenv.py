@@ -13,9 +13,12 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from serve.model_info import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,8 @@ class InProcess:
 
 
 class ModelFileError(ValueError):
-    """ONNX Runtime cannot run the model file: missing, not ONNX, or without static dims."""
+    """The model file cannot serve as the baseline: missing, refused by ONNX Runtime, or not a
+    classifier the server would serve (two inputs, int64 input, no fixed sample shape, ...)."""
 
 
 def _session(path: Path, options: Any = None, providers: list[str] | None = None) -> Any:
@@ -73,14 +77,15 @@ def _session(path: Path, options: Any = None, providers: list[str] | None = None
         raise ModelFileError(str(e)) from e
 
 
-def _sample_shape(path: Path, tensor: Any) -> tuple[int, ...]:
-    shape = tuple(d if isinstance(d, int) else None for d in tensor.shape[1:])
-    if None in shape:
-        raise ModelFileError(
-            f"expected static sample dims in {path}, got {tensor.shape}; export with a "
-            "fixed input shape"
-        )
-    return shape  # type: ignore[return-value]
+def _model_info(path: Path) -> ModelInfo:
+    """What the server reads from ``path`` (the same reader); ModelFileError when it would
+    refuse to serve it."""
+    from serve.model_info import read_model_info
+
+    try:
+        return read_model_info(path.stem, path)
+    except ValueError as e:  # says what is wrong with the model and what to do
+        raise ModelFileError(str(e)) from e
 
 
 def _providers(device: str) -> list[str]:
@@ -93,11 +98,12 @@ def _providers(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def check_model_file(path: Path, device: str = "cpu") -> tuple[int, ...]:
-    """The per-sample input shape of the ONNX file at ``path``, loaded once as the baseline on
-    ``device`` will load it; ModelFileError saying what to do when it cannot serve as one."""
-    session = _session(path, providers=_providers(device))
-    return _sample_shape(path, session.get_inputs()[0])
+def check_model_file(path: Path, device: str = "cpu") -> ModelInfo:
+    """What the server reads from the ONNX file at ``path`` (input name, sample shape, class
+    count), after loading it once as the baseline on ``device`` will; ModelFileError saying
+    what to do when it cannot serve as one."""
+    _session(path, providers=_providers(device))
+    return _model_info(path)
 
 
 def measure_in_process(
@@ -116,8 +122,12 @@ def measure_in_process(
     latency: dict[int, float] = {}
     best_threads: dict[int, int] = {}
     rng = np.random.default_rng(0)
+    info: ModelInfo | None = None
     for count in threads:
         options = ort.SessionOptions()
+        # A failing run comes back as an exception that serve/bench.py says in one line; ORT's
+        # log would print it a second time. With CUDA the log says why a provider failed.
+        options.log_severity_level = 4 if device == "cpu" else 3
         if count:
             options.intra_op_num_threads = count
         providers = _providers(device)
@@ -127,15 +137,14 @@ def measure_in_process(
                 f"expected {providers[0]} for the in-process baseline, got "
                 f"{session.get_providers()}; check the GPU set-up or pass --baseline-device cpu"
             )
-        (tensor,) = session.get_inputs()
-        shape = _sample_shape(path, tensor)
+        info = info or _model_info(path)  # read after ONNX Runtime has loaded the file
         for batch in batches:
-            x = rng.random((batch, *shape), dtype=np.float32)
-            session.run(None, {tensor.name: x})
+            x = rng.random((batch, *info.sample_shape), dtype=np.float32)
+            session.run(None, {info.input_name: x})
             runs = 0
             started = time.perf_counter()
             while True:
-                session.run(None, {tensor.name: x})
+                session.run(None, {info.input_name: x})
                 runs += 1
                 elapsed = time.perf_counter() - started
                 if elapsed >= seconds and runs >= 3:
@@ -170,12 +179,19 @@ class SpawnedServer:
     """``python -m serve MODEL --host 127.0.0.1`` on free ports, as a separate process (its own
     GIL). ``with SpawnedServer(model, args) as s:`` waits for SERVING and stops it after."""
 
-    def __init__(self, model: Path, args: list[str], ready_timeout: float = 300) -> None:
+    def __init__(
+        self,
+        model: Path,
+        args: list[str],
+        ready_timeout: float = 300,
+        progress_every: float = 30,
+    ) -> None:
         self.model = model
         self.args = args
         self.port = free_port()
         self.metrics_port = free_port()
         self.ready_timeout = ready_timeout
+        self.progress_every = progress_every
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
 
@@ -194,8 +210,18 @@ class SpawnedServer:
         ]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=self._log, env=env)
-        if wait_serving(self.proc, self.target, self.ready_timeout):
-            return
+        waited = 0.0
+        while waited < self.ready_timeout and self.proc.poll() is None:
+            # In steps, so a slow start says so on stderr instead of waiting in silence.
+            step = min(self.progress_every, self.ready_timeout - waited)
+            if wait_serving(self.proc, self.target, step):
+                return
+            waited += step
+            if self.proc.poll() is None and waited < self.ready_timeout:
+                sys.stderr.write(
+                    f"waiting for the spawned server to be SERVING at {self.target}: "
+                    f"{waited:.0f} of {self.ready_timeout:g} s ...\n"
+                )
         if self.proc.poll() is not None:
             raise RuntimeError(
                 f"expected the spawned server to start, got exit code {self.proc.returncode}:"
@@ -203,8 +229,9 @@ class SpawnedServer:
             )
         self.stop()
         raise RuntimeError(
-            f"expected the spawned server to be SERVING within {self.ready_timeout:g} s, got "
-            f"not ready:\n{self.output()}"
+            f"expected the spawned server to be SERVING at {self.target} within "
+            f"{self.ready_timeout:g} s, got no SERVING answer; its log ends:\n{self.output()}\n"
+            "check the log above and the --server-arg values"
         )
 
     def rss_mb(self) -> float | None:

@@ -21,6 +21,7 @@ import numpy as np
 from protos import classifier_pb2, classifier_pb2_grpc, kserve_pb2
 from serve.config import DEFAULT_MAX_MESSAGE_BYTES
 from serve.security import check_certificates, read_token
+from serve.targets import check_target
 
 _KSERVE = "/inference.GRPCInferenceService/"
 
@@ -278,8 +279,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--token-file", type=Path, help="bearer token (servers with auth)")
     parser.add_argument("--ca", type=Path, help="PEM CA certificate: connect with TLS")
     args = parser.parse_args(argv)
-    if not args.target.strip():
-        parser.error("expected HOST:PORT, got an empty target; pass e.g. localhost:8001")
+    try:
+        check_target(args.target)
+    except ValueError as e:
+        parser.error(str(e))
     if not 1 <= args.top_k <= _MAX_TOP_K:
         parser.error(f"expected 1 <= --top-k <= {_MAX_TOP_K}, got {args.top_k}; pass e.g. 5")
     if not (math.isfinite(args.timeout) and args.timeout > 0):

@@ -9,6 +9,7 @@ probe instead.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serve.security import check_certificates
+from serve.targets import check_target
 
 EXIT_SERVING = 0
 EXIT_NOT_SERVING = 1
@@ -35,13 +39,11 @@ class ProbeConfig:
     tls_server_name: str | None = None
 
     def __post_init__(self) -> None:
-        host, sep, port = self.target.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        check_target(self.target)
+        if not 0 < self.timeout < math.inf:  # NaN fails too
             raise ValueError(
-                f"expected HOST:PORT, got {self.target!r}; pass e.g. 127.0.0.1:8001"
+                f"expected a finite --timeout > 0 seconds, got {self.timeout}; pass e.g. 5"
             )
-        if not self.timeout > 0:
-            raise ValueError(f"expected --timeout > 0 seconds, got {self.timeout}; pass e.g. 5")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(
                 "expected --tls-cert and --tls-key together, got only one; pass both for mutual TLS"
@@ -63,11 +65,17 @@ def _read(path: Path, flag: str) -> bytes:
 
 
 def open_channel(config: ProbeConfig) -> grpc.Channel:
-    """A plaintext channel, or a TLS one when a CA is given (with a client cert for mTLS)."""
+    """A plaintext channel, or a TLS one when a CA is given (with a client cert for mTLS);
+    ValueError naming the flag when a file cannot be read or the CA holds no PEM certificates."""
     if config.tls_ca is None:
         return grpc.insecure_channel(config.target)
+    root_certificates = _read(config.tls_ca, "--tls-ca")
+    # gRPC would log native errors for a CA it cannot load, then report the server unreachable.
+    check_certificates(
+        config.tls_ca, "--tls-ca", "pass the CA that signed the server's certificate"
+    )
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read(config.tls_ca, "--tls-ca"),
+        root_certificates=root_certificates,
         private_key=_read(config.tls_key, "--tls-key") if config.tls_key else None,
         certificate_chain=_read(config.tls_cert, "--tls-cert") if config.tls_cert else None,
     )

@@ -140,8 +140,11 @@ def channel(target: str, max_message_bytes: int = MAX_REQUEST_BYTES) -> aio.Chan
     )
 
 
-async def model_input(chan: aio.Channel, model: str, timeout: float) -> tuple[str, tuple[int, ...]]:
-    """The model's input name and per-sample shape from ModelMetadata."""
+async def model_input(
+    chan: aio.Channel, model: str, timeout: float
+) -> tuple[str, tuple[int, ...], int | None]:
+    """The model's input name, per-sample shape and class count (None where the output's last
+    axis is not fixed) from ModelMetadata."""
     call = chan.unary_unary(
         METADATA,
         request_serializer=kserve_pb2.ModelMetadataRequest.SerializeToString,
@@ -149,7 +152,9 @@ async def model_input(chan: aio.Channel, model: str, timeout: float) -> tuple[st
     )
     response = await call(kserve_pb2.ModelMetadataRequest(name=model), timeout=timeout)
     tensor = response.inputs[0]
-    return tensor.name, tuple(int(d) for d in tensor.shape[1:])
+    output = response.outputs[0].shape if response.outputs else []
+    classes = int(output[-1]) if output and output[-1] > 0 else None
+    return tensor.name, tuple(int(d) for d in tensor.shape[1:]), classes
 
 
 async def check_answer(

@@ -8,14 +8,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 import pytest
+from onnx import TensorProto, helper
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve import bench
 from serve.background import BackgroundServer
-from serve.benchenv import InProcess, measure_in_process
+from serve.benchenv import InProcess, SpawnedServer, measure_in_process
 from serve.loadgen import Load, Outcome
-from tests.serve.conftest import free_port
+from tests.serve.conftest import free_port, make_classifier, make_reshape_model
+from tests.serve.pki import make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 BRIEF = ["--seconds", "1", "--warmup", "0.3", "--baseline-batches", "1,4",
@@ -276,3 +279,132 @@ def test_plot_write_failure_after_the_run_is_one_line(
     assert "c=1" in captured.out  # the report itself is complete
     (line,) = [x for x in captured.err.splitlines() if x.startswith("error:")]
     assert "plot" in line or "matplotlib" in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--compare=--instances='2"], "expected --compare 'FLAGS' in shell quoting"),
+        (["--server-arg=--port=1"], "without --port, got '--port=1': the bench starts"),
+        (["--server-arg=--po=1"], "without --port, got '--po=1'"),  # argparse takes prefixes
+        (["--server-arg=--metrics-port", "--server-arg=0"], "without --metrics-port"),
+        (["--server-arg=--host=0.0.0.0"], "without --host"),
+        (["--compare=--max-batch-size=1 --port 5"], "without --port, got '--port'"),
+        (["--server-arg=--tls-cert=c.pem"], "the bench connects in plaintext"),
+    ],
+)
+def test_server_flags_the_bench_sets_or_cannot_follow_are_usage_errors(
+    classifier_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        bench.main(["--spawn", str(classifier_path), *flags])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "spawning" not in err
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9  # what the installed onnxruntime loads
+    onnx.save(model, str(path))
+    return path
+
+
+def _two_inputs(path: Path) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["logits"])],
+        "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in "ab"],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+    )
+    return _save(graph, path)
+
+
+def _int64_input(path: Path) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input"], ["logits"], to=TensorProto.FLOAT)],
+        "int64",
+        [helper.make_tensor_value_info("input", TensorProto.INT64, ["batch", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+    )
+    return _save(graph, path)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (_two_inputs, "expected a classifier with one input and one output, got 2 inputs"),
+        (_int64_input, "expected a float32 input"),
+    ],
+)
+@pytest.mark.parametrize("flag", ["--spawn", "--model-file"])
+def test_a_model_the_server_would_refuse_is_a_usage_error(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flag: str,
+    build: Callable[[Path], Path],
+    message: str,
+) -> None:
+    model = build(tmp_path / "model.onnx")
+    target = [] if flag == "--spawn" else [f"127.0.0.1:{free_port()}", "--model", "m"]
+    with pytest.raises(SystemExit) as caught:
+        bench.main([*target, flag, str(model), *BRIEF])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: {message}" in err, err
+    assert "in-process" not in err
+
+
+def test_a_model_onnx_runtime_fails_to_run_in_process_is_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Loads, and the server's reader takes it, but it runs at batch size 1 only.
+    model = make_reshape_model(tmp_path / "batch1.onnx", shape=[1, 48], declared_classes=48)
+    argv = ["--spawn", str(model), "-c", "1", *BRIEF]  # baseline batch sizes 1 and 4
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "expected ONNX Runtime to run" in line and "batch sizes 1,4, got" in line
+    assert "pass --baseline-batches" in line
+    assert "spawning" not in err
+
+
+@pytest.mark.parametrize(
+    ("shape", "served"),
+    [
+        ({"size": 16}, "(input 3×8×8, 5 classes), got"),
+        ({"classes": 7}, "(input 3×8×8, 5 classes), got"),
+    ],
+)
+def test_a_model_file_of_another_model_than_the_served_one_is_a_usage_error(
+    start_server: Callable[..., BackgroundServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    shape: dict[str, int],
+    served: str,
+) -> None:
+    server = start_server()
+    other = make_classifier(tmp_path / "other.onnx", **shape)
+    argv = [f"127.0.0.1:{server.port}", "--model", "tiny", "--model-file", str(other),
+            "-c", "1", *BRIEF]  # fmt: skip
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "expected --model-file to be the model 'tiny' served at" in line
+    assert served in line and str(other) in line and "pass the ONNX file" in line
+    assert "in-process" not in err  # said before the baseline is measured
+
+
+def test_a_spawned_server_that_never_answers_serving_is_reported_not_waited_on_silently(
+    classifier_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki = make_pki(tmp_path)  # a TLS server: the plaintext readiness probe never gets SERVING
+    args = ["--device=cpu", f"--tls-cert={pki.server_cert}", f"--tls-key={pki.server_key}"]
+    server = SpawnedServer(classifier_path, args, ready_timeout=4, progress_every=1.5)
+    within = r"SERVING at 127\.0\.0\.1:\d+ within 4 s"
+    with pytest.raises(RuntimeError, match=within) as caught, server:
+        pass
+    assert "check the log above and the --server-arg values" in str(caught.value)
+    assert "waiting for the spawned server to be SERVING" in capsys.readouterr().err
+    assert server.proc is not None and server.proc.poll() is not None  # stopped

@@ -79,6 +79,8 @@ def test_a_silent_server_times_out() -> None:
         (["localhost"], "expected HOST:PORT"),
         (["localhost:99999"], "expected HOST:PORT"),
         (["localhost:8001", "--timeout", "0"], "--timeout"),
+        (["localhost:8001", "--timeout", "inf"], "expected a finite --timeout > 0"),
+        (["localhost:8001", "--timeout", "nan"], "expected a finite --timeout > 0"),
         (["localhost:8001", "--tls-cert", "c.pem"], "--tls-key"),
         (["localhost:8001", "--tls-ca", "/nonexistent/ca.pem"], "--tls-ca"),
     ],
@@ -89,6 +91,22 @@ def test_usage_errors_exit_2(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", [b"hello, not a certificate\n", b""])
+def test_a_tls_ca_without_pem_certificates_is_one_usage_line(
+    health_server: tuple[str, health.HealthServicer], tmp_path: Path, content: bytes
+) -> None:
+    target, _ = health_server
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(content)
+    done = subprocess.run(
+        [sys.executable, "-m", "serve.health", target, "--tls-ca", str(ca)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()  # no gRPC core log lines, no UNREACHABLE
+    assert line.startswith("error: expected PEM certificates") and str(ca) in line, line
 
 
 def test_module_entry_point(health_server: tuple[str, health.HealthServicer]) -> None:
