@@ -47,10 +47,12 @@ MAX_OPSET = _max_opset()
 
 @dataclass(frozen=True)
 class Exported:
-    """Which exporter wrote the graph (and why another one was not used)."""
+    """Which exporter wrote the graph (and why another one was not used), and what the tracer
+    warned about (data-dependent Python the trace may have fixed to one path)."""
 
     exporter: str
     fallback_reason: str | None = None
+    tracer_warnings: tuple[str, ...] = ()
 
 
 def export_onnx(
@@ -74,8 +76,7 @@ def export_onnx(
         _export_dynamo(model, example, path, opset)
         return Exported("dynamo")
     try:
-        _export_legacy(model, example, path, opset)
-        return Exported("legacy")
+        return Exported("legacy", tracer_warnings=_export_legacy(model, example, path, opset))
     except Exception as e:
         if exporter == "legacy" or scripted:
             hint = (
@@ -93,8 +94,18 @@ def export_onnx(
     return Exported("dynamo", fallback_reason=reason)
 
 
-def _export_legacy(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    with _quiet():
+def _export_legacy(
+    model: nn.Module, example: torch.Tensor, path: Path, opset: int
+) -> tuple[str, ...]:
+    """Trace and write; returns the tracer's warnings, one line each with where they arose.
+
+    A TracerWarning means Python in forward looked at tensor values or sizes (an ``if`` on a
+    tensor, ``int(x.sum())``): the trace keeps the path the example input took, and parity on
+    random inputs may not reach the other one, so the user has to hear of it.
+    """
+    with _quiet(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", torch.jit.TracerWarning)
         torch.onnx.export(
             model,
             (example,),
@@ -106,6 +117,12 @@ def _export_legacy(model: nn.Module, example: torch.Tensor, path: Path, opset: i
             dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
             do_constant_folding=True,
         )
+    found: dict[str, None] = {}  # distinct, in order
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            found[f"{first_line(w.message)} ({where})"] = None
+    return tuple(found)
 
 
 def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:

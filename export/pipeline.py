@@ -93,6 +93,11 @@ def export_checkpoint(config: ExportConfig) -> ExportResult:
         )
         if exported.fallback_reason:
             notes.append(f"legacy exporter failed ({exported.fallback_reason}); used dynamo")
+        notes.extend(
+            f"the tracer fixed data-dependent Python to the example's path: {warning}; parity "
+            "checks random inputs only, so check that forward does not branch on tensor values"
+            for warning in exported.tracer_warnings
+        )
         graph = onnx.load(str(tmp))
         opset = graph_opset(graph)
         if opset != config.opset:

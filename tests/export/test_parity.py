@@ -68,6 +68,21 @@ def test_model_that_breaks_the_batch_axis_exits_2(
     assert not list(tmp_path.glob("*.onnx*"))
 
 
+def test_a_trace_of_value_dependent_python_is_exported_with_a_warning(
+    run_main, tmp_path: Path
+) -> None:
+    # Parity on random inputs cannot reach the branch the trace dropped; the tracer's warning,
+    # silenced with the exporter's other output, was the only sign of it.
+    path = tmp_path / "tiny.ckpt"
+    torch.save(user_models.trained_state(user_models.TinyNet()), path)
+    done = run_main(path, "--arch", "user_models:ValueBranch", "--input-shape", "3,8,8",
+                    extra_path=HERE)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    warning = next(line for line in done.stderr.splitlines() if "tracer" in line)
+    assert warning.startswith("warning: the tracer fixed data-dependent Python")
+    assert "user_models.py:" in warning and "branch on tensor values" in warning
+
+
 def test_training_batchnorm_via_cli_subprocess(run_cli, tmp_path: Path) -> None:
     path = save_user_model(tmp_path, user_models.TrainingBatchNorm)
     done = run_cli(path, "--arch", "user_models:TrainingBatchNorm", "--input-shape", "3,8,8",

@@ -100,3 +100,13 @@ def trained_state(model: nn.Module) -> dict[str, Tensor]:
         for _ in range(3):
             model(torch.randn(8, *SHAPE) * 2 + 1)
     return model.eval().state_dict()
+
+
+class ValueBranch(TinyNet):
+    """Branches in Python on a tensor's value: the trace keeps one of the two paths."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = super().forward(x)
+        if logits.sum() > 1e9:
+            return -logits
+        return logits
