@@ -58,6 +58,7 @@ class Client:
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self._tls = root_certificates is not None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -90,7 +91,10 @@ class Client:
         try:
             return rpc(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise _client_error(self.target, e) from e
+            raise self._error(e) from e
+
+    def _error(self, error: grpc.RpcError) -> ClientError:
+        return _client_error(self.target, error, self._tls)
 
     def close(self) -> None:
         self._channel.close()
@@ -111,7 +115,7 @@ class Client:
                 ready = self._model_ready(kserve_pb2.ModelReadyRequest(name=model), **options).ready
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise _client_error(self.target, e) from e
+                raise self._error(e) from e
             raise ClientError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"expected a server at {self.target}, got no answer within {timeout:g} s; "
@@ -222,7 +226,7 @@ class Client:
                     "ended; retry the rest",
                 )
         except grpc.RpcError as e:
-            raise _client_error(self.target, e) from e
+            raise self._error(e) from e
         finally:
             ended.set()
             call.cancel()
@@ -251,13 +255,32 @@ def _stream_error(response: kserve_pb2.ModelStreamInferResponse) -> ClientError:
     return ClientError(code, f"request {request}: {response.error_message}")
 
 
-def _client_error(target: str, error: grpc.RpcError) -> ClientError:
+def _client_error(target: str, error: grpc.RpcError, tls: bool = False) -> ClientError:
+    """``error`` as one message: the server's own, or for the failures gRPC words itself
+    (unreachable, too large, too slow) what to do about them."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-    details = error.details() if hasattr(error, "details") else str(error)
-    if code == grpc.StatusCode.UNAVAILABLE and "shutting down" not in (details or ""):
+    details = (error.details() if hasattr(error, "details") else str(error)) or ""
+    if code == grpc.StatusCode.UNAVAILABLE and "shutting down" not in details:
+        tls_hint = (
+            "and that --ca is the CA that signed its certificate"
+            if tls
+            else "and pass --ca CA.pem (root_certificates= in Python) if it serves TLS"
+        )
         message = (
-            f"cannot reach a ready server at {target} ({details}); check the address and "
-            "that `python -m serve` is running"
+            f"cannot reach a ready server at {target} ({details}); check the address, that "
+            f"`python -m serve` is running, {tls_hint}"
+        )
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        side = "this client's" if details.startswith("CLIENT") else "the server's"
+        message = (
+            f"RESOURCE_EXHAUSTED: {details}: the call is above {side} message size limit; send "
+            "fewer or smaller images per call, or raise the limit (the server's "
+            "--max-message-bytes, the client's max_message_bytes)"
+        )
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":
+        message = (
+            f"DEADLINE_EXCEEDED: no answer from {target} within the deadline; raise --timeout "
+            "(timeout= in Python) or send fewer images per call"
         )
     else:
         message = f"{code.name}: {details}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import subprocess
 import sys
 import time
@@ -146,7 +147,43 @@ def test_server_down_is_a_message_not_a_traceback(tmp_path: Path) -> None:
                 "--timeout", "5")  # fmt: skip
     assert done.returncode == 1
     assert "cannot reach a ready server" in done.stderr
+    assert "pass --ca CA.pem (root_certificates= in Python) if it serves TLS" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_plaintext_client_of_a_tls_server_is_told_about_ca(
+    start_server: Callable[..., BackgroundServer], tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path)
+    server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key)
+    batch = np.zeros((1, 3, 8, 8), np.float32)
+    client = Client(f"127.0.0.1:{server.port}", timeout=10)
+    with client, pytest.raises(ClientError) as caught:
+        client.infer("tiny", batch)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "pass --ca CA.pem" in str(caught.value)
+    with Client(f"127.0.0.1:{server.port}", timeout=10, root_certificates=pki.ca.read_bytes()) as c:
+        assert c.infer("tiny", batch).shape == (1, 5)
+
+
+def test_grpc_own_size_and_deadline_errors_say_what_to_do(shared_server: BackgroundServer) -> None:
+    target = f"127.0.0.1:{shared_server.port}"
+    batch = np.zeros((8, 3, 8, 8), np.float32)  # 6 KiB of float32
+    small = Client(target, max_message_bytes=1024)
+    with small, pytest.raises(ClientError) as caught:
+        small.infer("tiny", batch)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "above this client's message size limit; send fewer or smaller images" in str(
+        caught.value
+    )
+    with socket.socket() as silent:  # accepts TCP but never speaks HTTP/2: gRPC's own deadline
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        hasty = Client(f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.5)
+        with hasty, pytest.raises(ClientError) as caught:
+            hasty.infer("tiny", batch)
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "raise --timeout (timeout= in Python)" in str(caught.value)
 
 
 @pytest.mark.parametrize(
