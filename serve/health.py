@@ -48,6 +48,11 @@ class ProbeConfig:
             raise ValueError(
                 "expected --tls-cert and --tls-key together, got only one; pass both for mutual TLS"
             )
+        if self.tls_server_name is not None and self.tls_ca is None:
+            raise ValueError(
+                "expected --tls-ca with --tls-server-name, got a server name for a plaintext "
+                "probe; pass the CA that signed the server's certificate, or drop the name"
+            )
         if self.tls_cert is not None and self.tls_ca is None:
             raise ValueError(
                 "expected --tls-ca with --tls-cert, got a client certificate without a CA; "

@@ -82,6 +82,7 @@ def test_a_silent_server_times_out() -> None:
         (["localhost:8001", "--timeout", "inf"], "expected a finite --timeout > 0"),
         (["localhost:8001", "--timeout", "nan"], "expected a finite --timeout > 0"),
         (["localhost:8001", "--tls-cert", "c.pem"], "--tls-key"),
+        (["localhost:8001", "--tls-server-name", "serve.internal"], "--tls-ca with --tls-server"),
         (["localhost:8001", "--tls-ca", "/nonexistent/ca.pem"], "--tls-ca"),
     ],
 )
