@@ -7,6 +7,11 @@ requests: clients match them by ``id``. A request that fails gets a ``ModelStrea
 whose ``error_message`` starts with the status name ("INVALID_ARGUMENT: ...") and whose
 ``infer_response`` carries the request's ``id`` and ``model_name``; the stream stays open.
 
+At most ``WINDOW`` requests of one stream are held unanswered or answered but not yet written:
+beyond that the server stops reading the stream until the client reads answers, so HTTP/2
+flow control holds a client that sends without reading, instead of the server's memory (a
+client that never read grew the server by ~1.5 KB per request, without bound).
+
 The stream ends with OK once the client has closed its side and every request is answered.
 When the server drains, requests still arriving are answered UNAVAILABLE, and once the admitted
 ones are answered the stream ends with status UNAVAILABLE, so the client reconnects elsewhere.
@@ -34,6 +39,7 @@ _log = logging.getLogger(__name__)
 _CLOSED = object()  # the client closed its side and every request was answered
 _DRAINED = object()  # the server drains and every admitted request was answered
 _BROKEN = object()  # reading the stream failed; the call cannot go on
+WINDOW = 1024  # requests of one stream held unanswered or unwritten before reading pauses
 
 
 def _error(
@@ -64,6 +70,8 @@ class Stream:
         self._ending = False
         self._deadline = state.deadline(context)
         self._debug = _log.isEnabledFor(logging.DEBUG)
+        self._room = asyncio.Event()  # set whenever fewer than WINDOW requests are held
+        self._room.set()
 
     async def serve(self) -> None:
         """Read, answer, and end the call as the module docstring says."""
@@ -87,6 +95,8 @@ class Stream:
                         "reading the stream failed on the server (logged); open a new stream",
                     )
                 await self.context.write(item)
+                if not self._room.is_set() and self._held() < WINDOW:
+                    self._room.set()
         finally:
             for task in (reader, watcher):
                 task.cancel()
@@ -98,6 +108,9 @@ class Stream:
     async def _read(self) -> None:
         try:
             while True:
+                while self._held() >= WINDOW:
+                    self._room.clear()
+                    await self._room.wait()
                 request = await self.context.read()
                 if request is aio.EOF:
                     break
@@ -109,6 +122,9 @@ class Stream:
             return
         self._closed = True
         self._maybe_end()
+
+    def _held(self) -> int:
+        return len(self._admitted) + self._outbox.qsize()
 
     async def _watch_drain(self) -> None:
         await self.state.wait_drain()

@@ -21,6 +21,7 @@ import tritonclient.grpc as tc
 from grpc import aio
 
 from protos import kserve_pb2 as pb
+from serve import streaming
 from serve.background import BackgroundServer
 from serve.state import ServingState
 from tests.serve.conftest import free_port, plant_counting_bug
@@ -427,3 +428,33 @@ def test_a_bug_in_counting_an_answer_still_delivers_it(
     assert _errors_logged(caplog) == [
         "serve.state: counting a request to model tiny failed (RuntimeError('planted bug'))"
     ]
+
+
+def test_a_client_that_does_not_read_is_held_back_not_buffered(
+    start_server: Callable[..., BackgroundServer],
+    make_classifier: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before the window, the server read on and kept every answer it could not write: memory
+    # grew by ~7 MB/s for as long as the client sent. Answers of 32 KiB (8192 classes) fill
+    # what HTTP/2 buffers for the client after about a hundred.
+    monkeypatch.setattr(streaming, "WINDOW", 16)
+    server = start_server(models=(make_classifier(tmp_path / "wide.onnx", classes=8192),))
+    assert server.server is not None
+    state = server.server.state
+    count = 2000
+    x = _rows(1, 0)
+    payloads = [_request(x, str(i), model="wide").SerializeToString() for i in range(count)]
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        answer = pb.ModelStreamInferResponse.FromString
+        answers = channel.stream_stream(STREAM, response_deserializer=answer)(
+            iter(payloads), timeout=120
+        )
+        read, until = -1, time.monotonic() + 30
+        while state.arrivals != read and time.monotonic() < until:  # until reading stops
+            read = state.arrivals
+            time.sleep(0.5)
+        assert read < count / 2
+        ids = [a.infer_response.id for a in answers]  # read now: the rest comes
+    assert sorted(ids, key=int) == [str(i) for i in range(count)]
