@@ -105,7 +105,11 @@ def export_checkpoint(config: ExportConfig) -> ExportResult:
         problems = check_graph(graph, input_shape, tmp.stat().st_size)
         tolerance = Tolerance(atol=config.atol, rtol=config.rtol)
         parity = check_parity(expected, tmp, batches, tolerance, problems)
-        check_unchanged(resolved.model, frozen)
+        try:
+            check_unchanged(resolved.model, frozen)
+        except CheckFailed:
+            report_path.unlink(missing_ok=True)  # an earlier run's report would say "pass"
+            raise
         _write_report(report_path, parity, resolved.arch, exported.exporter)
         if not parity.passed:
             raise CheckFailed(

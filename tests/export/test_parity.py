@@ -96,10 +96,13 @@ def test_training_batchnorm_via_cli_subprocess(run_cli, tmp_path: Path) -> None:
 def test_model_that_mutates_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(HERE))
     path = save_user_model(tmp_path, user_models.Counter)
+    stale = path.with_suffix(".parity.json")
+    stale.write_text('{"verdict": "pass"}')  # an earlier export's report
     with pytest.raises(CheckFailed, match="unchanged"):
         export_checkpoint(ExportConfig(checkpoint=path, arch="user_models:Counter",
                                        input_shape=(3, 8, 8)))  # fmt: skip
     assert not path.with_suffix(".onnx").exists()
+    assert not stale.exists()
 
 
 def test_tolerance_flags_are_applied(small_ckpt, tmp_path: Path) -> None:
