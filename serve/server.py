@@ -94,6 +94,8 @@ class Server:
         self.port = self._bind(self._server)
         await self._server.start()
         await self.health.set("", _NOT_SERVING)
+        for name in paths:  # known while loading: a probe by name hears NOT_SERVING, not NOT_FOUND
+            await self.health.set(name, _NOT_SERVING)
         _log.info("listening on %s", _address(self.config.host, self.port))
         for name, path in paths.items():
             runtime = await asyncio.to_thread(_load, name, path, self.config)
