@@ -48,6 +48,12 @@ def _text_formatter() -> logging.Formatter:
     return formatter
 
 
+def _ours_at_debug(record: logging.LogRecord) -> bool:
+    """DEBUG lines of our own modules only: at debug level Pillow logs every PNG chunk it
+    reads, and those lines would bury the per-request ones."""
+    return record.levelno > logging.DEBUG or record.name.split(".", 1)[0] == "serve"
+
+
 def configure(level: str, fmt: str, *, stream: TextIO | None = None) -> None:
     """Send logs at ``level`` and above to stderr (or ``stream``) as ``fmt`` ("text" or "json").
 
@@ -65,5 +71,6 @@ def configure(level: str, fmt: str, *, stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else _text_formatter())
     handler._serve_logs = True  # type: ignore[attr-defined]
+    handler.addFilter(_ours_at_debug)
     root.addHandler(handler)
     root.setLevel(level.upper())

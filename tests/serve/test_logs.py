@@ -62,6 +62,18 @@ def test_text_format_and_reconfigure(restore_root: None) -> None:
     assert "Z " in line
 
 
+def test_debug_level_shows_our_debug_lines_not_other_libraries(restore_root: None) -> None:
+    out = io.StringIO()
+    configure("debug", "text", stream=out)
+    logging.getLogger("PIL.PngImagePlugin").debug("STREAM b'IHDR' 16 13")
+    logging.getLogger("serve.state").debug("request id=1")
+    logging.getLogger("PIL").warning("a library's warning still shows")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].endswith("serve.state: request id=1")
+    assert lines[1].endswith("PIL: a library's warning still shows")
+
+
 @pytest.mark.parametrize(
     ("level", "fmt", "match"), [("loud", "text", "log level"), ("info", "xml", "log format")]
 )
