@@ -19,8 +19,9 @@ from export.errors import UsageError, first_line
 
 STATE_DICT_ENTRIES = ("state_dict", "model_state_dict", "model", "net", "state_dict_ema")
 STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "model.")
-# An ONNX ModelProto starts with its ir_version field (field 1, varint): the tag byte 0x08.
-_ONNX_FIRST_BYTE = b"\x08"
+# An ONNX ModelProto starts with its ir_version (field 1, varint: tag 0x08, a small value),
+# then the tag of the next field it sets (2..8, 14, 20 or 25; fields go out in number order).
+_ONNX_NEXT_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2, 0xCA})
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,12 @@ def check_checkpoint_path(path: Path) -> None:
         )
     try:
         with path.open("rb") as f:
-            head = f.read(1)
+            head = f.read(3)
     except OSError as e:
         raise _unreadable(path, e) from e
     if not head:
         raise UsageError(f"expected a checkpoint, got an empty file {path}; save the model again")
-    if head == _ONNX_FIRST_BYTE and _is_onnx_model(path):
+    if _looks_like_onnx(head, path) and _is_onnx_model(path):
         raise UsageError(
             f"expected a PyTorch checkpoint, got {path} which is already an ONNX model; serve it "
             f"with python -m serve {path}, or pass the torch checkpoint it was exported from"
@@ -141,6 +142,17 @@ def _unreadable(path: Path, error: OSError) -> UsageError:
     return UsageError(
         f"expected a readable checkpoint file, got {path} which cannot be read "
         f"({error.strerror or error}); check its permissions, or pass a copy you can read"
+    )
+
+
+def _looks_like_onnx(head: bytes, path: Path) -> bool:
+    """A cheap first test, so that only likely ONNX files are parsed whole."""
+    return (
+        path.suffix != ".safetensors"
+        and len(head) == 3
+        and head[0] == 0x08
+        and 1 <= head[1] <= 30
+        and head[2] in _ONNX_NEXT_TAGS
     )
 
 

@@ -52,16 +52,21 @@ def freeze(model: nn.Module) -> Frozen:
 
 
 def _check_finite(model: nn.Module) -> None:
-    """NaN or inf weights make every parity comparison fail, which would blame the export."""
+    """NaN weights, or infinite parameters, make every parity comparison fail, which would blame
+    the export. An infinite buffer can be meant (a -inf attention mask, a clamp bound): allowed."""
+    parameters = {name for name, _ in model.named_parameters()}
     for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point():
-            bad = int(tensor.numel() - torch.isfinite(tensor).sum())
-            if bad:
-                raise UsageError(
-                    f"expected finite parameters and buffers, got {bad} NaN or infinite value(s) "
-                    f"of {tensor.numel()} in {name}; the training diverged or the file is "
-                    "damaged: export an earlier checkpoint"
-                )
+        if not tensor.is_floating_point():
+            continue
+        bad = tensor.isnan() if name not in parameters else ~torch.isfinite(tensor)
+        count = int(bad.sum())
+        if count:
+            what = "NaN or infinite" if name in parameters else "NaN"
+            raise UsageError(
+                f"expected finite parameters and buffers without NaN, got {count} {what} "
+                f"value(s) of {tensor.numel()} in {name}; the training diverged or the file is "
+                "damaged: export an earlier checkpoint"
+            )
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -72,8 +72,9 @@ def export_checkpoint(config: ExportConfig) -> ExportResult:
     except UsageError:
         # A model that fails at some batch size, or drops the batch axis, could never pass
         # parity, so a .onnx already at the output path is no checked export of it: as after a
-        # failed check, it must not be served in its place (DESIGN.md).
+        # failed check, it must not be served in its place (DESIGN.md), nor its report stay.
         output.unlink(missing_ok=True)
+        report_path.unlink(missing_ok=True)
         raise
 
     try:

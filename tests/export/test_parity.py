@@ -59,6 +59,8 @@ def test_model_that_breaks_the_batch_axis_exits_2(
     torch.save(user_models.trained_state(user_models.TinyNet()), path)
     out = tmp_path / "out.onnx"
     out.write_bytes(b"a previous export that must not be served in place of this model")
+    report = tmp_path / "out.parity.json"
+    report.write_text('{"verdict": "pass"}')  # and its report, which must not stay beside it
     done = run_main(path, "-o", out, "--arch", f"user_models:{cls}", "--input-shape", "3,8,8",
                     extra_path=HERE)  # fmt: skip
     assert done.returncode == 2, done.stderr
@@ -66,6 +68,7 @@ def test_model_that_breaks_the_batch_axis_exits_2(
     for phrase in (f"user_models:{cls}", *phrases):
         assert phrase in done.stderr
     assert not list(tmp_path.glob("*.onnx*"))
+    assert not report.exists()
 
 
 def test_a_trace_of_value_dependent_python_is_exported_with_a_warning(
@@ -81,6 +84,20 @@ def test_a_trace_of_value_dependent_python_is_exported_with_a_warning(
     warning = next(line for line in done.stderr.splitlines() if "tracer" in line)
     assert warning.startswith("warning: the tracer fixed data-dependent Python")
     assert "user_models.py:" in warning and "branch on tensor values" in warning
+
+
+def test_an_infinite_buffer_is_allowed_and_a_nan_one_refused(run_main, tmp_path: Path) -> None:
+    model = user_models.MaskedLogits()
+    path = tmp_path / "masked.ckpt"
+    torch.save(user_models.trained_state(model), path)
+    args = ("--arch", "user_models:MaskedLogits", "--input-shape", "3,8,8")
+    done = run_main(path, *args, extra_path=HERE)
+    assert done.returncode == 0, done.stderr  # a -inf floor is meant, not a diverged training
+    state = user_models.trained_state(model)
+    state["floor"][2] = float("nan")
+    torch.save(state, path)
+    done = run_main(path, *args, extra_path=HERE)
+    assert done.returncode == 2 and "1 NaN value(s) of 5 in floor" in done.stderr, done.stderr
 
 
 def test_training_batchnorm_via_cli_subprocess(run_cli, tmp_path: Path) -> None:

@@ -110,3 +110,14 @@ class ValueBranch(TinyNet):
         if logits.sum() > 1e9:
             return -logits
         return logits
+
+
+class MaskedLogits(TinyNet):
+    """Holds a -inf buffer on purpose (a floor for the logits, like an attention mask)."""
+
+    def __init__(self, num_classes: int = 5, in_channels: int = 3) -> None:
+        super().__init__(num_classes, in_channels)
+        self.register_buffer("floor", torch.full((num_classes,), float("-inf")))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.maximum(super().forward(x), self.floor)
