@@ -271,7 +271,7 @@ def _client_error(target: str, error: grpc.RpcError, tls: bool = False) -> Clien
             f"`python -m serve` is running, {tls_hint}"
         )
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
-        side = "this client's" if details.startswith("CLIENT") else "the server's"
+        side = "this client's" if "CLIENT:" in details else "the server's"
         message = (
             f"RESOURCE_EXHAUSTED: {details}: the call is above {side} message size limit; send "
             "fewer or smaller images per call, or raise the limit (the server's "

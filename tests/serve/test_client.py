@@ -166,6 +166,20 @@ def test_a_plaintext_client_of_a_tls_server_is_told_about_ca(
         assert c.infer("tiny", batch).shape == (1, 5)
 
 
+def test_an_answer_above_the_clients_limit_is_blamed_on_the_client(
+    start_server: Callable[..., BackgroundServer],
+    make_classifier: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    # gRPC words it "Stream removed (CLIENT: Received message larger than max ...)".
+    server = start_server(models=(make_classifier(tmp_path / "wide.onnx", classes=8192),))
+    client = Client(f"127.0.0.1:{server.port}", max_message_bytes=4096)  # answers are 32 KiB
+    with client, pytest.raises(ClientError) as caught:
+        client.infer("wide", np.zeros((1, 3, 8, 8), np.float32))
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "above this client's message size limit" in str(caught.value)
+
+
 def test_grpc_own_size_and_deadline_errors_say_what_to_do(shared_server: BackgroundServer) -> None:
     target = f"127.0.0.1:{shared_server.port}"
     batch = np.zeros((8, 3, 8, 8), np.float32)  # 6 KiB of float32
