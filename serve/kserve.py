@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
 
 import grpc
 from grpc import aio
 
 from protos import kserve_pb2 as pb
-from serve.errors import ServeError
 from serve.kserve_codec import decode_request, encode_response
 from serve.state import VERSION, ServingState
 from serve.streaming import Stream
-from serve.wire import Undecodable, deserializer, require_parsed
+from serve.wire import Undecodable, checked, deserializer, require_parsed
 
 SERVICE = "inference.GRPCInferenceService"
 PLATFORM = "onnxruntime_onnx"
 SERVER_NAME = "onnx-classifier-serving"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ("classification", "model_configuration")
-T = TypeVar("T")
 
 
 class KServeServicer:
@@ -111,27 +107,27 @@ def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
     """
     # Method → (behaviour, request type, response type). The inference methods check parsing
     # and map errors themselves (a stream answers a bad message and goes on); the others
-    # through ``_answered``.
+    # through ``serve.wire.checked``.
     methods: dict[str, tuple[Callable, type, type]] = {
-        "ServerLive": (_answered(servicer.ServerLive), pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerLive": (checked(servicer.ServerLive), pb.ServerLiveRequest, pb.ServerLiveResponse),
         "ServerReady": (
-            _answered(servicer.ServerReady),
+            checked(servicer.ServerReady),
             pb.ServerReadyRequest,
             pb.ServerReadyResponse,
         ),
-        "ModelReady": (_answered(servicer.ModelReady), pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ModelReady": (checked(servicer.ModelReady), pb.ModelReadyRequest, pb.ModelReadyResponse),
         "ServerMetadata": (
-            _answered(servicer.ServerMetadata),
+            checked(servicer.ServerMetadata),
             pb.ServerMetadataRequest,
             pb.ServerMetadataResponse,
         ),
         "ModelMetadata": (
-            _answered(servicer.ModelMetadata),
+            checked(servicer.ModelMetadata),
             pb.ModelMetadataRequest,
             pb.ModelMetadataResponse,
         ),
         "ModelConfig": (
-            _answered(servicer.ModelConfig),
+            checked(servicer.ModelConfig),
             pb.ModelConfigRequest,
             pb.ModelConfigResponse,
         ),
@@ -151,18 +147,3 @@ def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
         response_serializer=pb.ModelStreamInferResponse.SerializeToString,
     )
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
-
-
-def _answered(behavior: Callable[[Any, aio.ServicerContext], Awaitable[T]]):
-    """``behavior`` given its parsed request, with any ServeError it meets (bytes that do not
-    parse: INVALID_ARGUMENT; an unknown model: NOT_FOUND) answered as that status."""
-
-    @functools.wraps(behavior)
-    async def answered(request: object, context: aio.ServicerContext) -> T:
-        try:
-            return await behavior(require_parsed(request), context)
-        except ServeError as e:
-            await context.abort(e.code, e.message)
-            raise
-
-    return answered

@@ -1,9 +1,9 @@
 """Request deserializers that never raise: bytes that do not parse become ``Undecodable``.
 
 gRPC answers UNKNOWN (and logs a traceback) when a deserializer raises; with these, the method
-handler sees the failure and answers INVALID_ARGUMENT like any other bad request. Our own
-services check for it where they parse; ``checked`` and ``checked_stream`` do it in front of
-servicers we did not write (health, reflection).
+handler sees the failure and answers INVALID_ARGUMENT like any other bad request. The
+inference methods check for it where they parse; ``checked`` does it in front of the other
+unary methods (KServe metadata, health), ``checked_stream`` in front of reflection's stream.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from grpc import aio
 from serve.errors import ServeError, invalid
 
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 
 class Undecodable:
@@ -61,17 +62,19 @@ def require_parsed(request: M | Undecodable) -> M:
 
 
 def checked(
-    behavior: Callable[[Any, aio.ServicerContext], Awaitable[Any]],
-) -> Callable[[Any, aio.ServicerContext], Awaitable[Any]]:
-    """A servicer method taking one request, answering INVALID_ARGUMENT when it did not parse."""
+    behavior: Callable[[Any, aio.ServicerContext], Awaitable[T]],
+) -> Callable[[Any, aio.ServicerContext], Awaitable[T]]:
+    """A servicer method taking one request, given it parsed, with any ServeError it meets
+    (bytes that do not parse: INVALID_ARGUMENT; an unknown model: NOT_FOUND) answered as that
+    status."""
 
     @functools.wraps(behavior)
-    async def run(request: object, context: aio.ServicerContext) -> Any:
+    async def run(request: object, context: aio.ServicerContext) -> T:
         try:
-            request = require_parsed(request)  # type: ignore[arg-type]
+            return await behavior(require_parsed(request), context)  # type: ignore[arg-type]
         except ServeError as e:
             await context.abort(e.code, e.message)
-        return await behavior(request, context)
+            raise
 
     return run
 
