@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-seconds", type=float, default=2.0, help="per in-process batch size")
     p.add_argument("--baseline-threads", type=int, nargs="+", default=[1, 0],
                    help="in-process intra-op thread counts to try, best kept per batch size "
-                   "(0: ONNX Runtime's default; default 1 0)")
+                   "(0: the server's default, ONNX Runtime's capped to the CPUs this process may "
+                   "use; default 1 0)")
     p.add_argument("--baseline-device", choices=("cpu", "cuda"), default="cpu",
                    help="execution provider of the in-process baseline")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")

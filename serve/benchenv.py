@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from serve import affinity
+
 if TYPE_CHECKING:
     from serve.model_info import ModelInfo
 
@@ -24,7 +26,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class InProcess:
     """In-process ONNX Runtime by batch size: images/s, seconds per batch, and the intra-op
-    thread count (0: ORT's default) that gave the best throughput at that size."""
+    thread count (0: the server's default, ``affinity.thread_plan``) that gave the best
+    throughput at that size."""
 
     throughput: dict[int, float]
     latency: dict[int, float]
@@ -128,8 +131,12 @@ def measure_in_process(
         # A failing run comes back as an exception that serve/bench.py says in one line; ORT's
         # log would print it a second time. With CUDA the log says why a provider failed.
         options.log_severity_level = 4 if device == "cpu" else 3
-        if count:
-            options.intra_op_num_threads = count
+        # 0 is what the server does by default: ORT's count, capped to what this process may use.
+        plan = affinity.thread_plan() if count == 0 else affinity.ThreadPlan(count)
+        if plan.threads:
+            options.intra_op_num_threads = plan.threads
+        if plan.affinities:
+            options.add_session_config_entry("session.intra_op_thread_affinities", plan.affinities)
         providers = _providers(device)
         session = _session(path, options, providers)
         if session.get_providers()[0] != providers[0]:

@@ -157,8 +157,11 @@ class Runtime:
     ) -> None:
         self.info = info
         options = ort.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
+        plan = affinity.ThreadPlan() if intra_op_threads else affinity.thread_plan()
+        if intra_op_threads or plan.threads:
+            options.intra_op_num_threads = intra_op_threads or plan.threads
+        if plan.affinities:
+            options.add_session_config_entry("session.intra_op_thread_affinities", plan.affinities)
         # Idle ORT threads would spin on the cores the event loop needs to receive and answer
         # requests; on 2 shared cores that halved batch-1 throughput (docs/benchmarks.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -188,6 +191,15 @@ class Runtime:
         else:
             why = " (no usable CUDA: no NVIDIA driver or no CUDA build of onnxruntime)"
         _log.info("model %s runs on %s%s", info.name, self.provider, why)
+        if plan.threads:
+            _log.info(
+                "model %s: %d ONNX Runtime intra-op thread%s, as %s (ORT's default counts every "
+                "core of the machine; --intra-op-threads sets it)",
+                info.name,
+                plan.threads,
+                "" if plan.threads == 1 else "s",
+                plan.why,
+            )
         if self.caller_cpus is not None:
             _log.info(
                 "model %s: instance threads pinned to CPUs %s, off ONNX Runtime's pool threads",

@@ -17,11 +17,19 @@ class ServeProcess:
     stderr goes to a file (``p.log``), so a chatty server never blocks on a full pipe.
     """
 
-    def __init__(self, args: list[str], port: int, log: Path, ready_timeout: float = 120) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        port: int,
+        log: Path,
+        ready_timeout: float = 120,
+        cpus: set[int] | None = None,
+    ) -> None:
         self.args = args
         self.port = port
         self.log = log
         self.ready_timeout = ready_timeout
+        self.cpus = cpus  # the CPU affinity it starts with, as under `taskset`
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -32,7 +40,11 @@ class ServeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "serve", *self.args], stdout=err, stderr=err, env=env
+                [sys.executable, "-m", "serve", *self.args],
+                stdout=err,
+                stderr=err,
+                env=env,
+                preexec_fn=None if self.cpus is None else self._pin,
             )
         if wait_serving(self.proc, self.target, self.ready_timeout):
             return self
@@ -40,6 +52,10 @@ class ServeProcess:
             raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
         self.kill()
         raise RuntimeError(f"server not SERVING within {self.ready_timeout} s:\n{self.output()}")
+
+    def _pin(self) -> None:
+        assert self.cpus is not None
+        os.sched_setaffinity(0, self.cpus)
 
     def terminate(self) -> None:
         assert self.proc is not None

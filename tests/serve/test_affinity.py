@@ -15,12 +15,22 @@ import pytest
 from PIL import Image
 
 from protos import classifier_pb2, classifier_pb2_grpc
-from serve import classify
-from serve.affinity import caller_cpus, thread_ids
+from serve import affinity, classify
+from serve.affinity import (
+    ThreadPlan,
+    caller_cpus,
+    cgroup_cpu_quota,
+    cpu_cores,
+    plan_threads,
+    thread_ids,
+)
 from serve.background import BackgroundServer
 from serve.batcher import Batcher
 from serve.model_info import read_model_info
 from serve.runtime import Runtime
+from tests.serve.conftest import free_port
+from tests.serve.procs import ServeProcess
+from tests.serve.v2 import INFER, infer_payload, reply_logits
 
 ALL = frozenset({0, 1, 2, 3})
 
@@ -158,3 +168,137 @@ def test_a_server_with_an_explicit_thread_count_pins_nothing(
     assert bg.server.models["tiny"].batcher.runtime.caller_cpus is None
     if hasattr(os, "sched_getaffinity"):
         assert _affinity(bg._thread) == frozenset(os.sched_getaffinity(0))
+
+
+# 8 CPUs: 4 cores of 2 hyperthreads each, CPU n and n + 4 siblings (as Linux numbers them).
+SMT = {cpu: (0, cpu % 4) for cpu in range(8)}
+
+
+@pytest.mark.parametrize(
+    ("allowed", "quota", "expected"),
+    [
+        (range(8), None, ThreadPlan()),  # the whole machine: ORT's default
+        (range(8), 4.0, ThreadPlan()),  # a quota covering every core: ORT's default
+        (range(8), 2.5, ThreadPlan(2, None, "the process's cgroup allows 2.5 CPUs' time")),
+        (range(8), 0.5, ThreadPlan(1, None, "the process's cgroup allows 0.5 CPUs' time")),
+        (
+            {2, 3, 6, 7},  # two cores with both their threads: the pool gets the second core
+            None,
+            ThreadPlan(2, "4,8", "the process's CPU affinity allows 4 of 8 CPUs (2-3,6-7)"),
+        ),
+        (
+            {0, 1, 2},
+            1.0,
+            ThreadPlan(
+                1,
+                None,
+                "the process's CPU affinity allows 3 of 8 CPUs (0-2) and "
+                "the process's cgroup allows 1 CPUs' time",
+            ),
+        ),
+        ({5}, None, ThreadPlan(1, None, "the process's CPU affinity allows 1 of 8 CPUs (5)")),
+    ],
+    ids=["machine", "quota-covers", "quota", "quota-below-one", "cpuset", "both", "one-cpu"],
+)
+def test_onnx_runtime_gets_the_cores_the_process_may_use(
+    allowed: range | set[int], quota: float | None, expected: ThreadPlan
+) -> None:
+    assert plan_threads(frozenset(allowed), 8, SMT, quota) == expected
+
+
+def test_cpus_without_a_known_core_count_as_cores_of_their_own() -> None:
+    assert plan_threads(frozenset({1, 2, 3}), 4, {}, None).threads == 3
+    assert plan_threads(frozenset({1, 2, 3}), 4, {}, None).affinities == "3;4"
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota_is_the_smallest_along_the_path(tmp_path: Path) -> None:
+    _write(tmp_path / "cpu.max", "max 100000\n")
+    _write(tmp_path / "kubepods" / "cpu.max", "400000 100000\n")
+    _write(tmp_path / "kubepods" / "pod1" / "cpu.max", "150000 100000\n")
+    (tmp_path / "kubepods" / "pod1" / "web").mkdir()  # no cpu.max of its own
+    assert cgroup_cpu_quota(tmp_path, "0::/kubepods/pod1/web\n") == 1.5
+    _write(tmp_path / "kubepods" / "pod1" / "cpu.max", "max 100000\n")
+    assert cgroup_cpu_quota(tmp_path, "0::/kubepods/pod1/web\n") == 4.0
+    assert cgroup_cpu_quota(tmp_path, "0::/\n") is None  # the root: "max"
+
+
+def test_cgroup_v1_quota_is_read_from_the_cpu_controller_mount(tmp_path: Path) -> None:
+    mount = tmp_path / "cpu,cpuacct"
+    _write(mount / "cpu.cfs_quota_us", "-1\n")
+    _write(mount / "cpu.cfs_period_us", "100000\n")
+    membership = "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n"
+    assert cgroup_cpu_quota(tmp_path, membership) is None
+    # Inside a container without a cgroup namespace the host's path is not mounted: the
+    # mount's own root is the container's cgroup.
+    _write(mount / "cpu.cfs_quota_us", "200000\n")
+    assert cgroup_cpu_quota(tmp_path, membership) == 2.0
+    _write(mount / "docker" / "abc" / "cpu.cfs_quota_us", "50000\n")
+    _write(mount / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    assert cgroup_cpu_quota(tmp_path, membership) == 0.5
+
+
+@pytest.mark.parametrize(
+    "membership",
+    ["", "5:memory:/x\n", "0::/nowhere\n", "garbage without colons\n"],
+    ids=["empty", "no-cpu-controller", "missing-files", "garbage"],
+)
+def test_no_readable_quota_means_none(tmp_path: Path, membership: str) -> None:
+    assert cgroup_cpu_quota(tmp_path, membership) is None
+
+
+def test_cpu_cores_reads_package_and_core_per_cpu(tmp_path: Path) -> None:
+    for cpu, (package, core) in {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)}.items():
+        _write(tmp_path / f"cpu{cpu}" / "topology" / "physical_package_id", f"{package}\n")
+        _write(tmp_path / f"cpu{cpu}" / "topology" / "core_id", f"{core}\n")
+    (tmp_path / "cpufreq").mkdir()  # not a CPU
+    assert cpu_cores(tmp_path) == {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)}
+    (tmp_path / "cpu3" / "topology" / "core_id").write_text("?\n")
+    assert cpu_cores(tmp_path) == {}
+
+
+@needs_cpus
+def test_a_planned_pool_is_pinned_and_the_caller_gets_the_rest(
+    classifier_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if this process's cpuset were two of four CPUs: the plan pins ORT's one pool thread
+    # to the second allowed CPU, and the instance threads get the first.
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    plan = plan_threads(frozenset({first, second}), 4, {}, None)
+    assert plan.threads == 2 and plan.affinities == str(second + 1)
+    monkeypatch.setattr(affinity, "thread_plan", lambda: plan)
+    before = thread_ids()
+    runtime = Runtime(
+        read_model_info("tiny", classifier_path), device="cpu", max_batch_size=4, intra_op_threads=0
+    )
+    pool = [frozenset(os.sched_getaffinity(tid)) for tid in thread_ids() - before]
+    assert pool == [frozenset({second})]
+    allowed = frozenset(os.sched_getaffinity(0))
+    assert runtime.caller_cpus == allowed - {second}
+
+
+@needs_cpus
+def test_a_server_limited_to_one_cpu_runs_one_intra_op_thread_on_it(
+    classifier_path: Path, tmp_path: Path, reference: Callable[[Path, np.ndarray], np.ndarray]
+) -> None:
+    """ONNX Runtime alone starts a pool thread per core of the machine and pins it outside
+    the process's CPUs (seen under taskset); the server gives it the CPUs it has."""
+    cpu = min(os.sched_getaffinity(0))  # ORT pins its pool from the second core on
+    port = free_port()
+    args = [str(classifier_path), "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", "0", "--device", "cpu"]  # fmt: skip
+    with ServeProcess(args, port, tmp_path / "serve.log", cpus={cpu}) as server:
+        assert server.proc is not None
+        tasks = Path(f"/proc/{server.proc.pid}/task")
+        cpus = {frozenset(os.sched_getaffinity(int(task.name))) for task in tasks.iterdir()}
+        with grpc.insecure_channel(server.target) as channel:
+            rows = np.ones((1, 3, 8, 8), dtype=np.float32)
+            reply = channel.unary_unary(INFER)(infer_payload("tiny", rows), timeout=30)
+        log = server.output()
+    assert cpus == {frozenset({cpu})}, log
+    np.testing.assert_allclose(reply_logits(reply)[1], reference(classifier_path, rows), rtol=1e-4)
+    assert "1 ONNX Runtime intra-op thread, as the process's CPU affinity allows 1 of" in log
