@@ -4,6 +4,9 @@ Both are registered with tolerant deserializers (``serve.wire``), so bytes that 
 get INVALID_ARGUMENT rather than the stock handlers' UNKNOWN and a logged traceback.
 
 Reflection answers from a private descriptor pool that describes ``inference.*`` as upstream.
+It is served as ``grpc.reflection.v1`` (what current grpcurl asks first) and as
+``grpc.reflection.v1alpha`` (what grpcio-reflection ships and older clients speak): the two
+protocols differ only in their package name, so one servicer and one message type serve both.
 
 Our KServe messages live in package ``kserve.v2`` (tritonclient owns ``inference.*`` in the
 default pool). For reflection clients (grpcurl) the private pool holds a copy of our file with
@@ -23,6 +26,7 @@ from serve.wire import checked, checked_stream, deserializer
 
 UPSTREAM_PACKAGE = "inference"
 UPSTREAM_FILE = "inference/grpc_service.proto"
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 def _file_proto(module: object) -> descriptor_pb2.FileDescriptorProto:
@@ -39,12 +43,13 @@ def _rename_types(messages: object, old: str, new: str) -> None:
         _rename_types(message.nested_type, old, new)
 
 
-def upstream_kserve_file() -> descriptor_pb2.FileDescriptorProto:
-    """Our KServe file descriptor, renamed to the upstream ``inference`` package."""
-    proto = _file_proto(kserve_pb2)
-    old, new = f".{proto.package}.", f".{UPSTREAM_PACKAGE}."
-    proto.name = UPSTREAM_FILE
-    proto.package = UPSTREAM_PACKAGE
+def _renamed(module: object, package: str, name: str) -> descriptor_pb2.FileDescriptorProto:
+    """The file descriptor of ``module`` moved to ``package`` (file ``name``), every reference
+    to its own types rewritten."""
+    proto = _file_proto(module)
+    old, new = f".{proto.package}.", f".{package}."
+    proto.name = name
+    proto.package = package
     _rename_types(proto.message_type, old, new)
     for service in proto.service:
         for method in service.method:
@@ -53,12 +58,18 @@ def upstream_kserve_file() -> descriptor_pb2.FileDescriptorProto:
     return proto
 
 
+def upstream_kserve_file() -> descriptor_pb2.FileDescriptorProto:
+    """Our KServe file descriptor, renamed to the upstream ``inference`` package."""
+    return _renamed(kserve_pb2, UPSTREAM_PACKAGE, UPSTREAM_FILE)
+
+
 def reflection_pool() -> descriptor_pool.DescriptorPool:
     """A private pool describing every service this server exposes."""
     pool = descriptor_pool.DescriptorPool()
     for module in (health_pb2, reflection_pb2, classifier_pb2):
         pool.Add(_file_proto(module))
     pool.Add(upstream_kserve_file())
+    pool.Add(_renamed(reflection_pb2, "grpc.reflection.v1", "grpc/reflection/v1/reflection.proto"))
     return pool
 
 
@@ -68,21 +79,23 @@ def service_names() -> tuple[str, ...]:
         f"{UPSTREAM_PACKAGE}.GRPCInferenceService",
         classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
         health.SERVICE_NAME,
+        REFLECTION_V1,
         reflection.SERVICE_NAME,
     )
 
 
-def handler() -> grpc.GenericRpcHandler:
-    """The reflection service, answering from :func:`reflection_pool`; bytes that do not parse
-    end the call with INVALID_ARGUMENT (grpcio-reflection's own handler answers UNKNOWN)."""
+def handlers() -> tuple[grpc.GenericRpcHandler, ...]:
+    """Reflection v1 and v1alpha, answering from :func:`reflection_pool`; bytes that do not
+    parse end the call with INVALID_ARGUMENT (grpcio-reflection's own handler answers UNKNOWN)."""
     servicer = reflection.aio.ReflectionServicer(service_names(), pool=reflection_pool())
     info = grpc.stream_stream_rpc_method_handler(
         checked_stream(servicer.ServerReflectionInfo),
         request_deserializer=deserializer(reflection_pb2.ServerReflectionRequest),
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )
-    return grpc.method_handlers_generic_handler(
-        reflection.SERVICE_NAME, {"ServerReflectionInfo": info}
+    return tuple(
+        grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": info})
+        for name in (REFLECTION_V1, reflection.SERVICE_NAME)
     )
 
 

@@ -146,7 +146,7 @@ class Server:
         classifier = ClassifierServicer(self.state, self._decoder)
         server.add_generic_rpc_handlers((classify.handler(classifier),))
         server.add_generic_rpc_handlers((reflection.health_handler(self.health),))
-        server.add_generic_rpc_handlers((reflection.handler(),))
+        server.add_generic_rpc_handlers(reflection.handlers())
         return server
 
     def _count_unauthenticated(self, method: str, request: object) -> None:

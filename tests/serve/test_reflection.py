@@ -1,4 +1,5 @@
-"""serve/reflection.py: reflection lists all four services and describes inference.* upstream."""
+"""serve/reflection.py: reflection (v1 and v1alpha) lists every service and describes
+inference.* as upstream does."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import subprocess
 import grpc
 import pytest
 import tritonclient.grpc as tc  # registers inference.* in the default pool
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -21,6 +24,7 @@ SERVICES = {
     "inference.GRPCInferenceService",
     "classifier.v1.Classifier",
     "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
 }
 
@@ -73,8 +77,37 @@ def test_reflection_lists_and_describes_every_service(shared_server: BackgroundS
         assert pool.FindServiceByName("grpc.health.v1.Health").methods_by_name["Check"]
 
 
+def test_reflection_v1_answers_like_v1alpha(shared_server: BackgroundServer) -> None:
+    """v1 differs from v1alpha only in its package: the same messages go over its path."""
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="grpc.reflection.v1.ServerReflection"
+        ),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.ModelInferRequest"),
+    ]
+    with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        listed, v1, kserve = list(call(iter(requests), timeout=10))
+    assert {s.name for s in listed.list_services_response.service} == SERVICES
+    [v1_file] = v1.file_descriptor_response.file_descriptor_proto
+    proto = descriptor_pb2.FileDescriptorProto.FromString(v1_file)
+    assert proto.package == "grpc.reflection.v1"
+    [method] = proto.service[0].method
+    assert method.input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+    kserve_files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in kserve.file_descriptor_response.file_descriptor_proto
+    ]
+    assert [f.package for f in kserve_files] == ["inference"]
+
+
 @pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl is not installed")
-def test_grpcurl_lists_all_four_services(shared_server: BackgroundServer) -> None:
+def test_grpcurl_lists_every_service(shared_server: BackgroundServer) -> None:
     listed = subprocess.run(
         ["grpcurl", "-plaintext", f"127.0.0.1:{shared_server.port}", "list"],
         capture_output=True,
