@@ -7,6 +7,8 @@ Reflection answers from a private descriptor pool that describes ``inference.*``
 It is served as ``grpc.reflection.v1`` (what current grpcurl asks first) and as
 ``grpc.reflection.v1alpha`` (what grpcio-reflection ships and older clients speak): the two
 protocols differ only in their package name, so one servicer and one message type serve both.
+The list of services names v1alpha only, so ``grpcurl list`` shows the four services of
+DESIGN.md; v1 is described on request like any other symbol.
 
 Our KServe messages live in package ``kserve.v2`` (tritonclient owns ``inference.*`` in the
 default pool). For reflection clients (grpcurl) the private pool holds a copy of our file with
@@ -79,7 +81,6 @@ def service_names() -> tuple[str, ...]:
         f"{UPSTREAM_PACKAGE}.GRPCInferenceService",
         classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
         health.SERVICE_NAME,
-        REFLECTION_V1,
         reflection.SERVICE_NAME,
     )
 
