@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -80,15 +81,25 @@ async def serve(config: ServerConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     server = Server(config)
+    signalled = asyncio.create_task(stop.wait())
     try:
-        await server.start()
+        # A signal while models load (a pod deleted during a long GPU warm-up) stops at once
+        # instead of after the warm-up.
+        starting = asyncio.create_task(server.start())
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            _log.info("signal received while loading models; stopping")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
+        starting.result()  # a load that failed raises here
         waiter = asyncio.create_task(server.wait())
-        signalled = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, signalled}, return_when=asyncio.FIRST_COMPLETED)
-        signalled.cancel()
         if stop.is_set():
             _log.info("signal received; shutting down")
     finally:
+        signalled.cancel()
         await server.stop()
 
 

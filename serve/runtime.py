@@ -227,14 +227,17 @@ class Runtime:
             raise ValueError(f"expected at most {self.max_batch} rows in a batch, got {rows}")
         return bucket_for(rows, self.buckets) if self.pads else rows
 
-    def warm_up(self) -> None:
-        """Run every bucket once so no request pays for first-shape setup.
+    def warm_up(self, stop: threading.Event | None = None) -> bool:
+        """Run every bucket once so no request pays for first-shape setup; False when ``stop``
+        was set before the last bucket ran (the server is shutting down while loading).
 
         Raises ValueError naming the model file when a bucket fails to run or gives logits of
         another shape than [batch, num_classes].
         """
         ran: list[int] = []
         for size in self.buckets:
+            if stop is not None and stop.is_set():
+                return False
             try:
                 logits = self.run(np.zeros((size, *self.info.sample_shape), dtype=np.float32))
             except ORT_ERRORS as e:
@@ -244,6 +247,7 @@ class Runtime:
             if tuple(logits.shape) != expected:
                 raise self._refusal(size, ran, f"logits of shape {list(logits.shape)}")
             ran.append(size)
+        return True
 
     def _refusal(self, size: int, ran: list[int], got: str) -> ValueError:
         path, classes = self.info.path, self.info.num_classes

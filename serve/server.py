@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,7 +34,7 @@ _INFERENCE_METHODS = (
 )
 
 
-def _load(name: str, path: Path, config: ServerConfig) -> Runtime:
+def _load(name: str, path: Path, config: ServerConfig, stop: threading.Event) -> Runtime:
     info = read_model_info(name, path)
     runtime = Runtime(
         info,
@@ -41,7 +42,8 @@ def _load(name: str, path: Path, config: ServerConfig) -> Runtime:
         max_batch_size=config.max_batch_size,
         intra_op_threads=config.intra_op_threads,
     )
-    runtime.warm_up()
+    if not runtime.warm_up(stop):
+        return runtime  # stopping: start() was cancelled and nobody reads this
     _log.info(
         "model %s loaded from %s: input %s %s, %d classes, buckets %s",
         name,
@@ -73,6 +75,7 @@ class Server:
         self.port: int | None = None
         self._server: aio.Server | None = None
         self._stopped = False
+        self._stopping = threading.Event()  # ends a warm-up in progress (``stop``)
         self._loop_cpus: frozenset[int] | None = None  # the loop thread's CPUs before start
         # Image decoding keeps the CPUs the loop had: threads inherit their creator's, and
         # the loop creates these after it pinned itself (``_pin_loop``).
@@ -87,7 +90,10 @@ class Server:
         return self.state.models
 
     async def start(self) -> int:
-        """Bind, start answering (not ready), load and warm every model, then turn ready."""
+        """Bind, start answering (not ready), load and warm every model, then turn ready.
+
+        To stop while loading, cancel it and call ``stop``: the model being warmed up stops
+        after its current bucket (creating an ONNX Runtime session cannot be interrupted)."""
         paths = find_models(self.config)
         self.state.loading = set(paths)
         self._server = self._build()
@@ -98,7 +104,7 @@ class Server:
             await self.health.set(name, _NOT_SERVING)
         _log.info("listening on %s", _address(self.config.host, self.port))
         for name, path in paths.items():
-            runtime = await asyncio.to_thread(_load, name, path, self.config)
+            runtime = await asyncio.to_thread(_load, name, path, self.config, self._stopping)
             batcher = Batcher(
                 runtime,
                 max_queue_size=self.config.max_queue_size,
@@ -188,6 +194,7 @@ class Server:
         if self._stopped:
             return
         self._stopped = True
+        self._stopping.set()
         grace = self.config.grace if grace is None else grace
         loop = asyncio.get_running_loop()
         until = loop.time() + grace

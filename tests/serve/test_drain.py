@@ -8,12 +8,18 @@ correctly, while health turns NOT_SERVING and new calls get UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import TensorProto, helper, numpy_helper
 
 from tests.serve.conftest import free_port, reference
 from tests.serve.procs import ServeProcess
@@ -113,3 +119,79 @@ def test_grace_running_out_still_exits_cleanly(classifier_path: Path, tmp_path: 
     # elsewhere), none hangs.
     assert answers == [grpc.StatusCode.UNAVAILABLE] * 4
     assert "grace period over" in server.output()
+
+
+def _slow_model(path: Path, iterations: int) -> Path:
+    """A classifier [batch,3,8,8] → [batch,5] whose every run also spins a Loop of
+    ``iterations`` empty steps (about a microsecond each): a warm-up that takes seconds."""
+    one = numpy_helper.from_array(np.array(0.0, np.float32), "one")
+    body = helper.make_graph(
+        [
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, []),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, []),
+        ],
+        [one],
+    )
+    weights = np.random.default_rng(0).normal(size=(192, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["input"], ["flat"]),
+            helper.make_node("Gemm", ["flat", "w", "b"], ["raw"]),
+            helper.make_node("Loop", ["trips", "", "zero"], ["spent"], body=body),
+            helper.make_node("Add", ["raw", "spent"], ["logits"]),
+        ],
+        "slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])],
+        [
+            numpy_helper.from_array(weights, "w"),
+            numpy_helper.from_array(np.zeros(5, np.float32), "b"),
+            numpy_helper.from_array(np.array(iterations, np.int64), "trips"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return path
+
+
+def test_sigterm_while_warming_up_stops_without_finishing_the_warm_up(tmp_path: Path) -> None:
+    """Each warm-up run of this model spins for seconds; a SIGTERM once the session exists
+    must end the process with 0 before the remaining buckets run, never reporting ready."""
+    model = _slow_model(tmp_path / "slow.onnx", iterations=3_000_000)
+    log_path = tmp_path / "serve.log"
+    args = [
+        sys.executable, "-m", "serve", str(model), "--host", "127.0.0.1",
+        "--port", str(free_port()), "--metrics-port", "0", "--device", "cpu",
+        "--max-batch-size", "8",  # 4 buckets: the whole warm-up takes 4 runs
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while "runs on CPUExecutionProvider" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log_path.read_text()
+    assert code == 0, output
+    assert "signal received while loading models; stopping" in output
+    assert "loaded from" not in output and "ready:" not in output, output
+    assert "Traceback" not in output
