@@ -114,21 +114,21 @@ class ThreadPlan:
 def plan_threads(
     allowed: frozenset[int],
     online: int,
-    cores: dict[int, tuple[int, int]],
+    cores: dict[int, frozenset[int]],
     quota: float | None,
 ) -> ThreadPlan:
     """The intra-op plan for a process that may run on ``allowed`` of ``online`` CPUs, under a
-    CPU ``quota`` (CPUs' worth of time, None: none), where ``cores`` maps a CPU to its
-    (package, core) pair (CPUs missing from it count as cores of their own).
+    CPU ``quota`` (CPUs' worth of time, None: none), where ``cores`` maps a CPU to the CPUs
+    of its physical core, itself included (CPUs missing from it count as cores of their own).
 
     ORT's default (one thread per physical core of the machine) is kept when every CPU is
     allowed and the quota, if any, covers every core. Otherwise one thread per allowed core,
     at most the quota (rounded down, at least 1); with a cpuset the pool threads are pinned to
     allowed cores other than the first, which is left to the caller, as ORT's default does.
     """
-    by_core: dict[tuple[int, int], list[int]] = {}
+    by_core: dict[frozenset[int], list[int]] = {}
     for cpu in sorted(allowed):
-        by_core.setdefault(cores.get(cpu, (-1, cpu)), []).append(cpu)
+        by_core.setdefault(cores.get(cpu, frozenset({cpu})), []).append(cpu)
     machine_cores = len(set(cores.values())) if len(cores) >= online else online
     restricted = len(allowed) < online
     if not restricted and (quota is None or quota >= machine_cores):
@@ -159,17 +159,26 @@ def thread_plan() -> ThreadPlan:
     return plan_threads(allowed, online, cpu_cores(), cgroup_cpu_quota())
 
 
-def cpu_cores(topology: Path = _CPU_TOPOLOGY) -> dict[int, tuple[int, int]]:
-    """Each online CPU's (package, core) pair from sysfs; empty where it cannot be read."""
-    cores: dict[int, tuple[int, int]] = {}
+def cpu_cores(topology: Path = _CPU_TOPOLOGY) -> dict[int, frozenset[int]]:
+    """Each online CPU's core, as the CPUs sharing it (sysfs ``thread_siblings_list``: unlike
+    ``core_id``, unique across packages and dies); empty where it cannot be read."""
+    cores: dict[int, frozenset[int]] = {}
     try:
         for entry in topology.glob("cpu[0-9]*/topology"):
-            cpu = int(entry.parent.name[3:])
-            package = int((entry / "physical_package_id").read_text())
-            cores[cpu] = (package, int((entry / "core_id").read_text()))
+            siblings = _parse_ranges((entry / "thread_siblings_list").read_text())
+            cores[int(entry.parent.name[3:])] = siblings
     except (OSError, ValueError):
         return {}
     return cores
+
+
+def _parse_ranges(text: str) -> frozenset[int]:
+    """'0-2,5' -> {0, 1, 2, 5} (the notation of sysfs CPU lists, taskset and cpuset.cpus)."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return frozenset(cpus)
 
 
 def cgroup_cpu_quota(root: Path = _CGROUP_ROOT, membership: str | None = None) -> float | None:

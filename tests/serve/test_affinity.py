@@ -171,7 +171,7 @@ def test_a_server_with_an_explicit_thread_count_pins_nothing(
 
 
 # 8 CPUs: 4 cores of 2 hyperthreads each, CPU n and n + 4 siblings (as Linux numbers them).
-SMT = {cpu: (0, cpu % 4) for cpu in range(8)}
+SMT = {cpu: frozenset({cpu % 4, cpu % 4 + 4}) for cpu in range(8)}
 
 
 @pytest.mark.parametrize(
@@ -251,13 +251,17 @@ def test_no_readable_quota_means_none(tmp_path: Path, membership: str) -> None:
     assert cgroup_cpu_quota(tmp_path, membership) is None
 
 
-def test_cpu_cores_reads_package_and_core_per_cpu(tmp_path: Path) -> None:
-    for cpu, (package, core) in {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)}.items():
-        _write(tmp_path / f"cpu{cpu}" / "topology" / "physical_package_id", f"{package}\n")
-        _write(tmp_path / f"cpu{cpu}" / "topology" / "core_id", f"{core}\n")
+def test_cpu_cores_reads_the_cpus_sharing_each_core(tmp_path: Path) -> None:
+    siblings = {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3", 4: "4-5", 5: "4-5", 6: "6"}
+    for cpu, text in siblings.items():
+        _write(tmp_path / f"cpu{cpu}" / "topology" / "thread_siblings_list", f"{text}\n")
     (tmp_path / "cpufreq").mkdir()  # not a CPU
-    assert cpu_cores(tmp_path) == {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)}
-    (tmp_path / "cpu3" / "topology" / "core_id").write_text("?\n")
+    cores = cpu_cores(tmp_path)
+    assert cores[0] == cores[2] == frozenset({0, 2}) and cores[5] == frozenset({4, 5})
+    assert cores[6] == frozenset({6}) and len(cores) == 7
+    assert plan_threads(frozenset(range(7)), 7, cores, None) == ThreadPlan()
+    assert plan_threads(frozenset({0, 1, 2, 3}), 7, cores, None).affinities == "2,4"
+    (tmp_path / "cpu3" / "topology" / "thread_siblings_list").write_text("?\n")
     assert cpu_cores(tmp_path) == {}
 
 
@@ -302,3 +306,22 @@ def test_a_server_limited_to_one_cpu_runs_one_intra_op_thread_on_it(
     assert cpus == {frozenset({cpu})}, log
     np.testing.assert_allclose(reply_logits(reply)[1], reference(classifier_path, rows), rtol=1e-4)
     assert "1 ONNX Runtime intra-op thread, as the process's CPU affinity allows 1 of" in log
+
+
+def test_a_quota_only_plan_pins_nothing_and_waits_for_no_pinning(
+    classifier_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An explicit count without affinities: ORT pins no pool thread, so looking for pinned
+    # threads would only wait out cpus_left_by's timeout (a second per model).
+    plan = plan_threads(frozenset(range(8)), 8, SMT, 2.0)
+    assert plan == ThreadPlan(2, None, "the process's cgroup allows 2 CPUs' time")
+    monkeypatch.setattr(affinity, "thread_plan", lambda: plan)
+
+    def no_pinning_expected(*args: object, **kwargs: object) -> None:
+        raise AssertionError("cpus_left_by called for a plan that pins nothing")
+
+    monkeypatch.setattr(affinity, "cpus_left_by", no_pinning_expected)
+    runtime = Runtime(
+        read_model_info("tiny", classifier_path), device="cpu", max_batch_size=4, intra_op_threads=0
+    )
+    assert runtime.caller_cpus is None
