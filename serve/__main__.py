@@ -74,12 +74,14 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain within ``config.grace``."""
-    from serve.server import Server  # after logging is configured: imports ORT and gRPC
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # After logging is configured and the handlers are in place: this imports ORT and gRPC,
+    # which takes a while, and a signal meanwhile must not kill the process.
+    from serve.server import Server
+
     server = Server(config)
     signalled = asyncio.create_task(stop.wait())
     try:

@@ -248,7 +248,7 @@ class Runtime:
             if tuple(logits.shape) != expected:
                 raise self._refusal(size, ran, f"logits of shape {list(logits.shape)}")
             ran.append(size)
-        return True
+        return stop is None or not stop.is_set()
 
     def _refusal(self, size: int, ran: list[int], got: str) -> ValueError:
         path, classes = self.info.path, self.info.num_classes

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -123,3 +124,26 @@ def test_warm_up_refuses_logits_of_another_class_count(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"logits \[1, 10\].*got logits of shape \[1, 48\]"):
         runtime.warm_up()
+
+
+@pytest.mark.parametrize("set_during", [None, 1, 4, 8], ids=["never", "first", "middle", "last"])
+def test_warm_up_stops_once_asked_and_says_whether_it_finished(
+    classifier_path: Path, monkeypatch: pytest.MonkeyPatch, set_during: int | None
+) -> None:
+    runtime = _runtime(classifier_path, io_binding=False)
+    assert runtime.buckets == (1, 2, 4, 8)
+    stop = threading.Event()
+    ran: list[int] = []
+    run = runtime.run
+
+    def recording_run(batch: np.ndarray) -> np.ndarray:
+        ran.append(len(batch))
+        if len(batch) == set_during:
+            stop.set()  # a signal while this bucket runs
+        return run(batch)
+
+    monkeypatch.setattr(runtime, "run", recording_run)
+    finished = runtime.warm_up(stop)
+    assert ran == [size for size in (1, 2, 4, 8) if set_during is None or size <= set_during]
+    # Stopped during the last bucket: every bucket ran, but the server is stopping all the same.
+    assert finished is (set_during is None)
