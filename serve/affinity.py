@@ -25,6 +25,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from onnxruntime import SessionOptions
 
 _log = logging.getLogger(__name__)
 _TASKS = Path("/proc/self/task")
@@ -109,6 +113,13 @@ class ThreadPlan:
     threads: int = 0
     affinities: str | None = None
     why: str = ""
+
+    def apply(self, options: SessionOptions) -> None:
+        """Set this plan on ONNX Runtime session ``options``."""
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if self.affinities:
+            options.add_session_config_entry("session.intra_op_thread_affinities", self.affinities)
 
 
 def plan_threads(

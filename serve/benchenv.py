@@ -132,11 +132,7 @@ def measure_in_process(
         # log would print it a second time. With CUDA the log says why a provider failed.
         options.log_severity_level = 4 if device == "cpu" else 3
         # 0 is what the server does by default: ORT's count, capped to what this process may use.
-        plan = affinity.thread_plan() if count == 0 else affinity.ThreadPlan(count)
-        if plan.threads:
-            options.intra_op_num_threads = plan.threads
-        if plan.affinities:
-            options.add_session_config_entry("session.intra_op_thread_affinities", plan.affinities)
+        (affinity.thread_plan() if count == 0 else affinity.ThreadPlan(count)).apply(options)
         providers = _providers(device)
         session = _session(path, options, providers)
         if session.get_providers()[0] != providers[0]:

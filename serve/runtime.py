@@ -157,11 +157,8 @@ class Runtime:
     ) -> None:
         self.info = info
         options = ort.SessionOptions()
-        plan = affinity.ThreadPlan() if intra_op_threads else affinity.thread_plan()
-        if intra_op_threads or plan.threads:
-            options.intra_op_num_threads = intra_op_threads or plan.threads
-        if plan.affinities:
-            options.add_session_config_entry("session.intra_op_thread_affinities", plan.affinities)
+        plan = affinity.ThreadPlan(intra_op_threads) if intra_op_threads else affinity.thread_plan()
+        plan.apply(options)
         # Idle ORT threads would spin on the cores the event loop needs to receive and answer
         # requests; on 2 shared cores that halved batch-1 throughput (docs/benchmarks.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -192,7 +189,7 @@ class Runtime:
         else:
             why = " (no usable CUDA: no NVIDIA driver or no CUDA build of onnxruntime)"
         _log.info("model %s runs on %s%s", info.name, self.provider, why)
-        if plan.threads:
+        if plan.why:
             _log.info(
                 "model %s: %d ONNX Runtime intra-op thread%s, as %s (ORT's default counts every "
                 "core of the machine; --intra-op-threads sets it)",
