@@ -18,8 +18,12 @@ service and message names tritonclient's stubs use, with identical field numbers
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc import aio
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
@@ -100,9 +104,27 @@ def handlers() -> tuple[grpc.GenericRpcHandler, ...]:
     )
 
 
-def health_handler(servicer: health.aio.HealthServicer) -> grpc.GenericRpcHandler:
+def health_handler(
+    servicer: health.aio.HealthServicer, closing: asyncio.Event
+) -> grpc.GenericRpcHandler:
     """grpc.health.v1.Health served by ``servicer``; bytes that do not parse get
-    INVALID_ARGUMENT (the stock registration answers UNKNOWN)."""
+    INVALID_ARGUMENT (the stock registration answers UNKNOWN). Watch streams end (OK) once
+    ``closing`` is set: the stock Watch never ends, and gRPC's stop waits for open calls, so
+    one watcher (Envoy, client-side health checking) held every shutdown for its whole grace.
+    """
+
+    async def watch(request: health_pb2.HealthCheckRequest, context: aio.ServicerContext) -> None:
+        updates = asyncio.ensure_future(servicer.Watch(request, context))
+        closed = asyncio.ensure_future(closing.wait())
+        try:
+            await asyncio.wait({updates, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            if not updates.done():
+                updates.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await updates
+
     request = deserializer(health_pb2.HealthCheckRequest)
     answer = health_pb2.HealthCheckResponse.SerializeToString
     methods = {
@@ -110,7 +132,7 @@ def health_handler(servicer: health.aio.HealthServicer) -> grpc.GenericRpcHandle
             checked(servicer.Check), request_deserializer=request, response_serializer=answer
         ),
         "Watch": grpc.unary_stream_rpc_method_handler(
-            checked(servicer.Watch), request_deserializer=request, response_serializer=answer
+            checked(watch), request_deserializer=request, response_serializer=answer
         ),
     }
     return grpc.method_handlers_generic_handler(health.SERVICE_NAME, methods)

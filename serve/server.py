@@ -76,6 +76,7 @@ class Server:
         self._server: aio.Server | None = None
         self._stopped = False
         self._stopping = threading.Event()  # ends a warm-up in progress (``stop``)
+        self._closing_watches = asyncio.Event()  # ends health Watch streams (``stop``)
         self._loop_cpus: frozenset[int] | None = None  # the loop thread's CPUs before start
         # Image decoding keeps the CPUs the loop had: threads inherit their creator's, and
         # the loop creates these after it pinned itself (``_pin_loop``).
@@ -151,7 +152,8 @@ class Server:
         server.add_generic_rpc_handlers((kserve.handler(kserve.KServeServicer(self.state)),))
         classifier = ClassifierServicer(self.state, self._decoder)
         server.add_generic_rpc_handlers((classify.handler(classifier),))
-        server.add_generic_rpc_handlers((reflection.health_handler(self.health),))
+        health = reflection.health_handler(self.health, self._closing_watches)
+        server.add_generic_rpc_handlers((health,))
         server.add_generic_rpc_handlers(reflection.handlers())
         return server
 
@@ -212,6 +214,8 @@ class Server:
                 "grace period over with %d requests in flight; cancelling them",
                 self.state.in_flight,
             )
+        # Watchers have had the quiet period to read NOT_SERVING; their streams end now.
+        self._closing_watches.set()
         try:
             if self._server is not None:
                 await self._server.stop(max(0.0, until - loop.time()))

@@ -195,3 +195,26 @@ def test_sigterm_while_warming_up_stops_without_finishing_the_warm_up(tmp_path: 
     assert "signal received while loading models; stopping" in output
     assert "loaded from" not in output and "ready:" not in output, output
     assert "Traceback" not in output
+
+
+def test_an_open_health_watch_does_not_hold_the_shutdown(
+    classifier_path: Path, tmp_path: Path
+) -> None:
+    """A health Watch never ends by itself; gRPC's stop waits for open calls, so before the
+    fix one watcher kept an idle server alive for its whole --grace."""
+    port = free_port()
+    args = [str(classifier_path), "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", "0", "--device", "cpu", "--grace", "300"]  # fmt: skip
+    with ServeProcess(args, port, tmp_path / "serve.log") as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+            assert next(watch).status == SERVING
+            server.terminate()
+            seen = [reply.status for reply in watch]  # ends when the server ends the stream
+            assert watch.code() == grpc.StatusCode.OK
+        # Well inside the 300 s grace: nothing was in flight.
+        assert server.wait(120) == 0, server.output()
+        log = server.output()
+    assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    assert "Traceback" not in log and "Exception" not in log, log
