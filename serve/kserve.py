@@ -21,7 +21,8 @@ EXTENSIONS = ("classification", "model_configuration")
 
 
 class KServeServicer:
-    """Handlers of the KServe v2 methods this server implements (others: UNIMPLEMENTED)."""
+    """Handlers of the KServe v2 methods this server implements (the rest of Triton's:
+    UNIMPLEMENTED with what to do instead, ``UNSUPPORTED``)."""
 
     def __init__(self, state: ServingState) -> None:
         self.state = state
@@ -83,6 +84,26 @@ class KServeServicer:
             )
         )
 
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        """The served models (version 1 each), loaded or still loading; ``ready`` keeps the
+        ready ones. This server has no repository of unloaded models to list."""
+        index = pb.RepositoryIndexResponse.ModelIndex
+        state = self.state
+        models = []
+        for name in sorted(set(state.models) | state.loading):
+            if state.draining:
+                entry = index(name=name, version=VERSION, state="UNAVAILABLE",
+                              reason="the server is shutting down")  # fmt: skip
+            elif name in state.models and state.ready:
+                entry = index(name=name, version=VERSION, state="READY")
+            else:
+                entry = index(name=name, version=VERSION, state="LOADING")
+            if entry.state == "READY" or not request.ready:
+                models.append(entry)
+        return pb.RepositoryIndexResponse(models=models)
+
     async def ModelInfer(
         self, request: pb.ModelInferRequest | Undecodable, context: aio.ServicerContext
     ):
@@ -97,6 +118,44 @@ class KServeServicer:
 
     async def ModelStreamInfer(self, requests: object, context: aio.ServicerContext) -> None:
         await Stream(self.state, context).serve()
+
+
+# Triton methods this server does not implement, and what to do instead: one clear status
+# rather than gRPC's bare "Method not found!".
+_STATIC_MODELS = (
+    "this server serves the models it was started with; to change them, start it with the "
+    "new files (roll out a new pod)"
+)
+_NO_SHARED_MEMORY = (
+    "shared memory is not supported by this server; send tensors in the request "
+    "(tritonclient: set_data_from_numpy without set_shared_memory)"
+)
+UNSUPPORTED = {
+    "ModelStatistics": "per-model statistics are not served over gRPC; read the Prometheus "
+    "metrics on the metrics port (default 8002, /metrics: serve_requests_total, "
+    "serve_request_duration_seconds, serve_batch_size, ...)",
+    "RepositoryModelLoad": f"loading models at run time is not supported: {_STATIC_MODELS}",
+    "RepositoryModelUnload": f"unloading models at run time is not supported: {_STATIC_MODELS}",
+    "SystemSharedMemoryStatus": _NO_SHARED_MEMORY,
+    "SystemSharedMemoryRegister": _NO_SHARED_MEMORY,
+    "SystemSharedMemoryUnregister": _NO_SHARED_MEMORY,
+    "CudaSharedMemoryStatus": _NO_SHARED_MEMORY,
+    "CudaSharedMemoryRegister": _NO_SHARED_MEMORY,
+    "CudaSharedMemoryUnregister": _NO_SHARED_MEMORY,
+    "TraceSetting": "tracing is not supported; run the server with --log-level debug for a "
+    "line per request with its queue and compute times",
+    "LogSettings": "log settings cannot be changed at run time; start the server with "
+    "--log-level and --log-format",
+}
+
+
+def _unsupported(method: str) -> grpc.RpcMethodHandler:
+    message = f"{method} is not implemented by this server: {UNSUPPORTED[method]}"
+
+    async def refuse(request: bytes, context: aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    return grpc.unary_unary_rpc_method_handler(refuse)  # raw bytes: nothing to parse
 
 
 def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
@@ -131,6 +190,11 @@ def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
             pb.ModelConfigRequest,
             pb.ModelConfigResponse,
         ),
+        "RepositoryIndex": (
+            checked(servicer.RepositoryIndex),
+            pb.RepositoryIndexRequest,
+            pb.RepositoryIndexResponse,
+        ),
         "ModelInfer": (servicer.ModelInfer, pb.ModelInferRequest, pb.ModelInferResponse),
     }
     handlers = {
@@ -146,4 +210,5 @@ def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
         request_deserializer=deserializer(pb.ModelInferRequest),
         response_serializer=pb.ModelStreamInferResponse.SerializeToString,
     )
+    handlers.update({method: _unsupported(method) for method in UNSUPPORTED})
     return grpc.method_handlers_generic_handler(SERVICE, handlers)

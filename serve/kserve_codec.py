@@ -11,6 +11,11 @@ from serve.errors import invalid, shown
 from serve.state import VERSION, Model
 
 _CLASSIFICATION = "classification"
+_SHARED_MEMORY = "shared_memory_region"
+_NO_SHARED_MEMORY = (
+    "a shared memory region, which this server does not support; send the tensor in "
+    "raw_input_contents (tritonclient: set_data_from_numpy, no set_shared_memory)"
+)
 
 
 def decode_request(model: Model, request: pb.ModelInferRequest) -> tuple[np.ndarray, int | None]:
@@ -48,6 +53,8 @@ def _decode_input(model: Model, request: pb.ModelInferRequest) -> np.ndarray:
             )
         return tensors.from_raw(info, shape, request.raw_input_contents[0], what)
     if not has_typed:
+        if _SHARED_MEMORY in tensor.parameters:
+            raise invalid(f"expected the data of {what} in the request, got {_NO_SHARED_MEMORY}")
         tensors.check_rows(info, shape, what)
         raise invalid(
             f"expected data for {what} in raw_input_contents or contents.fp32_contents, got "
@@ -68,6 +75,12 @@ def _requested_classes(model: Model, request: pb.ModelInferRequest) -> int | Non
             f"got {shown(names)}; ask for it by that name or ask for none"
         )
     params = request.outputs[0].parameters
+    if _SHARED_MEMORY in params:
+        raise invalid(
+            f"expected output {info.output_name!r} returned in the response, got a shared memory "
+            "region to write it to, which this server does not support; request the output "
+            "without one (tritonclient: no set_shared_memory)"
+        )
     if _CLASSIFICATION not in params:
         return None
     param = params[_CLASSIFICATION]

@@ -192,7 +192,15 @@ def test_bytes_that_do_not_parse_are_invalid_argument_unary_and_streamed(
 
 @pytest.mark.parametrize(
     "method",
-    ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig"],
+    [
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "ModelMetadata",
+        "ModelConfig",
+        "RepositoryIndex",
+    ],
 )
 def test_bytes_that_do_not_parse_are_invalid_argument_on_every_method(
     shared_server: BackgroundServer, method: str
@@ -251,3 +259,83 @@ def test_raw_and_typed_contents_together_are_named_both(shared_server: Backgroun
             call(request.SerializeToString(), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "got 1 raw entries and 192 fp32_contents values" in caught.value.details()
+
+
+def test_repository_index_lists_the_served_models(triton: tc.InferenceServerClient) -> None:
+    expected = [{"name": "tiny", "version": "1", "state": "READY"}]
+    assert triton.get_model_repository_index(as_json=True)["models"] == expected
+    ready_only = kserve_pb2.RepositoryIndexRequest(ready=True)
+    assert [m.name for m in triton._client_stub.RepositoryIndex(ready_only).models] == ["tiny"]
+
+
+def test_repository_index_says_loading_then_unavailable_when_draining(
+    start_server: Callable[..., BackgroundServer],
+) -> None:
+    bg = start_server()
+    assert bg.server is not None
+    state = bg.server.state
+    with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/RepositoryIndex",
+            request_serializer=kserve_pb2.RepositoryIndexRequest.SerializeToString,
+            response_deserializer=kserve_pb2.RepositoryIndexResponse.FromString,
+        )
+
+        def index(ready: bool = False) -> list[tuple[str, str]]:
+            request = kserve_pb2.RepositoryIndexRequest(ready=ready)
+            return [(m.name, m.state) for m in call(request, timeout=10).models]
+
+        assert index() == [("tiny", "READY")]
+        state.ready = False  # as while another model still loads
+        state.loading = {"tiny", "later"}
+        assert index() == [("later", "LOADING"), ("tiny", "LOADING")]
+        assert index(ready=True) == []
+        state.ready = True
+        state.loading = set()
+
+        async def drain() -> None:
+            state.drain()
+
+        bg.call(drain)  # on the server's loop, as SIGTERM would
+        assert index() == [("tiny", "UNAVAILABLE")]
+        assert index(ready=True) == []
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda t: t.load_model("tiny"), "start it with the new files"),
+        (lambda t: t.unload_model("tiny"), "start it with the new files"),
+        (lambda t: t.get_inference_statistics("tiny"), "Prometheus metrics"),
+        (lambda t: t.get_system_shared_memory_status(), "shared memory is not supported"),
+        (lambda t: t.register_system_shared_memory("r", "/k", 64), "shared memory"),
+        (lambda t: t.get_cuda_shared_memory_status(), "shared memory is not supported"),
+        (lambda t: t.get_trace_settings(), "--log-level debug"),
+        (lambda t: t.get_log_settings(), "--log-level and --log-format"),
+    ],
+    ids=["load", "unload", "statistics", "shm-status", "shm-register", "cuda-shm", "trace", "log"],
+)
+def test_triton_methods_this_server_lacks_say_what_to_do(
+    triton: tc.InferenceServerClient, call: Callable[[tc.InferenceServerClient], object], words: str
+) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        call(triton)
+    assert _status(caught.value) == "StatusCode.UNIMPLEMENTED"
+    assert "is not implemented by this server" in caught.value.message()
+    assert words in caught.value.message()
+
+
+def test_shared_memory_tensors_are_refused_by_name(triton: tc.InferenceServerClient) -> None:
+    tensor = tc.InferInput("input", [1, 3, 8, 8], "FP32")
+    tensor.set_shared_memory("region", 768)
+    with pytest.raises(InferenceServerException) as caught:
+        triton.infer("tiny", [tensor])
+    assert _status(caught.value) == "StatusCode.INVALID_ARGUMENT"
+    assert "shared memory region, which this server does not support" in caught.value.message()
+
+    output = tc.InferRequestedOutput("logits")
+    output.set_shared_memory("region", 20)
+    with pytest.raises(InferenceServerException) as caught:
+        triton.infer("tiny", [_input(np.zeros((1, 3, 8, 8), np.float32))], outputs=[output])
+    assert _status(caught.value) == "StatusCode.INVALID_ARGUMENT"
+    assert "returned in the response" in caught.value.message()
