@@ -109,14 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     try:
-        config = build_config(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(build_config(args)))
     except (ValueError, OSError, RuntimeError) as e:
-        _log.error("%s", e)  # one line on stderr, in the configured log format
+        # One line on stderr in the configured log format, for a bad flag as for a bad model:
+        # a log collector reading --log-format json must be able to parse it.
+        _log.error("%s", e)
         return 2 if isinstance(e, ValueError) else 1
     return 0
 

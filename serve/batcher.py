@@ -80,18 +80,21 @@ def collect(
     Blocks for the first request (or starts from ``held``, the request that did not fit last
     time), then takes whatever is already queued; only with ``delay`` > 0 seconds does it wait
     that long for more. Requests whose futures are already done (cancelled by their client)
-    are dropped. Returns the batch, the request that would have overflowed it, and whether a
-    stop mark was taken (the caller runs the batch, then ends).
+    are dropped; when that leaves nothing queued, the batch comes back empty instead of
+    blocking, so the caller can report the queue's new depth. Returns the batch, the request
+    that would have overflowed it, and whether a stop mark was taken (the caller runs the
+    batch, then ends).
     """
     batch: list[Pending] = []
     rows = 0
     item = held
     until: float | None = None
+    dropped = False
     while True:
         if item is None:
             try:
                 if not batch:
-                    item = pending.get()
+                    item = pending.get_nowait() if dropped else pending.get()
                 elif delay <= 0:
                     item = pending.get_nowait()
                 else:
@@ -102,7 +105,7 @@ def collect(
             if item is _STOP:
                 return batch, None, True
         if item.future.done():
-            item = None
+            item, dropped = None, True
             continue
         if batch and rows + len(item.rows) > max_rows:
             return batch, item, False
@@ -251,7 +254,9 @@ class Batcher:
         stop = False
         while not stop:
             batch, held, stop = collect(self._queue, held, self.runtime.max_batch, self._delay)
-            if not batch:
+            if not batch:  # only withdrawn requests were taken: the queue shrank without a batch
+                if self._metrics is not None:
+                    self._metrics.queue_depth(self.name, self._queue.qsize())
                 continue
             try:
                 buffer = self._run(loop, batch, buffer)

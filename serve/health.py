@@ -102,9 +102,12 @@ def probe(config: ProbeConfig) -> tuple[int, str]:
         except grpc.RpcError as e:
             code, details = e.code(), e.details()
             if code == grpc.StatusCode.NOT_FOUND:
+                # The standard health servicer answers NOT_FOUND without details.
+                why = details or "its health service knows no such name"
                 return EXIT_NOT_SERVING, (
-                    f"UNKNOWN: {what} at {config.target} is not served there ({details}); "
-                    "check the model name"
+                    f"UNKNOWN: {what} is not served at {config.target} ({why}); check the "
+                    "model name: a model is named after its .onnx file's stem or its folder "
+                    "in the model repository"
                 )
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return EXIT_NOT_SERVING, (

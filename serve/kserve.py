@@ -9,7 +9,7 @@ from grpc import aio
 
 from protos import kserve_pb2 as pb
 from serve.kserve_codec import decode_request, encode_response
-from serve.state import VERSION, ServingState
+from serve.state import VERSION, ServingState, serves_version
 from serve.streaming import Stream
 from serve.wire import Undecodable, checked, deserializer, require_parsed
 
@@ -36,7 +36,7 @@ class KServeServicer:
     async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext):
         ready = (
             request.name in self.state.models
-            and request.version in ("", VERSION)
+            and serves_version(request.version)
             and self.state.ready
             and not self.state.draining
         )

@@ -22,6 +22,26 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 VERSION = "1"
+# gRPC cancels a handler when its deadline passes; its timer may fire a little early, so a
+# cancelled call with at most this much time left is taken to have run out of time.
+DEADLINE_SLACK_S = 0.005
+
+
+def serves_version(version: str) -> bool:
+    """True for the versions every model is served at: "" (latest) and any decimal spelling of
+    1 ("1", "01"): Triton parses version strings as integers."""
+    return version == "" or (
+        version.isascii() and version.isdigit() and version.lstrip("0") == VERSION
+    )
+
+
+def cancelled_status(context: aio.ServicerContext) -> grpc.StatusCode:
+    """The status of a call that gRPC cancelled: DEADLINE_EXCEEDED when its deadline passed,
+    else CANCELLED (the client went away)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 @dataclass(frozen=True)
@@ -48,7 +68,7 @@ class ServingState:
         self._idle.set()
 
     def model(self, name: str, version: str) -> Model:
-        """The model ``name`` at ``version`` ("" or "1"); NOT_FOUND otherwise, UNAVAILABLE
+        """The model ``name`` at ``version`` ("", "1" or "01"...); NOT_FOUND otherwise, UNAVAILABLE
         for a model in ``loading`` that is not loaded yet."""
         model = self.models.get(name)
         if model is None and not self.ready and name in self.loading:
@@ -61,7 +81,7 @@ class ServingState:
             raise not_found(
                 f"expected a model name among [{known}], got {shown(name)}; check the name"
             )
-        if version not in ("", VERSION):
+        if not serves_version(version):
             raise not_found(
                 f"expected version '' or {VERSION!r} of model {name}, got {shown(version)}; "
                 f"this server serves version {VERSION} only"
@@ -176,7 +196,7 @@ class ServingState:
             except ServeError as e:
                 error = e
             except asyncio.CancelledError:
-                self._count(model_name, grpc.StatusCode.CANCELLED, started, trace)
+                self._count(model_name, cancelled_status(context), started, trace)
                 raise
             except Exception as e:
                 _log.exception("request to model %s failed", model_name)

@@ -32,7 +32,7 @@ from protos import kserve_pb2 as pb
 from serve.batcher import Pending, Trace
 from serve.errors import ServeError
 from serve.kserve_codec import decode_request, encode_response
-from serve.state import Model, ServingState
+from serve.state import Model, ServingState, cancelled_status
 from serve.wire import Undecodable, require_parsed
 
 _log = logging.getLogger(__name__)
@@ -42,12 +42,21 @@ _BROKEN = object()  # reading the stream failed; the call cannot go on
 WINDOW = 1024  # requests of one stream held unanswered or unwritten before reading pauses
 
 
+def _final(response: pb.ModelStreamInferResponse) -> pb.ModelStreamInferResponse:
+    """Mark ``response`` as its request's last: Triton sets ``triton_final_response`` on every
+    stream response, and tritonclient code (decoupled loops) reads until it is true."""
+    response.infer_response.parameters["triton_final_response"].bool_param = True
+    return response
+
+
 def _error(
     request: pb.ModelInferRequest | Undecodable, error: ServeError
 ) -> pb.ModelStreamInferResponse:
-    return pb.ModelStreamInferResponse(
-        error_message=f"{error.code.name}: {error.message}",
-        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+    return _final(
+        pb.ModelStreamInferResponse(
+            error_message=f"{error.code.name}: {error.message}",
+            infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+        )
     )
 
 
@@ -141,6 +150,7 @@ class Stream:
     def _start(self, request: pb.ModelInferRequest | Undecodable) -> None:
         state = self.state
         started = state.begin()
+        trace = Trace(id=state.arrivals) if self._debug else None
         try:
             state.check_open()
             request = require_parsed(request)
@@ -151,10 +161,9 @@ class Stream:
             if not isinstance(e, ServeError):
                 _log.exception("stream request to model %s failed", request.model_name)
                 e = _internal(e)
-            state.finish(request.model_name, e.code, started)
+            state.finish(request.model_name, e.code, started, trace)
             self._outbox.put_nowait(_error(request, e))
             return
-        trace = Trace(id=state.arrivals) if self._debug else None
         self._admitted.add(future)
         future.add_done_callback(
             functools.partial(self._answer, request, model, k, started, pieces, trace)
@@ -174,14 +183,17 @@ class Stream:
         if trace is not None:
             trace.add(pieces)
         if future.cancelled():
-            # The stream is gone (client cancelled or the call ended): nobody to answer.
-            self.state.finish(request.model_name, grpc.StatusCode.CANCELLED, started, trace)
+            # The stream is gone (client cancelled, or its deadline passed): nobody to answer.
+            code = cancelled_status(self.context)
+            self.state.finish(request.model_name, code, started, trace)
             return
         error = future.exception()
         if error is None:
             try:
-                answer = pb.ModelStreamInferResponse(
-                    infer_response=encode_response(model, request, future.result(), k)
+                answer = _final(
+                    pb.ModelStreamInferResponse(
+                        infer_response=encode_response(model, request, future.result(), k)
+                    )
                 )
             except Exception as e:
                 error = e

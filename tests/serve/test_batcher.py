@@ -105,6 +105,23 @@ def test_collect_skips_cancelled_requests_and_ends_at_a_stop_mark(
     assert collect(pending, None, max_rows=4, delay=5.0) == ([last], None, True)
 
 
+def test_collect_returns_empty_after_dropping_instead_of_blocking(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # The instance then sets serve_queue_depth: nothing else would until the next request.
+    gone = [_pending(loop, 2) for _ in range(3)]
+    for item in gone:
+        item.future.cancel()
+    pending = _queue(*gone[1:])
+    stop = threading.Timer(10, pending.put, (None,))  # ends a collect that would block
+    stop.start()
+    try:
+        assert collect(pending, gone[0], max_rows=4, delay=0.0) == ([], None, False)
+    finally:
+        stop.cancel()
+    assert pending.empty()
+
+
 def test_batcher_splits_pads_and_reassembles(classifier_path: Path) -> None:
     info = read_model_info("tiny", classifier_path)
     runtime = Runtime(info, device="cpu", max_batch_size=4, intra_op_threads=1)

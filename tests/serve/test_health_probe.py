@@ -54,6 +54,8 @@ def test_serving_not_serving_and_unknown(
     assert main([target, "--model", "nope"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("UNKNOWN: model 'nope'") and "check the model name" in err
+    # The health servicer's NOT_FOUND carries no details: no empty "()" in their place.
+    assert "()" not in err and "knows no such name" in err, err
     assert len(err.strip().splitlines()) == 1
     servicer.enter_graceful_shutdown()
     assert main([target]) == 1
@@ -144,6 +146,7 @@ def test_probe_a_real_server_through_drain(classifier_path: Path, tmp_path: Path
         )
         code, message = probe(ProbeConfig(server.target, service="other"))
         assert code == 1 and message.startswith("UNKNOWN: model 'other'")
+        assert "()" not in message and "check the model name" in message, message
 
         with grpc.insecure_channel(server.target) as channel:
             batch = np.zeros((1, 3, 8, 8), np.float32)

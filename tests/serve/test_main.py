@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -98,6 +99,20 @@ def test_usage_errors_are_one_clear_line(tmp_path: Path) -> None:
         assert done.returncode == 2, (name, done.stderr)
         assert fragment in done.stderr, (name, done.stderr)
         assert "Traceback" not in done.stderr, name
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [(["--max-batch-size", "0"], "--max-batch-size"), (["--grace", "nan"], "--grace")],
+)
+def test_usage_errors_are_json_lines_with_log_format_json(
+    flags: list[str], fragment: str
+) -> None:
+    done = _run("x.onnx", *flags, "--port", "0", "--metrics-port", "0", "--log-format", "json")
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    entry = json.loads(line)  # a log collector parses it like every other line
+    assert entry["level"] == "error" and fragment in entry["msg"], entry
 
 
 def test_a_busy_port_is_reported(classifier_path: Path, tmp_path: Path) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -13,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos import kserve_pb2
+from serve.background import BackgroundServer
 from serve.metrics import OUTCOMES, Metrics
 from tests.serve.conftest import free_port, plant_counting_bug, reference
 from tests.serve.v2 import INFER, infer_payload, reply_logits, request_counts, samples
@@ -183,3 +187,91 @@ def test_a_bug_in_counting_a_request_costs_no_client_its_answer(
     assert [r.getMessage() for r in errors] == ["counting a request to model tiny failed"]
     counts = request_counts(bg.server.metrics.render().decode())
     assert counts[("tiny", "success")] == 1  # the second; the first's count was the bug
+
+
+def _settle(server: BackgroundServer, in_flight: int = 0) -> None:
+    """Wait (up to 10 s) until ``in_flight`` requests are left in ``server``."""
+    assert server.server is not None
+    until = time.monotonic() + 10
+    while server.server.state.in_flight != in_flight and time.monotonic() < until:
+        time.sleep(0.01)
+    assert server.server.state.in_flight == in_flight
+
+
+def _request_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("request id=")]
+
+
+def test_a_deadline_passing_in_the_queue_is_counted_as_deadline_not_cancelled(
+    start_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    # gRPC cancels the handler when the deadline passes, long before the 1.5 s batch window
+    # closes and the batcher could answer DEADLINE_EXCEEDED itself: that cancel used to be
+    # counted as the client's own.
+    caplog.set_level(logging.DEBUG)
+    bg = start_server(max_queue_delay_us=1_500_000)
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
+        infer = channel.unary_unary(INFER)
+        hasty = infer.future(infer_payload("tiny", x), timeout=0.3)
+        assert hasty.exception(timeout=30).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        _settle(bg)
+        withdrawn = infer.future(infer_payload("tiny", x), timeout=60)
+        time.sleep(0.3)  # queued in the open batch window
+        assert withdrawn.cancel()
+        _settle(bg)
+    assert bg.server is not None
+    counts = request_counts(bg.server.metrics.render().decode())
+    assert counts[("tiny", "deadline")] == 1
+    assert counts[("tiny", "cancelled")] == 1
+    statuses = [re.search(r"status=(\S+)", line)[1] for line in _request_lines(caplog)]
+    assert statuses == ["DEADLINE_EXCEEDED", "CANCELLED"]
+
+
+def test_queue_depth_reads_zero_once_queued_requests_are_withdrawn_or_expire(
+    start_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bg = start_server()
+    assert bg.server is not None
+    batcher = bg.server.models["tiny"].batcher
+    entered, release = threading.Event(), threading.Event()
+    run = batcher.runtime.run
+
+    def held_run(batch: np.ndarray) -> np.ndarray:
+        entered.set()
+        release.wait(30)
+        return run(batch)
+
+    monkeypatch.setattr(batcher.runtime, "run", held_run)  # the one instance stays busy
+
+    def depth() -> float:
+        return samples(bg.server.metrics.render().decode(), "serve_queue_depth", "tiny")
+
+    one, thirteen = np.zeros((1, 3, 8, 8), np.float32), np.zeros((13, 3, 8, 8), np.float32)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
+            infer = channel.unary_unary(INFER)
+            busy = infer.future(infer_payload("tiny", one), timeout=60)
+            assert entered.wait(30)
+            withdrawn = infer.future(infer_payload("tiny", thirteen), timeout=60)  # 2 pieces
+            expired = infer.future(infer_payload("tiny", one), timeout=0.5)
+            until = time.monotonic() + 10
+            while batcher.depth < 3 and time.monotonic() < until:
+                time.sleep(0.01)
+            assert depth() == 3
+            assert withdrawn.cancel()
+            assert expired.exception(timeout=30).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            _settle(bg, in_flight=1)
+            release.set()
+            assert busy.exception(timeout=30) is None
+            until = time.monotonic() + 10  # the instance drops the two, then idles
+            while depth() != 0 and time.monotonic() < until:
+                time.sleep(0.01)
+            assert depth() == 0
+            assert batcher.depth == 0
+    finally:
+        release.set()
+    counts = request_counts(bg.server.metrics.render().decode())
+    assert counts[("tiny", "success")] == 1
+    assert counts[("tiny", "cancelled")] == 1
+    assert counts[("tiny", "deadline")] == 1

@@ -458,3 +458,124 @@ def test_a_client_that_does_not_read_is_held_back_not_buffered(
         assert read < count / 2
         ids = [a.infer_response.id for a in answers]  # read now: the rest comes
     assert sorted(ids, key=int) == [str(i) for i in range(count)]
+
+
+def _settled(state: ServingState) -> None:
+    until = time.monotonic() + 10
+    while state.in_flight and time.monotonic() < until:
+        time.sleep(0.01)
+    assert state.in_flight == 0
+
+
+def test_a_stream_deadline_passing_in_the_queue_is_counted_as_deadline(
+    start_server: Callable[..., BackgroundServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The stream's deadline ends the call while its request waits in the 1.5 s batch window;
+    # the request was counted as cancelled, as if the client had gone away.
+    server, state = _quiet_server(start_server, caplog, max_queue_delay_us=1_500_000)
+    caplog.set_level(logging.DEBUG)
+
+    async def scenario() -> tuple[Answers, grpc.StatusCode, str]:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = _open(channel, timeout=0.3)
+            await call.write(_request(_rows(2, 15), "hasty"))
+            return await _rest(call)
+
+    answers, code, _ = asyncio.run(scenario())
+    assert (answers, code) == ([], grpc.StatusCode.DEADLINE_EXCEEDED)
+    _settled(state)
+    counts = request_counts(server.server.metrics.render().decode())
+    assert counts[("tiny", "deadline")] == 1
+    assert counts[("tiny", "cancelled")] == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request id=")]
+    assert len(lines) == 1 and "status=DEADLINE_EXCEEDED" in lines[0], lines
+
+
+def test_stream_requests_refused_before_queueing_get_a_debug_line_each(
+    start_server: Callable[..., BackgroundServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, state = _quiet_server(start_server, caplog)
+    caplog.set_level(logging.DEBUG)
+    x = _rows(1, 16)
+    requests = [
+        _request(x, "good"),
+        _request(_rows(1, 17)[:, :, :, :7], "wrong-shape"),
+        _request(x, "unknown-model", model="nope"),
+        _request(x, "unknown-version", model_version="2"),
+    ]
+
+    async def scenario() -> tuple[Answers, grpc.StatusCode, str]:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = _open(channel)
+            for request in requests:
+                await call.write(request)
+            await call.write(b"\xff\xff\xff\x01not a protobuf")
+            await call.done_writing()
+            return await _rest(call)
+
+    answers, code, details = asyncio.run(scenario())
+    assert code == grpc.StatusCode.OK, details
+    assert len(answers) == 5
+    _settled(state)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request id=")]
+    logged = sorted(line.split()[1:4] for line in lines)
+    assert logged == [
+        ["id=1", "model=tiny", "status=OK"],
+        ["id=2", "model=tiny", "status=INVALID_ARGUMENT"],
+        ["id=3", "model=nope", "status=NOT_FOUND"],
+        ["id=4", "model=tiny", "status=NOT_FOUND"],
+        ["id=5", "model=", "status=INVALID_ARGUMENT"],
+    ], lines
+
+
+def _final(response: pb.ModelInferResponse) -> bool:
+    flag = response.parameters.get("triton_final_response")
+    return flag is not None and flag.WhichOneof("parameter_choice") == "bool_param" and (
+        flag.bool_param
+    )
+
+
+def test_every_stream_response_is_marked_final_as_triton_does(
+    shared_server: BackgroundServer,
+) -> None:
+    # Triton sets triton_final_response on every stream response; tritonclient users that
+    # loop until they see it true (decoupled-style code) would wait forever without it.
+    results: queue.Queue[tuple[tc.InferResult | None, Exception | None]] = queue.Queue()
+    client = tc.InferenceServerClient(f"127.0.0.1:{shared_server.port}")
+    try:
+        client.start_stream(
+            callback=lambda result, error: results.put((result, error)), stream_timeout=60
+        )
+        client.async_stream_infer("tiny", [_input(_rows(2, 18))], request_id="plain")
+        client.async_stream_infer(
+            "tiny",
+            [_input(_rows(11, 19))],  # split above the max batch, then joined
+            request_id="ranked",
+            outputs=[tc.InferRequestedOutput("logits", class_count=2)],
+        )
+        client.stop_stream()
+    finally:
+        client.close()
+    got = []
+    while not results.empty():
+        result, error = results.get_nowait()
+        assert error is None, error
+        assert result is not None
+        got.append(result.get_response())
+    assert sorted(r.id for r in got) == ["plain", "ranked"]
+    assert all(_final(r) for r in got), got
+
+    # Error answers too (tritonclient hands those over as exceptions, so read them raw).
+    async def scenario() -> tuple[Answers, grpc.StatusCode, str]:
+        async with aio.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+            call = _open(channel)
+            await call.write(_request(_rows(1, 20), "wrong-shape", datatype="FP64"))
+            await call.write(_request(_rows(1, 20), "lost", model="nope"))
+            await call.write(b"\xff\xff\xff\x01not a protobuf")
+            await call.done_writing()
+            return await _rest(call)
+
+    errors, code, details = asyncio.run(scenario())
+    assert code == grpc.StatusCode.OK, details
+    assert len(errors) == 3 and all(e.error_message for e in errors), errors
+    assert all(_final(e.infer_response) for e in errors), errors
