@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -108,6 +109,10 @@ async def serve(config: ServerConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level, args.log_format)
+    # gRPC's C core logs at INFO on its own stderr, outside our format: one "Handshake failed"
+    # line for every plaintext or garbage connection to a TLS port. Errors still show; set
+    # GRPC_VERBOSITY yourself to see more. It is read when grpc is imported, below.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         asyncio.run(serve(build_config(args)))
     except (ValueError, OSError, RuntimeError) as e:
