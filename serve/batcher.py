@@ -290,6 +290,7 @@ class Batcher:
         error: ServeError | None = None
         seconds = 0.0
         if live:
+            collating = time.perf_counter()
             rows = sum(len(p.rows) for p in live)
             size = self.runtime.batch_size(rows)
             if len(live) == 1 and size == rows:
@@ -313,7 +314,7 @@ class Batcher:
                     f"expected {size} output rows from model {self.name}, got {logits.shape[0]}",
                 )
             if error is None and self._metrics is not None:
-                self._metrics.batch(self.name, rows, seconds)
+                self._metrics.batch(self.name, rows, seconds, len(live), started - collating)
         # RuntimeError: the loop is closed, so nobody waits for these answers any more.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._answer, live, expired, logits, error, seconds)

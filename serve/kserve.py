@@ -10,6 +10,7 @@ from grpc import aio
 from protos import kserve_pb2 as pb
 from serve.kserve_codec import decode_request, encode_response
 from serve.state import VERSION, ServingState, serves_version
+from serve.statistics import Duration, Snapshot
 from serve.streaming import Stream
 from serve.wire import Undecodable, checked, deserializer, require_parsed
 
@@ -17,7 +18,7 @@ SERVICE = "inference.GRPCInferenceService"
 PLATFORM = "onnxruntime_onnx"
 SERVER_NAME = "onnx-classifier-serving"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ("classification", "model_configuration")
+EXTENSIONS = ("classification", "model_configuration", "statistics")
 
 
 class KServeServicer:
@@ -104,6 +105,21 @@ class KServeServicer:
                 models.append(entry)
         return pb.RepositoryIndexResponse(models=models)
 
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        """Triton's per-model totals (serve/statistics.py); every model when no name is given."""
+        if request.name:
+            names = [self.state.model(request.name, request.version).info.name]
+        else:
+            names = sorted(self.state.models)
+        stats = []
+        for name in names:
+            tally = self.state.metrics.statistics(name) if self.state.metrics else None
+            if tally is not None:
+                stats.append(_statistics(name, tally.snapshot()))
+        return pb.ModelStatisticsResponse(model_stats=stats)
+
     async def ModelInfer(
         self, request: pb.ModelInferRequest | Undecodable, context: aio.ServicerContext
     ):
@@ -120,6 +136,37 @@ class KServeServicer:
         await Stream(self.state, context).serve()
 
 
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def _statistics(name: str, totals: Snapshot) -> pb.ModelStatistics:
+    return pb.ModelStatistics(
+        name=name,
+        version=VERSION,
+        last_inference=totals.last_inference_ms,
+        inference_count=totals.inference_count,
+        execution_count=totals.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(totals.success),
+            fail=_duration(totals.fail),
+            queue=_duration(totals.queue),
+            compute_input=_duration(totals.compute_input),
+            compute_infer=_duration(totals.compute_infer),
+            compute_output=_duration(totals.compute_output),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=rows,
+                compute_input=_duration(size.compute_input),
+                compute_infer=_duration(size.compute_infer),
+                compute_output=_duration(size.compute_output),
+            )
+            for rows, size in sorted(totals.batches.items())
+        ],
+    )
+
+
 # Triton methods this server does not implement, and what to do instead: one clear status
 # rather than gRPC's bare "Method not found!".
 _STATIC_MODELS = (
@@ -131,9 +178,6 @@ _NO_SHARED_MEMORY = (
     "(tritonclient: set_data_from_numpy without set_shared_memory)"
 )
 UNSUPPORTED = {
-    "ModelStatistics": "per-model statistics are not served over gRPC; read the Prometheus "
-    "metrics on the metrics port (default 8002, /metrics: serve_requests_total, "
-    "serve_request_duration_seconds, serve_batch_size, ...)",
     "RepositoryModelLoad": f"loading models at run time is not supported: {_STATIC_MODELS}",
     "RepositoryModelUnload": f"unloading models at run time is not supported: {_STATIC_MODELS}",
     "SystemSharedMemoryStatus": _NO_SHARED_MEMORY,
@@ -194,6 +238,11 @@ def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
             checked(servicer.RepositoryIndex),
             pb.RepositoryIndexRequest,
             pb.RepositoryIndexResponse,
+        ),
+        "ModelStatistics": (
+            checked(servicer.ModelStatistics),
+            pb.ModelStatisticsRequest,
+            pb.ModelStatisticsResponse,
         ),
         "ModelInfer": (servicer.ModelInfer, pb.ModelInferRequest, pb.ModelInferResponse),
     }

@@ -17,6 +17,7 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 from serve.errors import OUTCOMES
+from serve.statistics import Tally
 
 # Latencies from half a millisecond (a small CPU batch) to tens of seconds (a stuck queue).
 _SECONDS_BUCKETS = (
@@ -89,6 +90,8 @@ class Metrics:
         # Labelled children by label values: ``labels()`` builds and locks on every call,
         # and the hot path calls these several times per request.
         self._children: dict[tuple[int | str, ...], Any] = {}
+        # Triton's ModelStatistics totals, per served model (``model_ready`` adds them).
+        self._tallies: dict[str, Tally] = {}
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -103,15 +106,31 @@ class Metrics:
             raise ValueError(f"expected an outcome in {OUTCOMES}, got {outcome!r}; use one of them")
         self._child(self._requests, model, outcome).inc()
         self._child(self._request_seconds, model).observe(seconds)
+        tally = self._tallies.get(model)
+        if tally is not None:
+            tally.request(outcome == "success", seconds)
 
     def queued(self, model: str, seconds: float) -> None:
         """Observe how long one request waited from enqueue to the start of its batch."""
         self._child(self._queue_seconds, model).observe(seconds)
+        tally = self._tallies.get(model)
+        if tally is not None:
+            tally.queued(seconds)
 
-    def batch(self, model: str, rows: int, seconds: float) -> None:
-        """Observe one executed batch: its real rows and its compute time."""
+    def batch(
+        self, model: str, rows: int, seconds: float, requests: int = 1, collate_s: float = 0.0
+    ) -> None:
+        """Observe one executed batch: its real rows, its compute time, the requests in it and
+        the time it took to collate them."""
         self._child(self._batch_rows, model).observe(rows)
         self._child(self._compute_seconds, model).observe(seconds)
+        tally = self._tallies.get(model)
+        if tally is not None:
+            tally.batch(rows, requests, collate_s, seconds)
+
+    def statistics(self, model: str) -> Tally | None:
+        """The ModelStatistics totals of ``model``, None for a model never made ready."""
+        return self._tallies.get(model)
 
     def queue_depth(self, model: str, depth: int) -> None:
         """Set the number of requests waiting in the model's queue."""
@@ -120,6 +139,7 @@ class Metrics:
     def model_ready(self, model: str, ready: bool) -> None:
         """Set whether the model accepts requests; also makes its series appear at zero."""
         self._model_ready.labels(model).set(1 if ready else 0)
+        self._tallies.setdefault(model, Tally())
         # Zero-valued series from the start, so rate() and absent() work before traffic.
         for outcome in OUTCOMES:
             self._requests.labels(model, outcome)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def test_server_and_model_metadata(triton: tc.InferenceServerClient) -> None:
     assert triton.is_model_ready("tiny", "1")
     assert not triton.is_model_ready("nope")
     server = triton.get_server_metadata()
-    assert "classification" in server.extensions
+    # perf_analyzer asks ModelStatistics only of a server listing "statistics".
+    assert set(server.extensions) == {"classification", "model_configuration", "statistics"}
     meta = triton.get_model_metadata("tiny")
     assert meta.name == "tiny" and list(meta.versions) == ["1"]
     assert meta.platform == "onnxruntime_onnx"
@@ -200,6 +202,7 @@ def test_bytes_that_do_not_parse_are_invalid_argument_unary_and_streamed(
         "ModelMetadata",
         "ModelConfig",
         "RepositoryIndex",
+        "ModelStatistics",
     ],
 )
 def test_bytes_that_do_not_parse_are_invalid_argument_on_every_method(
@@ -306,14 +309,13 @@ def test_repository_index_says_loading_then_unavailable_when_draining(
     [
         (lambda t: t.load_model("tiny"), "start it with the new files"),
         (lambda t: t.unload_model("tiny"), "start it with the new files"),
-        (lambda t: t.get_inference_statistics("tiny"), "Prometheus metrics"),
         (lambda t: t.get_system_shared_memory_status(), "shared memory is not supported"),
         (lambda t: t.register_system_shared_memory("r", "/k", 64), "shared memory"),
         (lambda t: t.get_cuda_shared_memory_status(), "shared memory is not supported"),
         (lambda t: t.get_trace_settings(), "--log-level debug"),
         (lambda t: t.get_log_settings(), "--log-level and --log-format"),
     ],
-    ids=["load", "unload", "statistics", "shm-status", "shm-register", "cuda-shm", "trace", "log"],
+    ids=["load", "unload", "shm-status", "shm-register", "cuda-shm", "trace", "log"],
 )
 def test_triton_methods_this_server_lacks_say_what_to_do(
     triton: tc.InferenceServerClient, call: Callable[[tc.InferenceServerClient], object], words: str
@@ -339,3 +341,37 @@ def test_shared_memory_tensors_are_refused_by_name(triton: tc.InferenceServerCli
         triton.infer("tiny", [_input(np.zeros((1, 3, 8, 8), np.float32))], outputs=[output])
     assert _status(caught.value) == "StatusCode.INVALID_ARGUMENT"
     assert "returned in the response" in caught.value.message()
+
+
+def test_model_statistics_count_what_was_served(
+    start_server: Callable[..., BackgroundServer],
+) -> None:
+    bg = start_server()
+    client = tc.InferenceServerClient(f"127.0.0.1:{bg.port}")
+    try:
+        started_ms = time.time_ns() // 1_000_000
+        for rows in (2, 1, 4):  # one after another: a batch each
+            client.infer("tiny", [_input(np.ones((rows, 3, 8, 8), np.float32))])
+        with pytest.raises(InferenceServerException):
+            client.infer("tiny", [_input(np.ones((1, 3, 8, 8)), datatype="FP64")])
+        (stats,) = client.get_inference_statistics("tiny").model_stats
+        assert client.get_inference_statistics().model_stats == [stats]  # "": every model
+        assert client.get_inference_statistics("tiny", "01").model_stats == [stats]
+        for name, version in (("nope", ""), ("tiny", "2")):
+            with pytest.raises(InferenceServerException) as caught:
+                client.get_inference_statistics(name, version)
+            assert _status(caught.value) == "StatusCode.NOT_FOUND"
+    finally:
+        client.close()
+    assert (stats.name, stats.version) == ("tiny", "1")
+    assert (stats.inference_count, stats.execution_count) == (7, 3)
+    assert started_ms <= stats.last_inference <= time.time_ns() // 1_000_000
+    infer = stats.inference_stats
+    assert (infer.success.count, infer.fail.count) == (3, 1)
+    assert infer.success.ns > infer.queue.ns + infer.compute_infer.ns > 0
+    for part in (infer.queue, infer.compute_input, infer.compute_infer, infer.compute_output):
+        assert part.count == 3
+    sizes = {b.batch_size: b for b in stats.batch_stats}
+    assert sorted(sizes) == [1, 2, 4]
+    assert all(b.compute_infer.count == 1 and b.compute_infer.ns > 0 for b in sizes.values())
+    assert sum(b.compute_infer.ns for b in sizes.values()) == infer.compute_infer.ns
