@@ -284,8 +284,7 @@ class Batcher:
             live.append(pending)
         if self._metrics is not None:
             self._metrics.queue_depth(self.name, self._queue.qsize())
-            for pending in live:
-                self._metrics.queued(self.name, now - pending.enqueued)
+            self._metrics.queued(self.name, [now - pending.enqueued for pending in live])
         logits: np.ndarray | None = None
         error: ServeError | None = None
         seconds = 0.0

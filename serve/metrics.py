@@ -110,12 +110,14 @@ class Metrics:
         if tally is not None:
             tally.request(outcome == "success", seconds)
 
-    def queued(self, model: str, seconds: float) -> None:
-        """Observe how long one request waited from enqueue to the start of its batch."""
-        self._child(self._queue_seconds, model).observe(seconds)
+    def queued(self, model: str, waits: list[float]) -> None:
+        """Observe how long each request of one batch waited from enqueue to its start."""
+        histogram = self._child(self._queue_seconds, model)
+        for seconds in waits:
+            histogram.observe(seconds)
         tally = self._tallies.get(model)
         if tally is not None:
-            tally.queued(seconds)
+            tally.queued(len(waits), sum(waits))
 
     def batch(
         self, model: str, rows: int, seconds: float, requests: int = 1, collate_s: float = 0.0

@@ -72,10 +72,10 @@ class Tally:
         with self._lock:
             (self._totals.success if succeeded else self._totals.fail).add(1, seconds)
 
-    def queued(self, seconds: float) -> None:
-        """One request's wait from enqueue to the start of its batch."""
+    def queued(self, count: int, seconds: float) -> None:
+        """``count`` requests of one batch, waiting ``seconds`` in all before it started."""
         with self._lock:
-            self._totals.queue.add(1, seconds)
+            self._totals.queue.add(count, seconds)
 
     def batch(self, rows: int, requests: int, collate_s: float, compute_s: float) -> None:
         """One executed batch of ``rows`` rows holding ``requests`` requests."""
