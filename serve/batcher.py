@@ -47,6 +47,7 @@ class Pending:
     enqueued: float  # loop.time()
     started: float = 0.0  # loop.time() when its batch was taken from the queue
     compute_s: float = 0.0  # seconds its batch spent in the runtime
+    collate_s: float = 0.0  # seconds its batch took to collate
 
 
 @dataclass
@@ -218,7 +219,19 @@ class Batcher:
         trace = TRACE.get()
         if trace is not None:
             trace.add(queued)
+        self.served(queued)
         return logits
+
+    def served(self, pieces: list[Pending]) -> None:
+        """Count one request answered from ``pieces`` in the ModelStatistics totals: its
+        queue time is its longest piece's (they wait side by side), its compute the sum."""
+        if self._metrics is not None:
+            self._metrics.served(
+                self.name,
+                queue_s=max(p.started - p.enqueued for p in pieces),
+                collate_s=sum(p.collate_s for p in pieces),
+                compute_s=sum(p.compute_s for p in pieces),
+            )
 
     async def close(self, timeout: float = 10.0) -> None:
         """Fail whatever is still queued with UNAVAILABLE, let running batches finish (up to
@@ -284,10 +297,11 @@ class Batcher:
             live.append(pending)
         if self._metrics is not None:
             self._metrics.queue_depth(self.name, self._queue.qsize())
-            self._metrics.queued(self.name, [now - pending.enqueued for pending in live])
+            for pending in live:
+                self._metrics.queued(self.name, now - pending.enqueued)
         logits: np.ndarray | None = None
         error: ServeError | None = None
-        seconds = 0.0
+        seconds = collate_s = 0.0
         if live:
             collating = time.perf_counter()
             rows = sum(len(p.rows) for p in live)
@@ -301,6 +315,7 @@ class Batcher:
                 np.concatenate([p.rows for p in live], out=inputs[:rows])
                 inputs[rows:] = 0
             started = time.perf_counter()
+            collate_s = started - collating
             try:
                 logits = self.runtime.run(inputs)
             except Exception as e:
@@ -313,10 +328,12 @@ class Batcher:
                     f"expected {size} output rows from model {self.name}, got {logits.shape[0]}",
                 )
             if error is None and self._metrics is not None:
-                self._metrics.batch(self.name, rows, seconds, len(live), started - collating)
+                self._metrics.batch(self.name, rows, seconds, collate_s)
         # RuntimeError: the loop is closed, so nobody waits for these answers any more.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._answer, live, expired, logits, error, seconds)
+            loop.call_soon_threadsafe(
+                self._answer, live, expired, logits, error, seconds, collate_s
+            )
         return buffer
 
     def _answer(
@@ -326,6 +343,7 @@ class Batcher:
         logits: np.ndarray | None,
         error: ServeError | None,
         seconds: float,
+        collate_s: float,
     ) -> None:
         """On the loop: set every future of one batch."""
         for pending in expired:
@@ -349,6 +367,7 @@ class Batcher:
             count = len(pending.rows)
             if not pending.future.done():
                 pending.compute_s = seconds
+                pending.collate_s = collate_s
                 pending.future.set_result(logits[offset : offset + count])
             offset += count
 

@@ -110,25 +110,23 @@ class Metrics:
         if tally is not None:
             tally.request(outcome == "success", seconds)
 
-    def queued(self, model: str, waits: list[float]) -> None:
-        """Observe how long each request of one batch waited from enqueue to its start."""
-        histogram = self._child(self._queue_seconds, model)
-        for seconds in waits:
-            histogram.observe(seconds)
-        tally = self._tallies.get(model)
-        if tally is not None:
-            tally.queued(len(waits), sum(waits))
+    def queued(self, model: str, seconds: float) -> None:
+        """Observe how long one request (or piece of one) waited from enqueue to its batch."""
+        self._child(self._queue_seconds, model).observe(seconds)
 
-    def batch(
-        self, model: str, rows: int, seconds: float, requests: int = 1, collate_s: float = 0.0
-    ) -> None:
-        """Observe one executed batch: its real rows, its compute time, the requests in it and
-        the time it took to collate them."""
+    def batch(self, model: str, rows: int, seconds: float, collate_s: float = 0.0) -> None:
+        """Observe one executed batch: its real rows, its compute and collate times."""
         self._child(self._batch_rows, model).observe(rows)
         self._child(self._compute_seconds, model).observe(seconds)
         tally = self._tallies.get(model)
         if tally is not None:
-            tally.batch(rows, requests, collate_s, seconds)
+            tally.batch(rows, collate_s, seconds)
+
+    def served(self, model: str, queue_s: float, collate_s: float, compute_s: float) -> None:
+        """Add one answered request's queue and compute times to the ModelStatistics totals."""
+        tally = self._tallies.get(model)
+        if tally is not None:
+            tally.served(queue_s, collate_s, compute_s)
 
     def statistics(self, model: str) -> Tally | None:
         """The ModelStatistics totals of ``model``, None for a model never made ready."""

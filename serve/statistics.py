@@ -5,10 +5,12 @@ The same events feed the Prometheus metrics (``serve.metrics``); these are plain
 counts and nanosecond sums, as Triton reports them:
 
 - ``success`` / ``fail``: finished requests and their time from arrival to answer;
-- ``queue``: requests that reached a batch and their time from enqueue to its start;
-- ``compute_input`` / ``compute_infer`` / ``compute_output``: per request in a batch, that
-  batch's collate time, ONNX Runtime time, and output time (0: the rows are views of the
-  batch's output; encoding each answer happens on the event loop, inside ``success``);
+- ``queue``, ``compute_input``, ``compute_infer``, ``compute_output``: per answered request
+  (counted when its logits are ready, so the counts follow ``success``), its time from enqueue
+  to its batch's start and that batch's collate, ONNX Runtime and output times (output: 0,
+  the rows are views of the batch's output; encoding each answer happens on the event loop,
+  inside ``success``). A request split above the max batch counts once: its longest piece's
+  wait (the pieces wait side by side) and the sums of their batches' times;
 - ``inference_count``: rows computed; ``execution_count``: batches run; ``batch_stats``: the
   compute times per batch size; ``last_inference``: milliseconds since the epoch.
 
@@ -72,22 +74,24 @@ class Tally:
         with self._lock:
             (self._totals.success if succeeded else self._totals.fail).add(1, seconds)
 
-    def queued(self, count: int, seconds: float) -> None:
-        """``count`` requests of one batch, waiting ``seconds`` in all before it started."""
+    def served(self, queue_s: float, collate_s: float, compute_s: float) -> None:
+        """One answered request: its wait in the queue and its batches' collate and compute
+        times (the sums over its pieces when it was split)."""
         with self._lock:
-            self._totals.queue.add(count, seconds)
+            totals = self._totals
+            totals.queue.add(1, queue_s)
+            totals.compute_input.add(1, collate_s)
+            totals.compute_infer.add(1, compute_s)
+            totals.compute_output.add(1, 0.0)
 
-    def batch(self, rows: int, requests: int, collate_s: float, compute_s: float) -> None:
-        """One executed batch of ``rows`` rows holding ``requests`` requests."""
+    def batch(self, rows: int, collate_s: float, compute_s: float) -> None:
+        """One executed batch of ``rows`` rows."""
         now_ms = time.time_ns() // 1_000_000
         with self._lock:
             totals = self._totals
             totals.last_inference_ms = now_ms
             totals.inference_count += rows
             totals.execution_count += 1
-            totals.compute_input.add(requests, collate_s * requests)
-            totals.compute_infer.add(requests, compute_s * requests)
-            totals.compute_output.add(requests, 0.0)
             size = totals.batches.setdefault(rows, BatchSize())
             size.compute_input.add(1, collate_s)
             size.compute_infer.add(1, compute_s)

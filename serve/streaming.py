@@ -189,6 +189,7 @@ class Stream:
             return
         error = future.exception()
         if error is None:
+            model.batcher.served(pieces)
             try:
                 answer = _final(
                     pb.ModelStreamInferResponse(

@@ -36,7 +36,7 @@ def test_counts_and_histograms_follow_the_calls() -> None:
     for _ in range(3):
         m.request("digits", "success", 0.01)
     m.request("digits", "invalid", 0.001)
-    m.queued("digits", [0.002])
+    m.queued("digits", 0.002)
     m.batch("digits", 3, 0.004)
     m.batch("digits", 5, 0.004)
     m.queue_depth("digits", 7)
