@@ -14,12 +14,13 @@ counts and nanosecond sums, as Triton reports them:
 - ``inference_count``: rows computed; ``execution_count``: batches run; ``batch_stats``: the
   compute times per batch size; ``last_inference``: milliseconds since the epoch.
 
-Instance threads and the event loop both update a model's tally, so it takes a lock.
+The per-request totals are written by the event loop's thread only, so they take no lock
+(a request costs a few additions); the per-batch ones by the instance threads, under a lock.
+A snapshot read meanwhile may be one request or one batch apart between fields.
 """
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,9 +33,9 @@ class Duration:
     count: int = 0
     ns: int = 0
 
-    def add(self, count: int, seconds: float) -> None:
-        self.count += count
-        self.ns += round(seconds * 1e9)
+
+def _duration(count: int, seconds: float) -> Duration:
+    return Duration(count, round(seconds * 1e9))
 
 
 @dataclass
@@ -63,40 +64,67 @@ class Snapshot:
 
 
 class Tally:
-    """One model's running totals; ``snapshot()`` copies them."""
+    """One model's running totals, in seconds; ``snapshot()`` gives them as Triton reports."""
 
     def __init__(self) -> None:
+        # Event loop thread only.
+        self._succeeded = self._failed = self._served = 0
+        self._success_s = self._fail_s = 0.0
+        self._queue_s = self._collate_s = self._compute_s = 0.0
+        # Instance threads, under the lock: rows, batches, last batch's end, and per batch
+        # size [batches, collate seconds, compute seconds].
         self._lock = threading.Lock()
-        self._totals = Snapshot()
+        self._rows = self._batches = self._last_ms = 0
+        self._sizes: dict[int, list[float]] = {}
 
     def request(self, succeeded: bool, seconds: float) -> None:
-        """One finished request and its time from arrival to answer."""
-        with self._lock:
-            (self._totals.success if succeeded else self._totals.fail).add(1, seconds)
+        """One finished request and its time from arrival to answer (event loop thread)."""
+        if succeeded:
+            self._succeeded += 1
+            self._success_s += seconds
+        else:
+            self._failed += 1
+            self._fail_s += seconds
 
     def served(self, queue_s: float, collate_s: float, compute_s: float) -> None:
         """One answered request: its wait in the queue and its batches' collate and compute
-        times (the sums over its pieces when it was split)."""
-        with self._lock:
-            totals = self._totals
-            totals.queue.add(1, queue_s)
-            totals.compute_input.add(1, collate_s)
-            totals.compute_infer.add(1, compute_s)
-            totals.compute_output.add(1, 0.0)
+        times, summed over its pieces when it was split (event loop thread)."""
+        self._served += 1
+        self._queue_s += queue_s
+        self._collate_s += collate_s
+        self._compute_s += compute_s
 
     def batch(self, rows: int, collate_s: float, compute_s: float) -> None:
-        """One executed batch of ``rows`` rows."""
+        """One executed batch of ``rows`` rows (an instance thread)."""
         now_ms = time.time_ns() // 1_000_000
         with self._lock:
-            totals = self._totals
-            totals.last_inference_ms = now_ms
-            totals.inference_count += rows
-            totals.execution_count += 1
-            size = totals.batches.setdefault(rows, BatchSize())
-            size.compute_input.add(1, collate_s)
-            size.compute_infer.add(1, compute_s)
-            size.compute_output.add(1, 0.0)
+            self._rows += rows
+            self._batches += 1
+            self._last_ms = now_ms
+            size = self._sizes.setdefault(rows, [0, 0.0, 0.0])
+            size[0] += 1
+            size[1] += collate_s
+            size[2] += compute_s
 
     def snapshot(self) -> Snapshot:
         with self._lock:
-            return copy.deepcopy(self._totals)
+            rows, batches, last_ms = self._rows, self._batches, self._last_ms
+            sizes = {rows: list(totals) for rows, totals in self._sizes.items()}
+        served = self._served
+        return Snapshot(
+            last_inference_ms=last_ms,
+            inference_count=rows,
+            execution_count=batches,
+            success=_duration(self._succeeded, self._success_s),
+            fail=_duration(self._failed, self._fail_s),
+            queue=_duration(served, self._queue_s),
+            compute_input=_duration(served, self._collate_s),
+            compute_infer=_duration(served, self._compute_s),
+            compute_output=_duration(served, 0.0),
+            batches={
+                size: BatchSize(
+                    _duration(int(n), collate), _duration(int(n), compute), _duration(int(n), 0.0)
+                )
+                for size, (n, collate, compute) in sizes.items()
+            },
+        )
