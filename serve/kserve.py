@@ -10,7 +10,6 @@ from grpc import aio
 from protos import kserve_pb2 as pb
 from serve.kserve_codec import decode_request, encode_response
 from serve.state import VERSION, ServingState, serves_version
-from serve.statistics import Duration, Snapshot
 from serve.streaming import Stream
 from serve.wire import Undecodable, checked, deserializer, require_parsed
 
@@ -117,7 +116,7 @@ class KServeServicer:
         for name in names:
             tally = self.state.metrics.statistics(name) if self.state.metrics else None
             if tally is not None:
-                stats.append(_statistics(name, tally.snapshot()))
+                stats.append(tally.snapshot(name))
         return pb.ModelStatisticsResponse(model_stats=stats)
 
     async def ModelInfer(
@@ -134,37 +133,6 @@ class KServeServicer:
 
     async def ModelStreamInfer(self, requests: object, context: aio.ServicerContext) -> None:
         await Stream(self.state, context).serve()
-
-
-def _duration(d: Duration) -> pb.StatisticDuration:
-    return pb.StatisticDuration(count=d.count, ns=d.ns)
-
-
-def _statistics(name: str, totals: Snapshot) -> pb.ModelStatistics:
-    return pb.ModelStatistics(
-        name=name,
-        version=VERSION,
-        last_inference=totals.last_inference_ms,
-        inference_count=totals.inference_count,
-        execution_count=totals.execution_count,
-        inference_stats=pb.InferStatistics(
-            success=_duration(totals.success),
-            fail=_duration(totals.fail),
-            queue=_duration(totals.queue),
-            compute_input=_duration(totals.compute_input),
-            compute_infer=_duration(totals.compute_infer),
-            compute_output=_duration(totals.compute_output),
-        ),
-        batch_stats=[
-            pb.InferBatchStatistics(
-                batch_size=rows,
-                compute_input=_duration(size.compute_input),
-                compute_infer=_duration(size.compute_infer),
-                compute_output=_duration(size.compute_output),
-            )
-            for rows, size in sorted(totals.batches.items())
-        ],
-    )
 
 
 # Triton methods this server does not implement, and what to do instead: one clear status

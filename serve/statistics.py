@@ -23,48 +23,18 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+
+from protos import kserve_pb2 as pb
+from serve.state import VERSION
 
 
-@dataclass
-class Duration:
-    """A count and a total in nanoseconds."""
-
-    count: int = 0
-    ns: int = 0
-
-
-def _duration(count: int, seconds: float) -> Duration:
-    return Duration(count, round(seconds * 1e9))
-
-
-@dataclass
-class BatchSize:
-    """The compute times of every batch of one size, counted once per batch."""
-
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
-
-
-@dataclass
-class Snapshot:
-    """One model's totals at one moment (see the module docstring)."""
-
-    last_inference_ms: int = 0
-    inference_count: int = 0
-    execution_count: int = 0
-    success: Duration = field(default_factory=Duration)
-    fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
-    batches: dict[int, BatchSize] = field(default_factory=dict)
+def _duration(count: int, seconds: float) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=count, ns=round(seconds * 1e9))
 
 
 class Tally:
-    """One model's running totals, in seconds; ``snapshot()`` gives them as Triton reports."""
+    """One model's running totals, in seconds; ``snapshot()`` gives them as Triton reports
+    them."""
 
     def __init__(self) -> None:
         # Event loop thread only.
@@ -106,25 +76,33 @@ class Tally:
             size[1] += collate_s
             size[2] += compute_s
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, name: str) -> pb.ModelStatistics:
+        """The totals of model ``name`` as Triton's ModelStatistics message."""
         with self._lock:
             rows, batches, last_ms = self._rows, self._batches, self._last_ms
-            sizes = {rows: list(totals) for rows, totals in self._sizes.items()}
+            sizes = sorted((size, tuple(totals)) for size, totals in self._sizes.items())
         served = self._served
-        return Snapshot(
-            last_inference_ms=last_ms,
+        return pb.ModelStatistics(
+            name=name,
+            version=VERSION,
+            last_inference=last_ms,
             inference_count=rows,
             execution_count=batches,
-            success=_duration(self._succeeded, self._success_s),
-            fail=_duration(self._failed, self._fail_s),
-            queue=_duration(served, self._queue_s),
-            compute_input=_duration(served, self._collate_s),
-            compute_infer=_duration(served, self._compute_s),
-            compute_output=_duration(served, 0.0),
-            batches={
-                size: BatchSize(
-                    _duration(int(n), collate), _duration(int(n), compute), _duration(int(n), 0.0)
+            inference_stats=pb.InferStatistics(
+                success=_duration(self._succeeded, self._success_s),
+                fail=_duration(self._failed, self._fail_s),
+                queue=_duration(served, self._queue_s),
+                compute_input=_duration(served, self._collate_s),
+                compute_infer=_duration(served, self._compute_s),
+                compute_output=_duration(served, 0.0),
+            ),
+            batch_stats=[
+                pb.InferBatchStatistics(
+                    batch_size=size,
+                    compute_input=_duration(int(n), collate),
+                    compute_infer=_duration(int(n), compute),
+                    compute_output=_duration(int(n), 0.0),
                 )
-                for size, (n, collate, compute) in sizes.items()
-            },
+                for size, (n, collate, compute) in sizes
+            ],
         )
