@@ -114,6 +114,12 @@ class ThreadPlan:
     affinities: str | None = None
     why: str = ""
 
+    @property
+    def pins(self) -> bool:
+        """Whether ONNX Runtime pins its pool threads under this plan: with its own default,
+        or with the affinities given here."""
+        return not self.threads or self.affinities is not None
+
     def apply(self, options: SessionOptions) -> None:
         """Set this plan on ONNX Runtime session ``options``."""
         if self.threads:

@@ -170,10 +170,9 @@ class Runtime:
         self.provider = active[0]
         # With its default thread count ORT pins its pool threads; the CPUs it left for the
         # thread that calls run, where instance threads and the loop go (serve/affinity.py).
-        ort_pins = not intra_op_threads and (not plan.threads or plan.affinities is not None)
         self.caller_cpus = (
             affinity.cpus_left_by(threads_before)
-            if self.provider == "CPUExecutionProvider" and ort_pins
+            if self.provider == "CPUExecutionProvider" and plan.pins
             else None
         )
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
