@@ -74,8 +74,7 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: aio.Server | None = None
-        self._stopped = False
-        self._stopping = threading.Event()  # ends a warm-up in progress (``stop``)
+        self._stopping = threading.Event()  # set by ``stop``; ends a warm-up in progress
         self._closing_watches = asyncio.Event()  # ends health Watch streams (``stop``)
         self._loop_cpus: frozenset[int] | None = None  # the loop thread's CPUs before start
         # Image decoding keeps the CPUs the loop had: threads inherit their creator's, and
@@ -193,9 +192,8 @@ class Server:
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop; safe to call more than once and after a failed ``start``."""
-        if self._stopped:
+        if self._stopping.is_set():
             return
-        self._stopped = True
         self._stopping.set()
         grace = self.config.grace if grace is None else grace
         loop = asyncio.get_running_loop()
