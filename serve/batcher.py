@@ -60,9 +60,20 @@ class Trace:
     compute_s: float = 0.0
 
     def add(self, pieces: list[Pending]) -> None:
+        queue_s, _, compute_s = request_times(pieces)
         self.rows += sum(len(p.rows) for p in pieces)
-        self.queue_s = max(self.queue_s, *(p.started - p.enqueued for p in pieces))
-        self.compute_s += sum(p.compute_s for p in pieces)
+        self.queue_s = max(self.queue_s, queue_s)
+        self.compute_s += compute_s
+
+
+def request_times(pieces: list[Pending]) -> tuple[float, float, float]:
+    """One answered request's queue time (its longest piece's: pieces wait side by side) and
+    its batches' collate and compute times (summed over its pieces)."""
+    return (
+        max(p.started - p.enqueued for p in pieces),
+        sum(p.collate_s for p in pieces),
+        sum(p.compute_s for p in pieces),
+    )
 
 
 # Set by the servicer's request task when DEBUG logging is on; ``Batcher.infer`` fills it.
@@ -223,15 +234,9 @@ class Batcher:
         return logits
 
     def served(self, pieces: list[Pending]) -> None:
-        """Count one request answered from ``pieces`` in the ModelStatistics totals: its
-        queue time is its longest piece's (they wait side by side), its compute the sum."""
+        """Count one request answered from ``pieces`` in the ModelStatistics totals."""
         if self._metrics is not None:
-            self._metrics.served(
-                self.name,
-                queue_s=max(p.started - p.enqueued for p in pieces),
-                collate_s=sum(p.collate_s for p in pieces),
-                compute_s=sum(p.compute_s for p in pieces),
-            )
+            self._metrics.served(self.name, *request_times(pieces))
 
     async def close(self, timeout: float = 10.0) -> None:
         """Fail whatever is still queued with UNAVAILABLE, let running batches finish (up to
