@@ -6,15 +6,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from serve.benchenv import wait_serving
 
 
 class ServeProcess:
-    """``with ServeProcess([...args]) as p:`` runs the server, waits until SERVING, kills after.
+    """``with ServeProcess([...args]) as p:`` runs the server, waits until SERVING (or, with
+    ``ready_line``, until that text is in its log: a TLS server, one still loading), kills after.
 
     stderr goes to a file (``p.log``), so a chatty server never blocks on a full pipe.
+    ``unset`` names environment variables the server starts without.
     """
 
     def __init__(
@@ -24,12 +27,16 @@ class ServeProcess:
         log: Path,
         ready_timeout: float = 120,
         cpus: set[int] | None = None,
+        ready_line: str | None = None,
+        unset: tuple[str, ...] = (),
     ) -> None:
         self.args = args
         self.port = port
         self.log = log
         self.ready_timeout = ready_timeout
         self.cpus = cpus  # the CPU affinity it starts with, as under `taskset`
+        self.ready_line = ready_line
+        self.unset = unset
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -37,7 +44,8 @@ class ServeProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> ServeProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {k: v for k, v in os.environ.items() if k not in self.unset}
+        env["PYTHONUNBUFFERED"] = "1"
         with self.log.open("wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "serve", *self.args],
@@ -46,12 +54,24 @@ class ServeProcess:
                 env=env,
                 preexec_fn=None if self.cpus is None else self._pin,
             )
-        if wait_serving(self.proc, self.target, self.ready_timeout):
+        if self._ready():
             return self
         if self.proc.poll() is not None:
             raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
         self.kill()
-        raise RuntimeError(f"server not SERVING within {self.ready_timeout} s:\n{self.output()}")
+        awaited = "SERVING" if self.ready_line is None else repr(self.ready_line)
+        raise RuntimeError(f"server not {awaited} within {self.ready_timeout} s:\n{self.output()}")
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.ready_line is None:
+            return wait_serving(self.proc, self.target, self.ready_timeout)
+        deadline = time.monotonic() + self.ready_timeout
+        while self.ready_line not in self.output():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def _pin(self) -> None:
         assert self.cpus is not None

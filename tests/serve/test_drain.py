@@ -8,10 +8,6 @@ correctly, while health turns NOT_SERVING and new calls get UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -170,27 +166,17 @@ def test_sigterm_while_warming_up_stops_without_finishing_the_warm_up(tmp_path: 
     """Each warm-up run of this model spins for seconds; a SIGTERM once the session exists
     must end the process with 0 before the remaining buckets run, never reporting ready."""
     model = _slow_model(tmp_path / "slow.onnx", iterations=3_000_000)
-    log_path = tmp_path / "serve.log"
+    port = free_port()
     args = [
-        sys.executable, "-m", "serve", str(model), "--host", "127.0.0.1",
-        "--port", str(free_port()), "--metrics-port", "0", "--device", "cpu",
+        str(model), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+        "--device", "cpu",
         "--max-batch-size", "8",  # 4 buckets: the whole warm-up takes 4 runs
     ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 120
-        while "runs on CPUExecutionProvider" not in log_path.read_text():
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    output = log_path.read_text()
+    loaded = "runs on CPUExecutionProvider"  # the session exists; warm-up begins
+    with ServeProcess(args, port, tmp_path / "serve.log", ready_line=loaded) as server:
+        server.terminate()
+        code = server.wait(120)
+        output = server.output()
     assert code == 0, output
     assert "signal received while loading models; stopping" in output
     assert "loaded from" not in output and "ready:" not in output, output

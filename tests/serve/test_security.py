@@ -6,11 +6,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from serve.health import ProbeConfig, probe
 from serve.security import auth_interceptor, check_bearer, read_token, server_credentials
 from tests.serve.conftest import free_port, reference
 from tests.serve.pki import Pki, make_pki
+from tests.serve.procs import ServeProcess
 from tests.serve.v2 import INFER, infer_payload, reply_logits, request_counts
 
 
@@ -470,29 +468,20 @@ def test_plaintext_connections_to_a_tls_port_do_not_flood_the_log(
     """gRPC's C core logged an INFO "Handshake failed" line, outside --log-format json, for
     every plaintext connection to a TLS port: a flood any scanner could cause."""
     port = free_port()
-    log_path = tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
-    args = [sys.executable, "-m", "serve", str(classifier_path), "--host", "127.0.0.1",
-            "--port", str(port), "--metrics-port", "0", "--device", "cpu",
-            "--log-format", "json",
+    args = [str(classifier_path), "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", "0", "--device", "cpu", "--log-format", "json",
             "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=log, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while '"ready: serving' not in log_path.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
+    # The server's own default is under test: not one the environment sets.
+    with ServeProcess(
+        args, port, tmp_path / "serve.log", ready_line='"ready: serving', unset=("GRPC_VERBOSITY",)
+    ) as server:
         for _ in range(3):
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(
                 grpc.RpcError
             ):
                 channel.unary_unary(INFER)(b"", timeout=5)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    lines = log_path.read_text().splitlines()
+        server.terminate()
+        assert server.wait(60) == 0
+        output = server.output()
+    lines = output.splitlines()
     assert lines and all(json.loads(line)["msg"] for line in lines), lines
