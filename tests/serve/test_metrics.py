@@ -63,6 +63,16 @@ def test_model_ready_creates_every_outcome_at_zero() -> None:
         assert got[("serve_requests_total", (("model", "a"), ("outcome", outcome)))] == 0
 
 
+def test_no_created_series_beside_the_documented_ones() -> None:
+    m = Metrics()
+    m.model_ready("a", True)
+    m.request("a", "success", 0.01)
+    m.batch("a", 2, 0.004)
+    text = m.render().decode()
+    assert "_created" not in text
+    assert "serve_requests_total" in text
+
+
 def test_instances_do_not_share_a_registry() -> None:
     a, b = Metrics(), Metrics()
     a.request("m", "success", 0.1)
