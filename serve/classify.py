@@ -14,10 +14,15 @@ from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
 from serve import images, tensors
 from serve.errors import invalid, shown
+from serve.model_info import ModelInfo
 from serve.state import VERSION, Model, ServingState
 from serve.wire import Undecodable, deserializer, require_parsed
 
 DEFAULT_TOP_K = 5
+# Decoded rows of one call's encoded images. A 43-byte GIF decodes to a whole [C, H, W] float32
+# row (588 KiB at 3x224x224), so without this one 64 MiB message could ask for 800 GiB; refused
+# before anything is decoded.
+MAX_DECODED_BYTES = 1 << 30
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
@@ -57,6 +62,7 @@ def handler(servicer: ClassifierServicer) -> grpc.GenericRpcHandler:
 
 def _decode_all(model: Model, request: pb.ClassifyRequest, max_pixels: int) -> np.ndarray:
     info = model.info
+    _check_decoded_size(info, request)
     out = np.empty((len(request.images), *info.sample_shape), dtype=np.float32)
     count = math.prod(info.sample_shape)
     for i, image in enumerate(request.images):
@@ -68,7 +74,7 @@ def _decode_all(model: Model, request: pb.ClassifyRequest, max_pixels: int) -> n
             if shape != info.sample_shape:
                 raise invalid(
                     f"expected tensor {i} of shape {list(info.sample_shape)} for model "
-                    f"{info.name}, got {shown(list(shape))}; send one image without a batch axis"
+                    f"{info.name}, got {shown(list(shape))}; {_shape_hint(info, shape)}"
                 )
             if len(image.tensor.data) != count * 4:
                 raise invalid(
@@ -79,6 +85,27 @@ def _decode_all(model: Model, request: pb.ClassifyRequest, max_pixels: int) -> n
         else:
             raise invalid(f"expected image {i} to set encoded or tensor, got neither; set one")
     return out
+
+
+def _check_decoded_size(info: ModelInfo, request: pb.ClassifyRequest) -> None:
+    row_bytes = 4 * math.prod(info.sample_shape)
+    limit = max(1, MAX_DECODED_BYTES // row_bytes)
+    encoded = sum(1 for image in request.images if image.WhichOneof("source") == "encoded")
+    if encoded > limit:
+        raise invalid(
+            f"expected at most {limit} encoded images per call to model {info.name} "
+            f"({MAX_DECODED_BYTES >> 20} MiB once decoded to float32 "
+            f"{list(info.sample_shape)}), got {encoded}; send them in several calls"
+        )
+
+
+def _shape_hint(info: ModelInfo, shape: tuple[int, ...]) -> str:
+    sample = info.sample_shape
+    if shape == (1, *sample):
+        return "send one image without a batch axis"
+    if len(sample) == 3 and shape == (*sample[1:], sample[0]):
+        return "send channels first: transpose an [H, W, C] array with .transpose(2, 0, 1)"
+    return "send one preprocessed image of that shape, without a batch axis"
 
 
 def _encode(model: Model, logits: np.ndarray, k: int) -> pb.ClassifyResponse:

@@ -16,10 +16,26 @@ _MODES = {1: "L", 3: "RGB"}
 # (TIFF, whose libtiff also writes to stderr), and EPS runs Ghostscript where it is installed.
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
 _NAMES = "PNG, JPEG, GIF, BMP or WebP"
+# 16-bit grey PNGs open as I;16 (older Pillow opened them as I). Pillow's convert to L or RGB
+# clips their values at 255, which turns every pixel above 255/65535 white; they are scaled.
+_DEEP_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_DEEP_MAX = np.float32(65535.0)
+_ORIENTATION = 0x0112  # the EXIF tag
+# EXIF orientation → the transpose that shows the image upright (as ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndarray:
-    """One image as float32 [C, H, W]: resized, channels converted, scaled to [0, 1], normalized.
+    """One image as float32 [C, H, W]: turned upright (EXIF orientation), channels converted,
+    resized, scaled to [0, 1], normalized.
 
     The size in the header is checked before any pixel is decoded, so a decompression bomb
     costs nothing. Raises INVALID_ARGUMENT for anything that is not a decodable image.
@@ -40,10 +56,8 @@ def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndar
                 f"expected images of at most {max_pixels} pixels, got image {index} of "
                 f"{image.size[0]}x{image.size[1]}; resize it before sending"
             )
-        image = image.convert(_MODES[channels])
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.BILINEAR)
-        array = np.asarray(image, dtype=np.float32)
+        image.load()  # the first frame of an animation; errors in the pixel data end here
+        array = _pixels(image, channels, (width, height))
     except Image.DecompressionBombError as e:
         raise invalid(
             f"expected a reasonably sized image, got image {index} refused by Pillow ({e}); "
@@ -61,7 +75,38 @@ def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndar
             f"expected image {index} to be a complete {_NAMES} image, got an undecodable one "
             f"({type(e).__name__}: {shown(str(e))}); check the file"
         ) from e
-    array = array.reshape(height, width, channels).transpose(2, 0, 1) / np.float32(255.0)
     mean = np.asarray(info.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(info.std, dtype=np.float32)[:, None, None]
-    return np.ascontiguousarray((array - mean) / std, dtype=np.float32)
+    return np.ascontiguousarray((array.transpose(2, 0, 1) - mean) / std, dtype=np.float32)
+
+
+def _pixels(image: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """A loaded ``image`` as float32 [H, W, channels] in [0, 1], upright and resized to
+    ``size`` (width, height). Alpha is dropped, as torchvision's loader (``convert("RGB")``)
+    drops it."""
+    orientation = _orientation(image)
+    if image.mode in _DEEP_GREY:
+        image, scale = image.convert("F"), _DEEP_MAX
+    else:
+        if image.mode == "P" and "transparency" in image.info:
+            # The same pixels as convert("RGB"), without Pillow's UserWarning in the log.
+            image = image.convert("RGBA")
+        image, scale = image.convert(_MODES[channels]), np.float32(255.0)
+    upright = _UPRIGHT.get(orientation)
+    if upright is not None:
+        image = image.transpose(upright)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    width, height = size
+    array = np.asarray(image, dtype=np.float32).reshape(height, width, -1) / scale
+    if array.shape[2] != channels:  # deep grey for an RGB model: grey in every channel
+        array = np.repeat(array, channels, axis=2)
+    return array
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 = upright) of a loaded ``image``."""
+    try:
+        return int(image.getexif().get(_ORIENTATION, 1))
+    except Exception:  # a camera's malformed EXIF: use the pixels as stored rather than fail
+        return 1

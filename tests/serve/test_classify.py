@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from protos import classifier_pb2, classifier_pb2_grpc
 from serve import images
@@ -214,3 +214,127 @@ def test_bytes_that_do_not_parse_are_invalid_argument(shared_server: BackgroundS
             classify(b"\xff\xff\xff\x01not a protobuf", timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "expected a serialized ClassifyRequest" in caught.value.details()
+
+
+def _classify(stub, *datas: bytes, model: str = "tiny") -> classifier_pb2.ClassifyResponse:
+    images = [classifier_pb2.Image(encoded=d) for d in datas]
+    request = classifier_pb2.ClassifyRequest(model=model, images=images, top_k=100)
+    return stub.Classify(request, timeout=30)
+
+
+def _logits(result: classifier_pb2.Classification) -> np.ndarray:
+    out = np.zeros(len(result.labels), np.float32)
+    for label in result.labels:
+        out[label.index] = label.logit
+    return out
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(
+    stub, classifier_path: Path, reference: Reference
+) -> None:
+    # Pillow opens it as I;16, and its convert("RGB") clips at 255: all but black went white.
+    grey = np.random.default_rng(3).integers(0, 65536, (12, 10), dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="PNG")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+    (result,) = _classify(stub, buffer.getvalue()).results
+    small = Image.fromarray(grey.astype(np.float32)).resize((8, 8), Image.Resampling.BILINEAR)
+    x = np.repeat(np.asarray(small)[None] / 65535.0, 3, axis=0)
+    expected = reference(classifier_path, ((x - 0.5) / 0.25).astype(np.float32)[None])[0]
+    np.testing.assert_allclose(_logits(result), expected, atol=1e-4)
+
+
+# What ImageOps.exif_transpose does to show each EXIF orientation upright, and its inverse:
+# how a camera stores an upright scene under that tag.
+_STORED = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def _with_orientation(image: Image.Image, orientation: int, fmt: str = "PNG") -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied_so_phone_photos_are_classified_upright(
+    stub, classifier_path: Path, reference: Reference
+) -> None:
+    upright = Image.fromarray(np.random.default_rng(4).integers(0, 256, (8, 16, 3), np.uint8))
+    stored = [_with_orientation(upright.transpose(_STORED[o]), o) for o in sorted(_STORED)]
+    response = _classify(stub, _png(np.asarray(upright)), *stored)
+    first = _logits(response.results[0])
+    for orientation, result in zip(sorted(_STORED), response.results[1:], strict=True):
+        np.testing.assert_allclose(_logits(result), first, atol=1e-5, err_msg=str(orientation))
+    # A JPEG from a phone held upright: the sensor's landscape pixels, tagged "rotate 90° CW".
+    jpeg = _with_orientation(upright.transpose(Image.Transpose.ROTATE_90), 6, "JPEG")
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(jpeg)))
+    (result,) = _classify(stub, jpeg).results
+    expected = reference(classifier_path, _expected_input(_png(np.asarray(shown)))[None])[0]
+    np.testing.assert_allclose(_logits(result), expected, atol=1e-4)
+
+
+def test_transparent_palette_png_keeps_its_colours_without_a_pillow_warning(
+    stub, classifier_path: Path, reference: Reference, recwarn: pytest.WarningsRecorder
+) -> None:
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgba).quantize(16).save(buffer, format="PNG")  # tRNS with 16 alphas
+    data = buffer.getvalue()
+    (result,) = _classify(stub, data).results
+    # Alpha dropped, as torchvision's loader drops it (convert("RGB")): the palette's colours.
+    with Image.open(io.BytesIO(data)) as image:
+        colours = np.asarray(image.convert("RGBA").convert("RGB"))
+    expected = reference(classifier_path, _expected_input(_png(colours))[None])[0]
+    np.testing.assert_allclose(_logits(result), expected, atol=1e-4)
+    assert not [w for w in recwarn if "Palette images" in str(w.message)]
+
+
+def test_a_call_of_tiny_images_that_would_decode_to_gigabytes_is_refused_first(
+    start_server: Callable[..., BackgroundServer],
+    make_classifier: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each 43-byte GIF becomes a 3x224x224 float32 row (588 KiB): 1784 of them pass 1 GiB.
+    # The server used to decode them all first (a 64 MiB message of them: MemoryError, INTERNAL).
+    server = start_server(models=(make_classifier(tmp_path / "big.onnx", size=224),))
+    decoded: list[int] = []
+    decode = images.decode
+
+    def counting_decode(*args: object) -> np.ndarray:
+        decoded.append(1)
+        return decode(*args)
+
+    monkeypatch.setattr(images, "decode", counting_decode)
+    gif = io.BytesIO()
+    Image.new("L", (1, 1)).save(gif, format="GIF")
+    limit = 2**30 // (3 * 224 * 224 * 4)  # docs/serving.md: 1 GiB of decoded rows per call
+    request = classifier_pb2.ClassifyRequest(model="big")
+    request.images.extend([classifier_pb2.Image(encoded=gif.getvalue())] * (limit + 1))
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    with channel, pytest.raises(grpc.RpcError) as caught:
+        classifier_pb2_grpc.ClassifierStub(channel).Classify(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"expected at most {limit} encoded images per call" in caught.value.details()
+    assert decoded == []
+
+
+def test_a_channels_last_tensor_is_told_to_transpose(stub) -> None:
+    hwc = np.zeros((8, 8, 3), np.float32)
+    tensor = classifier_pb2.Tensor(shape=hwc.shape, data=hwc.tobytes())
+    error = _classify_error(stub, classifier_pb2.Image(tensor=tensor))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "got [8, 8, 3]; send channels first" in error.details()
+    batched = classifier_pb2.Tensor(shape=[1, 3, 8, 8], data=np.zeros(192, np.float32).tobytes())
+    error = _classify_error(stub, classifier_pb2.Image(tensor=batched))
+    assert "send one image without a batch axis" in error.details()
