@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 
 import grpc
@@ -24,6 +27,12 @@ from serve.security import check_certificates, read_token
 from serve.targets import check_target
 
 _KSERVE = "/inference.GRPCInferenceService/"
+_MAX_TOP_K = 2**32 - 1  # ClassifyRequest.top_k is a uint32
+# The CLI sends its images in calls of at most this many (bigger files alone), so a folder of
+# photos neither exceeds a message size limit nor sits in memory all at once.
+_CALL_BYTES = 4 << 20
+_CALL_IMAGES = 64
+_IMAGE_INDEX = re.compile(r"\bimage (\d+)\b")  # how the server's messages name a bad image
 
 
 @dataclass(frozen=True)
@@ -136,16 +145,16 @@ class Client:
     def classify(
         self, model: str, images: Sequence[bytes | np.ndarray], top_k: int = 5
     ) -> list[list[Prediction]]:
-        """Top-k predictions per image; each image is encoded bytes or a float32 [C,H,W] array."""
+        """Top-k predictions per image; each image is encoded bytes (PNG, JPEG, ...) that the
+        server preprocesses, or a preprocessed float array [C, H, W] sent as float32.
+
+        Raises ValueError for a ``top_k`` outside 1..2**32-1 and TypeError for an image that is
+        neither (a path, an integer array such as raw uint8 pixels).
+        """
+        if not 1 <= top_k <= _MAX_TOP_K:
+            raise ValueError(f"expected 1 <= top_k <= {_MAX_TOP_K}, got {top_k}; pass e.g. 5")
         request = classifier_pb2.ClassifyRequest(model=model, top_k=top_k)
-        for image in images:
-            if isinstance(image, bytes | bytearray):
-                request.images.add(encoded=bytes(image))
-            else:
-                array = np.ascontiguousarray(image, dtype="<f4")
-                request.images.add(
-                    tensor=classifier_pb2.Tensor(shape=array.shape, data=array.tobytes())
-                )
+        request.images.extend(_image(image, i) for i, image in enumerate(images))
         response = self._call(self._classifier.Classify, request, self.timeout)
         return [
             [Prediction(p.index, p.label, p.score, p.logit) for p in result.labels]
@@ -161,8 +170,8 @@ class Client:
     def classify_arrays(
         self, model: str, batch: np.ndarray, top_k: int = 5
     ) -> list[list[Prediction]]:
-        """Top-k predictions for preprocessed float32 images [N, C, H, W]."""
-        return self.classify(model, list(np.asarray(batch, dtype=np.float32)), top_k)
+        """Top-k predictions for preprocessed float images [N, C, H, W] (one image: image[None])."""
+        return self.classify(model, list(np.asarray(batch)), top_k)
 
     def infer(self, model: str, batch: np.ndarray, input_name: str = "input") -> np.ndarray:
         """Raw logits [N, K] for a float32 batch [N, ...] through KServe ModelInfer."""
@@ -232,10 +241,37 @@ class Client:
             call.cancel()
 
 
+def _image(image: bytes | np.ndarray, index: int) -> classifier_pb2.Image:
+    if isinstance(image, bytes | bytearray | memoryview):
+        return classifier_pb2.Image(encoded=bytes(image))
+    if isinstance(image, str | PathLike):
+        raise TypeError(
+            f"expected image {index} as encoded bytes or a float array, got the path "
+            f"{str(image)!r}; use classify_files for files"
+        )
+    array = _float32(image, f"image {index}")
+    return classifier_pb2.Image(
+        tensor=classifier_pb2.Tensor(shape=array.shape, data=array.tobytes())
+    )
+
+
+def _float32(values: object, what: str) -> np.ndarray:
+    """``values`` as contiguous little-endian float32; TypeError unless they are floats, since
+    a cast of raw integer pixels (uint8 0..255) would be classified without preprocessing."""
+    array = np.asarray(values)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(
+            f"expected {what} as preprocessed floats (scaled and normalized as the model "
+            f"expects), got dtype {array.dtype}; preprocess it to float32, or send the encoded "
+            "image (PNG/JPEG bytes) and let the server preprocess it"
+        )
+    return np.ascontiguousarray(array, dtype="<f4")
+
+
 def _infer_request(
     model: str, batch: np.ndarray, input_name: str, request_id: str
 ) -> kserve_pb2.ModelInferRequest:
-    array = np.ascontiguousarray(batch, dtype="<f4")
+    array = _float32(batch, "the batch")
     request = kserve_pb2.ModelInferRequest(model_name=model, id=request_id)
     request.inputs.add(name=input_name, datatype="FP32", shape=array.shape)
     request.raw_input_contents.append(array.tobytes())
@@ -287,9 +323,6 @@ def _client_error(target: str, error: grpc.RpcError, tls: bool = False) -> Clien
     return ClientError(code, message)
 
 
-_MAX_TOP_K = 2**32 - 1  # ClassifyRequest.top_k is a uint32
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m serve.client", description="Classify images with a running server."
@@ -313,33 +346,127 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@dataclass(frozen=True)
+class _Input:
+    """One IMAGE argument: a file read when its call is sent, or stdin's bytes ("-")."""
+
+    path: Path
+    size: int
+    data: bytes | None = None
+
+    def read(self) -> bytes:
+        return self.data if self.data is not None else self.path.read_bytes()
+
+
+def _inputs(paths: list[Path]) -> list[_Input]:
+    """Every IMAGE checked to be a readable file (OSError otherwise) before any connection."""
+    stdin: bytes | None = None
+    inputs = []
+    for path in paths:
+        if str(path) == "-":
+            stdin = sys.stdin.buffer.read() if stdin is None else stdin
+            inputs.append(_Input(path, len(stdin), stdin))
+            continue
+        with path.open("rb") as file:
+            inputs.append(_Input(path, os.fstat(file.fileno()).st_size))
+    return inputs
+
+
+def _calls(inputs: list[_Input]) -> Iterator[list[_Input]]:
+    call: list[_Input] = []
+    size = 0
+    for item in inputs:
+        if call and (len(call) == _CALL_IMAGES or size + item.size > _CALL_BYTES):
+            yield call
+            call, size = [], 0
+        call.append(item)
+        size += item.size
+    if call:
+        yield call
+
+
+def _too_large(error: ClientError) -> bool:
+    return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message size limit" in str(error)
+
+
+def _bad_image(error: ClientError, count: int) -> int | None:
+    """The image of a call of ``count`` that ``error`` is about alone, if it is."""
+    if error.code == grpc.StatusCode.INVALID_ARGUMENT:
+        found = _IMAGE_INDEX.search(str(error))
+        if found is not None and int(found.group(1)) < count:
+            return int(found.group(1))
+    return 0 if count == 1 and _too_large(error) else None
+
+
+def _classify_call(client: Client, args: argparse.Namespace, call: list[_Input]) -> bool:
+    """Classify and print one call's images. False if any image failed (it is reported, the
+    others are classified); ClientError for what is not one image's fault (no server, an
+    unknown model)."""
+    pending = []
+    for item in call:
+        try:
+            pending.append((item, item.read()))
+        except OSError as e:
+            print(
+                f"error: {item.path}: cannot read it ({e.strerror}); check the file",
+                file=sys.stderr,
+            )
+    return _send(client, args, pending) and len(pending) == len(call)
+
+
+def _send(client: Client, args: argparse.Namespace, pending: list[tuple[_Input, bytes]]) -> bool:
+    if not pending:
+        return True
+    try:
+        results = client.classify(args.model, [data for _, data in pending], args.top_k)
+    except ClientError as e:
+        if len(pending) > 1 and _too_large(e):  # a server with a smaller --max-message-bytes
+            half = len(pending) // 2
+            first = _send(client, args, pending[:half])
+            return _send(client, args, pending[half:]) and first
+        bad = _bad_image(e, len(pending))
+        if bad is None:
+            raise
+        print(f"error: {pending[bad][0].path}: {e}", file=sys.stderr)
+        _send(client, args, pending[:bad] + pending[bad + 1 :])
+        return False
+    for (item, _), predictions in zip(pending, results, strict=True):
+        print(item.path)
+        for p in predictions:
+            print(f"  {p.score:8.4f}  {p.index:4d}  {p.label}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
-        images = [path.read_bytes() for path in args.images]
+        inputs = _inputs(args.images)
         token = read_token(args.token_file, "--token-file") if args.token_file else None
         ca = None
         if args.ca is not None:
             check_certificates(args.ca, "--ca", "pass the CA that signed the server's --tls-cert")
             ca = args.ca.read_bytes()
     except OSError as e:
-        message = f"expected a readable file, got {e.filename!r} ({e.strerror}); check the path"
+        fix = (
+            "pass the images in it (DIR/*)"
+            if isinstance(e, IsADirectoryError)
+            else "check the path"
+        )
+        message = f"expected a readable file, got {e.filename!r} ({e.strerror}); {fix}"
         print(f"error: {message}", file=sys.stderr)
         return 2
     except ValueError as e:  # a token or CA file that cannot work
         print(f"error: {e}", file=sys.stderr)
         return 2
+    complete = True
     try:
         with Client(args.target, timeout=args.timeout, token=token, root_certificates=ca) as c:
-            results = c.classify(args.model, images, args.top_k)
+            for call in _calls(inputs):
+                complete = _classify_call(c, args, call) and complete
     except ClientError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for path, predictions in zip(args.images, results, strict=True):
-        print(path)
-        for p in predictions:
-            print(f"  {p.score:8.4f}  {p.index:4d}  {p.label}")
-    return 0
+    return 0 if complete else 1
 
 
 if __name__ == "__main__":

@@ -267,3 +267,93 @@ def test_cli_with_token_and_ca_over_tls(
     assert len(capsys.readouterr().out.splitlines()) == 6
     assert main(argv) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_classify_refuses_what_it_would_send_wrong(
+    shared_server: BackgroundServer, tmp_path: Path
+) -> None:
+    x = np.random.default_rng(3).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    png = _write_png(tmp_path / "a.png", 0).read_bytes()
+    with Client(f"127.0.0.1:{shared_server.port}") as client:
+        expected = client.classify("tiny", [x[0], x[1], png], top_k=2)
+        # Float64, Fortran order, a strided view and a memoryview of the file are the same.
+        same = [x[0].astype(np.float64), np.asfortranarray(x[1]), memoryview(png)]
+        assert client.classify("tiny", same, top_k=2) == expected
+        assert client.classify_arrays("tiny", x[:, :, ::-1, :][:, :, ::-1, :], 2) == expected[:2]
+        # Raw uint8 pixels used to be cast to 0..255 floats and classified unnormalized.
+        pixels = np.random.default_rng(4).integers(0, 256, (2, 3, 8, 8), dtype=np.uint8)
+        with pytest.raises(TypeError, match="got dtype uint8; preprocess it to float32"):
+            client.classify("tiny", [png, pixels[0]])
+        with pytest.raises(TypeError, match="got dtype uint8"):
+            client.classify_arrays("tiny", pixels)
+        with pytest.raises(TypeError, match="got dtype uint8"):
+            client.infer("tiny", pixels)
+        with pytest.raises(TypeError, match="use classify_files"):
+            client.classify("tiny", [str(tmp_path / "a.png")])
+        for top_k in (0, -1, 2**32):  # protobuf said "Value out of range: -1"; 0 meant 5
+            with pytest.raises(ValueError, match="expected 1 <= top_k"):
+                client.classify("tiny", [png], top_k=top_k)
+
+
+def test_cli_names_a_bad_image_and_still_classifies_the_others(
+    shared_server: BackgroundServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = [_write_png(tmp_path / f"{i}.png", i) for i in range(2)]
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    target = f"127.0.0.1:{shared_server.port}"
+    assert (
+        main([target, "--model", "tiny", str(good[0]), str(bad), str(good[1]), "--top-k", "1"]) == 1
+    )
+    out, err = capsys.readouterr()
+    assert out.splitlines()[::2] == [str(good[0]), str(good[1])]
+    (line,) = err.splitlines()
+    assert line.startswith(f"error: {bad}: INVALID_ARGUMENT: ")
+    assert main([target, "--model", "tiny", str(tmp_path)]) == 2
+    assert "(Is a directory); pass the images in it" in capsys.readouterr().err
+
+
+def test_cli_reads_stdin_for_dash(shared_server: BackgroundServer, tmp_path: Path) -> None:
+    image = _write_png(tmp_path / "a.png", 0)
+    target = f"127.0.0.1:{shared_server.port}"
+    done = subprocess.run(
+        [sys.executable, "-m", "serve.client", target, "--model", "tiny", "-", str(image)],
+        input=image.read_bytes(), capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.decode().splitlines()
+    assert lines[0] == "-" and lines[6] == str(image)
+    assert lines[1:6] == lines[7:12]
+
+
+def test_cli_sends_more_images_than_one_message_holds_in_several_calls(
+    shared_server: BackgroundServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 17 uncompressed 4.3 MB PNGs: 73 MB, above the 64 MiB message limit of one call.
+    pixels = np.random.default_rng(6).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=0)
+    paths = []
+    for i in range(17):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(buffer.getvalue())
+    target = f"127.0.0.1:{shared_server.port}"
+    assert main([target, "--model", "tiny", *map(str, paths), "--top-k", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[::2] == [str(p) for p in paths]
+    assert len(set(lines[1::2])) == 1
+
+
+def test_cli_splits_its_calls_for_a_server_with_a_small_message_limit(
+    start_server: Callable[..., BackgroundServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = start_server(max_message_bytes=256 * 1024)
+    pixels = np.random.default_rng(7).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    paths = []
+    for i in range(5):  # 120 KB each: two fit in one call, the five of them do not
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.roll(pixels, i)).save(paths[-1], compress_level=0)
+    assert main([f"127.0.0.1:{server.port}", "--model", "tiny", *map(str, paths)]) == 0
+    assert capsys.readouterr().out.splitlines()[::6] == [str(p) for p in paths]
