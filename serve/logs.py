@@ -74,3 +74,6 @@ def configure(level: str, fmt: str, *, stream: TextIO | None = None) -> None:
     handler.addFilter(_ours_at_debug)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Library warnings (Pillow's "Corrupt EXIF data", ...) as log lines in the chosen format,
+    # not raw lines on stderr that break --log-format json.
+    logging.captureWarnings(True)

@@ -6,6 +6,8 @@ import io
 import json
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ def restore_root() -> Iterator[None]:
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def test_json_lines_carry_fields_and_extras(restore_root: None) -> None:
@@ -72,6 +75,24 @@ def test_debug_level_shows_our_debug_lines_not_other_libraries(restore_root: Non
     assert len(lines) == 2, lines
     assert lines[0].endswith("serve.state: request id=1")
     assert lines[1].endswith("PIL: a library's warning still shows")
+
+
+def test_library_warnings_become_log_lines_in_the_chosen_format() -> None:
+    # Pillow warns through the warnings module ("Corrupt EXIF data", ...): such lines came out
+    # raw on stderr, breaking --log-format json. A process of its own: capturing is global.
+    code = (
+        "import warnings\n"
+        "from serve.logs import configure\n"
+        "configure('info', 'json')\n"
+        "warnings.warn('Corrupt EXIF data.  Expecting to read 2 bytes but only got 0.')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    (line,) = done.stderr.splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "warning" and entry["logger"] == "py.warnings"
+    assert "UserWarning: Corrupt EXIF data." in entry["msg"]
 
 
 @pytest.mark.parametrize(
