@@ -176,6 +176,18 @@ class Batcher:
         """Queued requests (slices of split requests count one each)."""
         return self._queue.qsize()
 
+    def check_rows(self, rows: int) -> None:
+        """INVALID_ARGUMENT unless one request of ``rows`` rows could ever be queued (split
+        into pieces of the max batch, at most ``--max-queue-size`` of them)."""
+        limit = self._max_queue * self.runtime.max_batch
+        if rows > limit:
+            raise ServeError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"expected at most {limit} rows per request to model "
+                f"{self.name} (--max-queue-size {self._max_queue} pieces of {self._piece}), "
+                f"got {rows}; split the request or raise --max-queue-size",
+            )
+
     def submit(
         self, rows: np.ndarray, deadline: float | None
     ) -> tuple[asyncio.Future[np.ndarray], list[Pending]]:
@@ -192,13 +204,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         step = self.runtime.max_batch
         count = -(-len(rows) // step)
-        if count > self._max_queue:
-            raise ServeError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"expected at most {self._max_queue * step} rows per request to model "
-                f"{self.name} (--max-queue-size {self._max_queue} pieces of {self._piece}), "
-                f"got {len(rows)}; split the request or raise --max-queue-size",
-            )
+        self.check_rows(len(rows))
         waiting = self._queue.qsize()
         if count > self._max_queue - waiting:
             raise ServeError(

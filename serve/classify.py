@@ -31,6 +31,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, state: ServingState, decoder: Executor | None = None) -> None:
         self.state = state
         self._decoder = decoder  # None: the event loop's default executor
+        images.use_own_pixel_limit()
 
     async def Classify(
         self, request: pb.ClassifyRequest | Undecodable, context: aio.ServicerContext
@@ -40,6 +41,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             model = self.state.model(parsed.model, parsed.version)
             if not parsed.images:
                 raise invalid("expected at least one image in ClassifyRequest.images, got none")
+            model.batcher.check_rows(len(parsed.images))  # before decoding any of them
             rows = await asyncio.get_running_loop().run_in_executor(
                 self._decoder, _decode_all, model, parsed, self.state.max_image_pixels
             )

@@ -33,6 +33,14 @@ _UPRIGHT = {
 }
 
 
+def use_own_pixel_limit() -> None:
+    """Turn off Pillow's process-wide decompression-bomb limit (a warning above ~89M pixels,
+    an error above ~179M), since ``decode`` checks every header against the server's
+    ``--max-image-pixels`` first: with Pillow's on, a limit set above Pillow's was refused
+    anyway and a size between the two logged a warning per image."""
+    Image.MAX_IMAGE_PIXELS = None
+
+
 def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndarray:
     """One image as float32 [C, H, W]: turned upright (EXIF orientation), channels converted,
     resized, scaled to [0, 1], normalized.
@@ -48,7 +56,7 @@ def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndar
         )
     channels, height, width = shape
     try:
-        # Image.open reads only the header; Pillow itself refuses sizes far above its limit.
+        # Image.open reads only the header (the server turns Pillow's own limit off).
         image = Image.open(io.BytesIO(data), formats=FORMATS)
         pixels = image.size[0] * image.size[1]
         if pixels > max_pixels:

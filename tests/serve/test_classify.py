@@ -207,6 +207,46 @@ def test_a_bomb_is_refused_before_decoding(stub) -> None:
     assert "resize" in error.details()
 
 
+def test_a_pixel_limit_above_pillows_own_is_the_one_that_counts(
+    start_server: Callable[..., BackgroundServer],
+) -> None:
+    # Pillow refuses headers above ~179M pixels by itself; with --max-image-pixels above that,
+    # such an image used to be refused anyway, blaming Pillow. Now only the server's limit
+    # counts: this header passes it and the (missing) pixel data is what fails.
+    server = start_server(max_image_pixels=300_000_000)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = classifier_pb2_grpc.ClassifierStub(channel)
+        error = _classify_error(stub, classifier_pb2.Image(encoded=_bomb_png(15000, 15000)))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "to be a complete PNG, JPEG" in error.details(), error.details()
+        error = _classify_error(stub, classifier_pb2.Image(encoded=_bomb_png(20000, 20000)))
+        assert "expected images of at most 300000000 pixels" in error.details()
+
+
+def test_more_images_than_a_request_may_hold_are_refused_before_decoding(
+    start_server: Callable[..., BackgroundServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = start_server(max_queue_size=2, max_batch_size=4)  # at most 8 rows per request
+    decoded: list[int] = []
+    decode = images.decode
+
+    def counting_decode(*args: object) -> np.ndarray:
+        decoded.append(1)
+        return decode(*args)
+
+    monkeypatch.setattr(images, "decode", counting_decode)
+    png = _png(np.zeros((8, 8, 3), np.uint8))
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = classifier_pb2_grpc.ClassifierStub(channel)
+        error = _classify_error(stub, *[classifier_pb2.Image(encoded=png)] * 9)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "expected at most 8 rows per request to model tiny" in error.details()
+        assert decoded == []
+        request = classifier_pb2.ClassifyRequest(model="tiny", images=[{"encoded": png}] * 8)
+        assert len(stub.Classify(request, timeout=30).results) == 8
+        assert len(decoded) == 8
+
+
 def test_bytes_that_do_not_parse_are_invalid_argument(shared_server: BackgroundServer) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
         classify = channel.unary_unary("/classifier.v1.Classifier/Classify")
