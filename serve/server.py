@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -79,10 +80,15 @@ class Server:
         self._loop_cpus: frozenset[int] | None = None  # the loop thread's CPUs before start
         # Image decoding keeps the CPUs the loop had: threads inherit their creator's, and
         # the loop creates these after it pinned itself (``_pin_loop``).
+        # One decode thread per usable CPU (decoding is CPU work; Pillow releases the GIL):
+        # the executor's default of CPUs + 4 only adds images held in memory at once, up to
+        # ~250 MB each at the default --max-image-pixels.
+        cpus = affinity.current_cpus()
         self._decoder = ThreadPoolExecutor(
+            max_workers=len(cpus or ()) or os.cpu_count() or 1,
             thread_name_prefix="decode",
             initializer=affinity.pin_current_thread,
-            initargs=(affinity.current_cpus(),),
+            initargs=(cpus,),
         )
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from collections.abc import Callable
@@ -378,3 +379,9 @@ def test_a_channels_last_tensor_is_told_to_transpose(stub) -> None:
     batched = classifier_pb2.Tensor(shape=[1, 3, 8, 8], data=np.zeros(192, np.float32).tobytes())
     error = _classify_error(stub, classifier_pb2.Image(tensor=batched))
     assert "send one image without a batch axis" in error.details()
+
+
+def test_images_decode_on_one_thread_per_usable_cpu(shared_server: BackgroundServer) -> None:
+    # The executor's default (CPUs + 4, up to 32) held more ~250 MB decodes at once for no speed.
+    usable = len(os.sched_getaffinity(0))
+    assert shared_server.server._decoder._max_workers == usable
