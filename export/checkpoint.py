@@ -86,12 +86,12 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return Checkpoint(path, digest, "safetensors", _load_safetensors(path))
     if _is_torchscript(path):
-        module = _float32_module(_load_torchscript(path))
+        module = float32_network(_load_torchscript(path))
         return Checkpoint(path, digest, "torchscript", module.state_dict(), module=module)
     obj = _torch_load(path, trust_pickle)
     found, arch = (obj, None) if isinstance(obj, nn.Module) else _find_state_dict(obj, path)
     if isinstance(found, nn.Module):
-        module = _float32_module(found)
+        module = float32_network(found)
         return Checkpoint(path, digest, "pickled module", module.state_dict(), arch=arch,
                           module=module)  # fmt: skip
     return Checkpoint(path, digest, "state_dict", found, arch=arch)
@@ -165,12 +165,41 @@ def _is_onnx_model(path: Path) -> bool:
     return model.ir_version > 0 and len(model.graph.output) > 0
 
 
-def _float32_module(module: nn.Module) -> nn.Module:
-    """Half, bfloat16 or double modules export as float32 (the ONNX input and output are)."""
-    return module.float()
+def float32_network(module: nn.Module) -> nn.Module:
+    """The network inside any DataParallel, DistributedDataParallel or torch.compile wrappers,
+    in float32: half, bfloat16 or double modules export as float32 (the ONNX input and output
+    are). The wrappers only run the network (and neither ONNX exporter takes them); their
+    state_dict keys are the network's with a `module.` or `_orig_mod.` prefix."""
+    while True:
+        if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = module.module
+        elif type(module).__name__ == "OptimizedModule" and isinstance(
+            getattr(module, "_orig_mod", None), nn.Module
+        ):
+            module = module._orig_mod
+        else:
+            return module.float()
 
 
 def _not_a_checkpoint(path: Path) -> UsageError:
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = b""
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        # torch.save and torch.jit.save write zip archives: one cut short (an interrupted copy
+        # or download) has lost its central directory, and torch's reader only says that.
+        return UsageError(
+            f"expected a complete PyTorch checkpoint, got {path}, a zip archive (as torch.save "
+            "and torch.jit.save write) that is truncated or damaged; copy or download it again, "
+            "or save the model again"
+        )
+    if head.startswith(b"version https://git-lfs"):
+        return UsageError(
+            f"expected a PyTorch checkpoint, got {path}, a Git LFS pointer file (the weights "
+            "were not downloaded); run git lfs pull in its repository, then export again"
+        )
     return UsageError(
         f"expected a PyTorch checkpoint (torch.save, .safetensors or TorchScript), got {path} "
         "which is none of these; pass the file written by torch.save(model.state_dict(), ...)"
@@ -216,12 +245,19 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        tensors = load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own SafetensorError, OSError, ValueError
         raise UsageError(
             f"expected a valid .safetensors file, got {path} which cannot be read ({e}); "
             "write it again with safetensors.torch.save_file"
         ) from e
+    if not tensors:
+        # Else every zoo architecture would be listed as missing all of its keys.
+        raise UsageError(
+            f"expected tensors in {path}, got a .safetensors file that holds none; save the "
+            "weights with safetensors.torch.save_file(model.state_dict(), path)"
+        )
+    return tensors
 
 
 def _is_torchscript(path: Path) -> bool:

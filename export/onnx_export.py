@@ -90,7 +90,7 @@ def export_onnx(
                 f"{first_line(e)}; {hint}"
             ) from e
         reason = first_line(e)
-    _export_dynamo(model, example, path, opset)
+    _export_dynamo(model, example, path, opset, legacy_failure=reason)
     return Exported("dynamo", fallback_reason=reason)
 
 
@@ -125,7 +125,15 @@ def _export_legacy(
     return tuple(found)
 
 
-def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+def _export_dynamo(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int,
+    *,
+    legacy_failure: str | None = None,
+) -> None:
+    """Write with torch.export; `legacy_failure` is why the legacy exporter could not, if tried."""
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError as e:
@@ -150,10 +158,23 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: i
                 report=False,
             )
     except Exception as e:
+        # The dynamo exporter's own message is a generic "step 1/3 failed, next steps:"; the
+        # innermost cause names the op or the construct it could not handle.
+        cause = _root_cause(e)
+        tried = f"legacy exporter: {legacy_failure}; dynamo exporter: " if legacy_failure else ""
         raise UsageError(
-            f"expected a model the ONNX exporter can trace, got {type(e).__name__}: "
-            f"{first_line(e)}; simplify the forward (no data-dependent control flow)"
+            f"expected a model the ONNX exporter can trace, got {tried}{type(cause).__name__}: "
+            f"{first_line(cause)}; rewrite that part of forward (an op ONNX lacks, or "
+            "data-dependent control flow)"
         ) from e
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    return error
 
 
 def check_graph(model: onnx.ModelProto, input_shape: tuple[int, int, int], size: int) -> list[str]:
@@ -192,7 +213,8 @@ def _check_io(model: onnx.ModelProto, input_shape: tuple[int, int, int]) -> list
         dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
         if tensor.elem_type != onnx.TensorProto.FLOAT:
             problems.append(
-                f"expected {value.name} to be float32, got elem_type {tensor.elem_type}"
+                f"expected {value.name} to be float32, got "
+                f"{onnx.TensorProto.DataType.Name(tensor.elem_type).lower()}"
             )
         if len(dims) != rank or not isinstance(dims[0], str) or not dims[0]:
             problems.append(f"expected {value.name} with a symbolic batch axis, got dims {dims}")

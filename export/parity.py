@@ -170,7 +170,16 @@ def run_torch(
                 f"at {where}, got {tuple(out.shape)}; make forward keep the batch axis for "
                 "every N (e.g. no .squeeze() without a dim)"
             )
-        expected[name] = out
+        if out.dtype != torch.float32:
+            # The ONNX output must be float32: found here, before the export, rather than by
+            # the graph check after it (as an ONNX elem_type number).
+            raise UsageError(
+                f"expected {arch} to return float32 logits, got "
+                f"{str(out.dtype).removeprefix('torch.')} at {where}; make forward return "
+                "float32 logits (e.g. end it with .float()), not class indices or another "
+                "precision"
+            )
+        expected[name] = out.numpy()
     return expected
 
 
@@ -193,9 +202,12 @@ def check_parity(
     return ParityReport(tolerance, tuple(sessions), tuple(results), tuple(graph_problems))
 
 
-def _run_torch(model: nn.Module, batch: np.ndarray) -> np.ndarray:
+def _run_torch(model: nn.Module, batch: np.ndarray) -> torch.Tensor:
     with torch.inference_mode():
-        return model(torch.from_numpy(batch.copy())).float().numpy()
+        out = model(torch.from_numpy(batch.copy()))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"forward returned a {type(out).__name__}, not one logits tensor")
+    return out
 
 
 def _compare(

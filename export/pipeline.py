@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -23,6 +24,10 @@ from export.freeze import Frozen, check_unchanged, freeze
 from export.onnx_export import as_json, check_graph, export_onnx, graph_opset, write_metadata
 from export.parity import ParityReport, Tolerance, check_parity, make_inputs, run_torch
 from export.resolve import Resolved, resolve
+
+# torch's words for a dtype mismatch ("Input type (c10::Half) and bias type (float) should be the
+# same", "expected scalar type Half but found Float", "mat1 and mat2 must have the same dtype").
+_DTYPE_ERROR = re.compile(r"scalar type|dtype|\b(Half|BFloat16|Double)\b|c10::")
 
 
 @dataclass(frozen=True)
@@ -214,10 +219,18 @@ def _probe(model: nn.Module, input_shape: tuple[int, int, int], arch: str) -> in
             warnings.simplefilter("ignore")
             out = model(torch.zeros(2, *input_shape))
     except Exception as e:
+        shape = ",".join(map(str, input_shape))
+        hint = (
+            # The weights were converted to float32, so a cast in forward (x.half()) now meets
+            # float32 weights: no --input-shape would help.
+            "the exporter runs the model in float32 (the ONNX input and output are float32), so "
+            "remove dtype casts such as x.half() from forward"
+            if _DTYPE_ERROR.search(str(e))
+            else "pass a matching --input-shape C,H,W"
+        )
         raise UsageError(
-            f"expected {arch} to accept inputs of shape {','.join(map(str, input_shape))}, got "
-            f"{type(e).__name__}: {first_line(e)}; pass a matching "
-            "--input-shape C,H,W"
+            f"expected {arch} to accept inputs of shape {shape}, got "
+            f"{type(e).__name__}: {first_line(e)}; {hint}"
         ) from e
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

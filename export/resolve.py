@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from export.checkpoint import Checkpoint, key_variants
+from export.checkpoint import Checkpoint, float32_network, key_variants
 from export.errors import UsageError, first_line
 from export.zoo import ArchSpec, architectures
 
@@ -186,6 +186,9 @@ def _build_factory(target: str, checkpoint: Checkpoint, source: str) -> Resolved
             f"expected {target} to return a torch.nn.Module, got {type(model).__name__}; "
             "make the factory return the network"
         )
+    # As for pickled modules: a factory may wrap the network (torch.compile, DataParallel) or
+    # build it in half precision; the ONNX input and output are float32 either way.
+    model = float32_network(model)
     expected = model.state_dict()
     best = min(
         ((compare(target, expected, variant), variant)

@@ -177,3 +177,43 @@ def test_torchscript_with_the_dynamo_exporter(tmp_path: Path) -> None:
     assert "leave --exporter at auto" in message
     assert "\x1b" not in message
     assert not list(tmp_path.glob("*.onnx*"))
+
+
+def test_pickled_data_parallel_module(tmp_path: Path) -> None:
+    # torch.save(model) of a DataParallel-wrapped model, as older training scripts do: neither
+    # ONNX exporter takes the wrapper, and the error said to simplify the forward.
+    model = user_models.TinyNet(num_classes=3)
+    user_models.trained_state(model)
+    path = tmp_path / "whole_dp.pt"
+    torch.save({"model": torch.nn.DataParallel(model).half(), "epoch": 7}, path)
+    result = export_ok(path, input_shape=(3, 8, 8), trust_pickle=True)
+    assert result.arch == "TinyNet"
+    assert result.num_classes == 3
+
+
+def test_empty_safetensors_is_named(tmp_path: Path) -> None:
+    # Used to be reported as keys that fit no zoo architecture, listing all of theirs.
+    path = tmp_path / "empty.safetensors"
+    save_file({}, str(path))
+    with pytest.raises(UsageError, match="holds none") as info:
+        export_checkpoint(ExportConfig(checkpoint=path))
+    assert "closest" not in str(info.value)
+
+
+def test_truncated_archive_and_lfs_pointer_are_named(tmp_path: Path) -> None:
+    # A checkpoint cut short by an interrupted copy, or a Git LFS pointer in its place, used to
+    # be called "none of these" (not a torch.save, safetensors or TorchScript file).
+    state_dict = tmp_path / "state.pt"
+    torch.save(user_models.TinyNet().state_dict(), state_dict)
+    scripted = tmp_path / "scripted.pt"
+    save_scripted(user_models.TinyNet(), scripted)
+    for good in (state_dict, scripted):
+        cut = tmp_path / f"cut_{good.name}"
+        cut.write_bytes(good.read_bytes()[:-100])
+        with pytest.raises(UsageError, match="truncated or damaged") as info:
+            export_checkpoint(ExportConfig(checkpoint=cut, input_shape=(3, 8, 8)))
+        assert str(cut) in str(info.value)
+    pointer = tmp_path / "lfs.pt"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
+    with pytest.raises(UsageError, match="git lfs pull"):
+        export_checkpoint(ExportConfig(checkpoint=pointer))

@@ -15,6 +15,8 @@ import user_models
 from export import ExportConfig, export_checkpoint
 from export.onnx_export import check_graph, read_metadata, training_mode_ops
 
+HERE = Path(__file__).resolve().parent
+
 
 @pytest.fixture(scope="module")
 def exported(small_ckpt, tmp_path_factory: pytest.TempPathFactory):
@@ -126,3 +128,17 @@ def _dropout_model(training: bool) -> onnx.ModelProto:
 def test_graph_check_finds_training_dropout() -> None:
     assert any("Dropout node 'drop'" in p for p in training_mode_ops(_dropout_model(True)))
     assert not training_mode_ops(_dropout_model(False))
+
+
+def test_op_no_exporter_can_express_is_named(run_main, tmp_path: Path) -> None:
+    # Both exporters fail; the message used to be the dynamo exporter's generic "step 3/3
+    # failed. Next steps:", naming neither the op nor the legacy exporter's reason.
+    path = tmp_path / "eig.ckpt"
+    torch.save(user_models.trained_state(user_models.TinyNet()), path)
+    done = run_main(path, "--arch", "user_models:Eigenvalues", "--input-shape", "3,8,8",
+                    extra_path=HERE)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "legacy exporter: Exporting the operator 'aten::linalg_eigvals'" in done.stderr
+    assert "aten.linalg_eig" in done.stderr.split("dynamo exporter:")[1]
+    assert "Next steps" not in done.stderr

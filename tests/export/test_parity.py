@@ -150,3 +150,31 @@ def test_report_lists_every_batch_and_sample(small_ckpt, tmp_path: Path) -> None
     summary = json.loads(result.metadata["parity"])
     assert summary["verdict"] == "pass"
     assert summary["batch_sizes"] == [1, 2, 3, 7, 32]
+
+
+def test_float64_logits_exit_2_before_export(run_main, tmp_path: Path) -> None:
+    # Used to fail the graph check after a whole export: exit 1, "got elem_type 11".
+    path = save_user_model(tmp_path, user_models.TinyNet)
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"a previous export that must not be served in place of this model")
+    done = run_main(path, "-o", out, "--arch", "user_models:DoubleLogits", "--input-shape",
+                    "3,8,8", extra_path=HERE)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert "return float32 logits, got float64 at batch size 1" in done.stderr
+    assert "end it with .float()" in done.stderr
+    assert not list(tmp_path.glob("*.onnx*"))
+
+
+def test_cast_to_half_in_forward_is_not_blamed_on_the_input_shape(
+    run_main, tmp_path: Path
+) -> None:
+    # The weights are converted to float32, so x.half() in forward meets float32 weights; the
+    # message used to advise a matching --input-shape.
+    path = save_user_model(tmp_path, user_models.TinyNet)
+    done = run_main(path, "--arch", "user_models:CastsToHalf", "--input-shape", "3,8,8",
+                    extra_path=HERE)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "remove dtype casts such as x.half() from forward" in done.stderr
+    assert "pass a matching --input-shape" not in done.stderr

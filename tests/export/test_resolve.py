@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 import user_models
@@ -139,3 +140,39 @@ def test_bad_factory_from_checkpoint_names_the_checkpoint(
     assert f"the checkpoint's 'arch' entry in {path}" in done.stderr
     assert "--arch " + arch not in done.stderr
     assert "from --arch" not in done.stderr
+
+
+def test_factory_building_a_half_model_exports_as_float32(run_main, tmp_path: Path) -> None:
+    # Used to fail the probe with advice to fix --input-shape (float input, half weights).
+    path = tmp_path / "half.ckpt"
+    state = user_models.trained_state(user_models.TinyNet())
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, path)
+    done = run_main(path, "--arch", "user_models:tiny_net_half", "--input-shape", "3,8,8",
+                    extra_path=HERE)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    graph = onnx.load(str(path.with_suffix(".onnx"))).graph
+    for value in (graph.input[0], graph.output[0]):
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+@pytest.mark.parametrize(
+    ("factory", "prefix"),
+    [
+        ("tiny_net_compiled", ""),
+        ("tiny_net_compiled", "_orig_mod."),
+        ("tiny_net_data_parallel", ""),
+        ("tiny_net_data_parallel", "module."),
+    ],
+)
+def test_factory_returning_a_wrapped_network(
+    run_main, tmp_path: Path, factory: str, prefix: str
+) -> None:
+    # torch.compile and DataParallel wrappers used to end in a failed trace ("simplify the
+    # forward"), or keys that did not fit: the network inside them is what gets exported.
+    path = tmp_path / "wrapped.ckpt"
+    state = user_models.trained_state(user_models.TinyNet())
+    torch.save({prefix + k: v for k, v in state.items()}, path)
+    done = run_main(path, "--arch", f"user_models:{factory}", "--input-shape", "3,8,8",
+                    extra_path=HERE)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "legacy exporter" in done.stdout

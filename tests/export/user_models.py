@@ -121,3 +121,40 @@ class MaskedLogits(TinyNet):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.maximum(super().forward(x), self.floor)
+
+
+def tiny_net_half(num_classes: int, in_channels: int) -> TinyNet:
+    """A factory that builds the network in half precision (as for mixed-precision training)."""
+    return TinyNet(num_classes=num_classes, in_channels=in_channels).half()
+
+
+def tiny_net_compiled(num_classes: int, in_channels: int) -> nn.Module:
+    """A factory that returns the network wrapped by torch.compile (keys gain `_orig_mod.`)."""
+    return torch.compile(TinyNet(num_classes=num_classes, in_channels=in_channels))
+
+
+def tiny_net_data_parallel(num_classes: int, in_channels: int) -> nn.Module:
+    """A factory that returns the network wrapped in DataParallel (keys gain `module.`)."""
+    return nn.DataParallel(TinyNet(num_classes=num_classes, in_channels=in_channels))
+
+
+class CastsToHalf(TinyNet):
+    """Casts its input to half in forward, as a model trained with .half() may."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.half()).float()
+
+
+class DoubleLogits(TinyNet):
+    """Returns float64 logits."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).double()
+
+
+class Eigenvalues(TinyNet):
+    """Uses an op that neither ONNX exporter can express (torch.linalg.eigvals)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        shift = torch.linalg.eigvals(x[:, 0, :4, :4]).real.sum(dim=1, keepdim=True)
+        return super().forward(x) + 0 * shift
