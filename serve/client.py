@@ -1,4 +1,5 @@
-"""Python client and CLI: ``python -m serve.client HOST:PORT --model NAME IMAGE ... [--top-k 5]``.
+"""Python client; its CLI ``python -m serve.client HOST:PORT --model NAME IMAGE ...`` is in
+serve/client_cli.py.
 
 Classification goes through our ``classifier.v1.Classifier`` API; raw logits through the
 KServe v2 ``ModelInfer`` method, or ``ModelStreamInfer`` for many requests on one open stream
@@ -7,10 +8,6 @@ KServe v2 ``ModelInfer`` method, or ``ModelStreamInfer`` for many requests on on
 
 from __future__ import annotations
 
-import argparse
-import math
-import os
-import re
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,16 +20,9 @@ import numpy as np
 
 from protos import classifier_pb2, classifier_pb2_grpc, kserve_pb2
 from serve.config import DEFAULT_MAX_MESSAGE_BYTES
-from serve.security import check_certificates, read_token
-from serve.targets import check_target
 
 _KSERVE = "/inference.GRPCInferenceService/"
-_MAX_TOP_K = 2**32 - 1  # ClassifyRequest.top_k is a uint32
-# The CLI sends its images in calls of at most this many (bigger files alone), so a folder of
-# photos neither exceeds a message size limit nor sits in memory all at once.
-_CALL_BYTES = 4 << 20
-_CALL_IMAGES = 64
-_IMAGE_INDEX = re.compile(r"\bimage (\d+)\b")  # how the server's messages name a bad image
+MAX_TOP_K = 2**32 - 1  # ClassifyRequest.top_k is a uint32
 
 
 @dataclass(frozen=True)
@@ -148,11 +138,12 @@ class Client:
         """Top-k predictions per image; each image is encoded bytes (PNG, JPEG, ...) that the
         server preprocesses, or a preprocessed float array [C, H, W] sent as float32.
 
-        Raises ValueError for a ``top_k`` outside 1..2**32-1 and TypeError for an image that is
+        ``top_k`` 0 asks for the server's default (5). Raises ValueError for a ``top_k``
+        outside 0..2**32-1 and TypeError for an image that is
         neither (a path, an integer array such as raw uint8 pixels).
         """
-        if not 1 <= top_k <= _MAX_TOP_K:
-            raise ValueError(f"expected 1 <= top_k <= {_MAX_TOP_K}, got {top_k}; pass e.g. 5")
+        if not 0 <= top_k <= MAX_TOP_K:
+            raise ValueError(f"expected 0 <= top_k <= {MAX_TOP_K}, got {top_k}; pass e.g. 5")
         request = classifier_pb2.ClassifyRequest(model=model, top_k=top_k)
         request.images.extend(_image(image, i) for i, image in enumerate(images))
         response = self._call(self._classifier.Classify, request, self.timeout)
@@ -201,19 +192,27 @@ class Client:
         slots = threading.Semaphore(window)
         ended = threading.Event()
         sent = 0
+        failed: list[Exception] = []  # what ``batches`` or a batch's check raised
 
         def requests() -> Iterator[kserve_pb2.ModelInferRequest]:
-            # Runs on a gRPC thread; stops waiting for a slot once the stream has ended.
+            # Runs on a gRPC thread; stops waiting for a slot once the stream has ended. An
+            # exception here would reach the caller only as gRPC's "Exception iterating
+            # requests!": it is kept for the caller, and the stream is half-closed.
             nonlocal sent
             source = iter(batches)
             while True:
                 while not slots.acquire(timeout=0.1):
                     if ended.is_set():
                         return
-                batch = next(source, None)  # taken only once a slot is free
-                if batch is None or ended.is_set():
+                try:
+                    batch = next(source, None)  # taken only once a slot is free
+                    if batch is None or ended.is_set():
+                        return
+                    request = _infer_request(model, batch, input_name, str(sent))
+                except Exception as e:
+                    failed.append(e)
                     return
-                yield _infer_request(model, batch, input_name, str(sent))
+                yield request
                 sent += 1
 
         call = self._stream(requests(), timeout=timeout, metadata=self._metadata)
@@ -228,6 +227,8 @@ class Client:
                 while following in answered:
                     yield answered.pop(following)
                     following += 1
+            if failed:
+                raise failed[0]
             if following < sent:
                 raise ClientError(
                     grpc.StatusCode.UNKNOWN,
@@ -242,7 +243,9 @@ class Client:
 
 
 def _image(image: bytes | np.ndarray, index: int) -> classifier_pb2.Image:
-    if isinstance(image, bytes | bytearray | memoryview):
+    if isinstance(image, bytes | bytearray) or (
+        isinstance(image, memoryview) and image.ndim == 1 and image.itemsize == 1
+    ):  # a memoryview of floats (of an array) is a tensor, as it was before
         return classifier_pb2.Image(encoded=bytes(image))
     if isinstance(image, str | PathLike):
         raise TypeError(
@@ -323,150 +326,11 @@ def _client_error(target: str, error: grpc.RpcError, tls: bool = False) -> Clien
     return ClientError(code, message)
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m serve.client", description="Classify images with a running server."
-    )
-    parser.add_argument("target", metavar="HOST:PORT")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
-    parser.add_argument("--token-file", type=Path, help="bearer token (servers with auth)")
-    parser.add_argument("--ca", type=Path, help="PEM CA certificate: connect with TLS")
-    args = parser.parse_args(argv)
-    try:
-        check_target(args.target)
-    except ValueError as e:
-        parser.error(str(e))
-    if not 1 <= args.top_k <= _MAX_TOP_K:
-        parser.error(f"expected 1 <= --top-k <= {_MAX_TOP_K}, got {args.top_k}; pass e.g. 5")
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
-        parser.error(f"expected --timeout > 0 seconds, got {args.timeout:g}; pass e.g. 30")
-    return args
-
-
-@dataclass(frozen=True)
-class _Input:
-    """One IMAGE argument: a file read when its call is sent, or stdin's bytes ("-")."""
-
-    path: Path
-    size: int
-    data: bytes | None = None
-
-    def read(self) -> bytes:
-        return self.data if self.data is not None else self.path.read_bytes()
-
-
-def _inputs(paths: list[Path]) -> list[_Input]:
-    """Every IMAGE checked to be a readable file (OSError otherwise) before any connection."""
-    stdin: bytes | None = None
-    inputs = []
-    for path in paths:
-        if str(path) == "-":
-            stdin = sys.stdin.buffer.read() if stdin is None else stdin
-            inputs.append(_Input(path, len(stdin), stdin))
-            continue
-        with path.open("rb") as file:
-            inputs.append(_Input(path, os.fstat(file.fileno()).st_size))
-    return inputs
-
-
-def _calls(inputs: list[_Input]) -> Iterator[list[_Input]]:
-    call: list[_Input] = []
-    size = 0
-    for item in inputs:
-        if call and (len(call) == _CALL_IMAGES or size + item.size > _CALL_BYTES):
-            yield call
-            call, size = [], 0
-        call.append(item)
-        size += item.size
-    if call:
-        yield call
-
-
-def _too_large(error: ClientError) -> bool:
-    return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message size limit" in str(error)
-
-
-def _bad_image(error: ClientError, count: int) -> int | None:
-    """The image of a call of ``count`` that ``error`` is about alone, if it is."""
-    if error.code == grpc.StatusCode.INVALID_ARGUMENT:
-        found = _IMAGE_INDEX.search(str(error))
-        if found is not None and int(found.group(1)) < count:
-            return int(found.group(1))
-    return 0 if count == 1 and _too_large(error) else None
-
-
-def _classify_call(client: Client, args: argparse.Namespace, call: list[_Input]) -> bool:
-    """Classify and print one call's images. False if any image failed (it is reported, the
-    others are classified); ClientError for what is not one image's fault (no server, an
-    unknown model)."""
-    pending = []
-    for item in call:
-        try:
-            pending.append((item, item.read()))
-        except OSError as e:
-            print(
-                f"error: {item.path}: cannot read it ({e.strerror}); check the file",
-                file=sys.stderr,
-            )
-    return _send(client, args, pending) and len(pending) == len(call)
-
-
-def _send(client: Client, args: argparse.Namespace, pending: list[tuple[_Input, bytes]]) -> bool:
-    if not pending:
-        return True
-    try:
-        results = client.classify(args.model, [data for _, data in pending], args.top_k)
-    except ClientError as e:
-        if len(pending) > 1 and _too_large(e):  # a server with a smaller --max-message-bytes
-            half = len(pending) // 2
-            first = _send(client, args, pending[:half])
-            return _send(client, args, pending[half:]) and first
-        bad = _bad_image(e, len(pending))
-        if bad is None:
-            raise
-        print(f"error: {pending[bad][0].path}: {e}", file=sys.stderr)
-        _send(client, args, pending[:bad] + pending[bad + 1 :])
-        return False
-    for (item, _), predictions in zip(pending, results, strict=True):
-        print(item.path)
-        for p in predictions:
-            print(f"  {p.score:8.4f}  {p.index:4d}  {p.label}")
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    try:
-        inputs = _inputs(args.images)
-        token = read_token(args.token_file, "--token-file") if args.token_file else None
-        ca = None
-        if args.ca is not None:
-            check_certificates(args.ca, "--ca", "pass the CA that signed the server's --tls-cert")
-            ca = args.ca.read_bytes()
-    except OSError as e:
-        fix = (
-            "pass the images in it (DIR/*)"
-            if isinstance(e, IsADirectoryError)
-            else "check the path"
-        )
-        message = f"expected a readable file, got {e.filename!r} ({e.strerror}); {fix}"
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # a token or CA file that cannot work
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    complete = True
-    try:
-        with Client(args.target, timeout=args.timeout, token=token, root_certificates=ca) as c:
-            for call in _calls(inputs):
-                complete = _classify_call(c, args, call) and complete
-    except ClientError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0 if complete else 1
+    """``python -m serve.client`` (serve/client_cli.py)."""
+    from serve.client_cli import main as cli_main  # it imports this module
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -290,9 +291,66 @@ def test_classify_refuses_what_it_would_send_wrong(
             client.infer("tiny", pixels)
         with pytest.raises(TypeError, match="use classify_files"):
             client.classify("tiny", [str(tmp_path / "a.png")])
-        for top_k in (0, -1, 2**32):  # protobuf said "Value out of range: -1"; 0 meant 5
-            with pytest.raises(ValueError, match="expected 1 <= top_k"):
+        for top_k in (-1, 2**32):  # protobuf said "Value out of range: -1"
+            with pytest.raises(ValueError, match="expected 0 <= top_k"):
                 client.classify("tiny", [png], top_k=top_k)
+        (default,) = client.classify("tiny", [png], top_k=0)  # the server's default, 5
+        assert len(default) == 5
+        # A memoryview of a float array is that array, not encoded bytes.
+        assert client.classify("tiny", [memoryview(x[0]), png], top_k=2) == expected[::2]
+
+
+def test_infer_stream_raises_what_the_batches_raise_not_grpcs_iteration_error(
+    shared_server: BackgroundServer,
+) -> None:
+    good = np.zeros((1, 3, 8, 8), np.float32)
+    pixels = np.zeros((1, 3, 8, 8), np.uint8)
+
+    def broken() -> Iterator[np.ndarray]:
+        yield good
+        raise OSError("the camera went away")
+
+    with Client(f"127.0.0.1:{shared_server.port}") as client:
+        answers = client.infer_stream("tiny", [good, pixels, good], window=1)
+        assert next(answers).shape == (1, 5)
+        with pytest.raises(TypeError, match="got dtype uint8"):  # was "Exception iterating"
+            next(answers)
+        answers = client.infer_stream("tiny", broken(), window=4)
+        assert next(answers).shape == (1, 5)
+        with pytest.raises(OSError, match="the camera went away"):
+            next(answers)
+
+
+def test_cli_reads_a_named_pipe(shared_server: BackgroundServer, tmp_path: Path) -> None:
+    image = _write_png(tmp_path / "a.png", 0)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    # The writer writes the moment a reader opens the pipe, then exits at once: the CLI once
+    # opened the pipe to check it, closed it (losing the bytes), and then waited on it forever.
+    write = (
+        f"import os; fd = os.open({str(pipe)!r}, os.O_WRONLY); "
+        f"os.write(fd, {image.read_bytes()!r}); os._exit(0)"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", write])
+    try:
+        done = _cli(f"127.0.0.1:{shared_server.port}", "--model", "tiny", str(pipe))
+    finally:
+        writer.kill()
+        writer.wait()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == str(pipe)
+
+
+def test_cli_splits_a_call_with_more_images_than_a_request_may_hold(
+    start_server: Callable[..., BackgroundServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = start_server(max_queue_size=2, max_batch_size=4)  # at most 8 rows per request
+    paths = [_write_png(tmp_path / f"{i}.png", i) for i in range(20)]
+    target = f"127.0.0.1:{server.port}"
+    assert main([target, "--model", "tiny", *map(str, paths), "--top-k", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[::2] == [str(p) for p in paths]
 
 
 def test_cli_names_a_bad_image_and_still_classifies_the_others(
