@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from serve import logs
-from serve.config import DEFAULT_MAX_MESSAGE_BYTES, DEVICES, ServerConfig
+from serve.config import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_MESSAGE_BYTES, DEVICES, ServerConfig
 
 _log = logging.getLogger("serve")
 
@@ -39,6 +39,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     p.add_argument("--max-image-pixels", type=int, default=40_000_000,
                    help="larger encoded images are refused before decoding")
+    p.add_argument("--keepalive-time", type=float, default=DEFAULT_KEEPALIVE_S, metavar="S",
+                   help="ping every connection after S idle seconds and close it when the "
+                   "client does not answer; 0 = off")
+    p.add_argument("--max-connection-age", type=float, default=0.0, metavar="S",
+                   help="ask clients to reconnect after about S seconds (re-balances them "
+                   "across replicas); 0 = never")
+    p.add_argument("--max-connection-age-grace", type=float, metavar="S",
+                   help="then close the connection S seconds later, ending the calls still "
+                   "on it (open streams); default: wait for them")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--intra-op-threads", type=int, default=0, help="0 = ONNX Runtime's default")
     p.add_argument("--tls-cert", type=Path)
@@ -64,6 +73,9 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         grace=args.grace,
         max_message_bytes=args.max_message_bytes,
         max_image_pixels=args.max_image_pixels,
+        keepalive_time=args.keepalive_time,
+        max_connection_age=args.max_connection_age,
+        max_connection_age_grace=args.max_connection_age_grace,
         device=args.device,
         intra_op_threads=args.intra_op_threads,
         tls_cert=args.tls_cert,

@@ -7,6 +7,9 @@ from pathlib import Path
 
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_KEEPALIVE_S = 60.0
+# gRPC takes connection times as int32 milliseconds.
+MAX_CONNECTION_SECONDS = (2**31 - 1) // 1000
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,9 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     auth_token_file: Path | None = None
     max_image_pixels: int = 40_000_000
+    keepalive_time: float = DEFAULT_KEEPALIVE_S
+    max_connection_age: float = 0.0
+    max_connection_age_grace: float | None = None
 
     def __post_init__(self) -> None:
         if not self.models and self.model_repository is None:
@@ -57,6 +63,15 @@ class ServerConfig:
         _check_range("--max-image-pixels", self.max_image_pixels, 1, 2**31 - 1)
         if not self.grace >= 0:
             raise ValueError(f"expected --grace >= 0 seconds, got {self.grace}; pass e.g. 30")
+        _check_seconds("--keepalive-time", self.keepalive_time, 0.1, off=0, example=60)
+        _check_seconds("--max-connection-age", self.max_connection_age, 0.1, off=0, example=600)
+        if self.max_connection_age_grace is not None:
+            if not self.max_connection_age:
+                raise ValueError(
+                    "expected --max-connection-age with --max-connection-age-grace, got the "
+                    "grace alone; pass --max-connection-age SECONDS too"
+                )
+            _check_seconds("--max-connection-age-grace", self.max_connection_age_grace, 0, 60)
         if self.device not in DEVICES:
             raise ValueError(
                 f"expected --device in {', '.join(DEVICES)}, got {self.device!r}; pick one"
@@ -72,3 +87,14 @@ def _check_range(flag: str, value: int, low: int, high: int) -> None:
         raise ValueError(
             f"expected {flag} between {low} and {high}, got {value}; pass a value in range"
         )
+
+
+def _check_seconds(
+    flag: str, value: float, low: float, example: float, off: float | None = None
+) -> None:
+    if value == off or low <= value <= MAX_CONNECTION_SECONDS:  # NaN fails both
+        return
+    allowed = f"between {low:g} and {MAX_CONNECTION_SECONDS} seconds"
+    if off is not None:
+        allowed = f"{off:g} (off) or {allowed}"
+    raise ValueError(f"expected {flag} {allowed}, got {value}; pass e.g. {example:g}")

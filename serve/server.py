@@ -33,6 +33,45 @@ _INFERENCE_METHODS = (
     f"/{kserve.SERVICE}/ModelStreamInfer",
     "/classifier.v1.Classifier/Classify",
 )
+# Client keepalive pings accepted as often as every 0.5 s, with or without calls. gRPC's
+# default (one per 5 minutes, none without calls) answered the third earlier ping with GOAWAY
+# "too_many_pings", which killed an open ModelStreamInfer stream of any client pinging every
+# 10-60 s to keep a NAT or load balancer mapping alive. Faster pingers still get the GOAWAY.
+# Not 1 s: C core clients asked for less ping every 1.001 s, a millisecond from a strike.
+_MIN_CLIENT_PING_INTERVAL_MS = 500
+_KEEPALIVE_TIMEOUT_S = 20.0  # gRPC's default; at most --keepalive-time
+_FOREVER_MS = 2**31 - 1  # what gRPC reads as "never"
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC channel arguments for keepalive and connection age (docs/serving.md, "Connections";
+    the names are grpc core's ``GRPC_ARG_*`` values, which gRPC ignores when misspelt)."""
+    options = [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", _MIN_CLIENT_PING_INTERVAL_MS),
+        # The server's own pings: without this, two unanswered by data and then one a minute.
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if config.keepalive_time:
+        timeout = min(_KEEPALIVE_TIMEOUT_S, config.keepalive_time)
+        options.append(("grpc.keepalive_time_ms", _ms(config.keepalive_time)))
+        options.append(("grpc.keepalive_timeout_ms", _ms(timeout)))
+        # What closes the connection in grpcio 1.85: keepalive_timeout_ms alone did not
+        # (a stopped client's stream stayed open); this bounds every ping the server sends.
+        options.append(("grpc.http2.ping_timeout_ms", _ms(timeout)))
+    else:
+        options.append(("grpc.keepalive_time_ms", _FOREVER_MS))
+    if config.max_connection_age:
+        options.append(("grpc.max_connection_age_ms", _ms(config.max_connection_age)))
+        grace = config.max_connection_age_grace
+        options.append(
+            ("grpc.max_connection_age_grace_ms", _FOREVER_MS if grace is None else _ms(grace))
+        )
+    return options
 
 
 def _load(name: str, path: Path, config: ServerConfig, stop: threading.Event) -> Runtime:
@@ -152,6 +191,7 @@ class Server:
                 ("grpc.max_send_message_length", limit),
                 # Two servers on one port would silently split the traffic.
                 ("grpc.so_reuseport", 0),
+                *_connection_options(self.config),
             ],
         )
         server.add_generic_rpc_handlers((kserve.handler(kserve.KServeServicer(self.state)),))
