@@ -176,6 +176,18 @@ def thread_plan() -> ThreadPlan:
     return plan_threads(allowed, online, cpu_cores(), cgroup_cpu_quota())
 
 
+def worker_count(
+    allowed: frozenset[int] | None, online: int | None, quota: float | None, cap: int = 32
+) -> int:
+    """How many threads of CPU-bound work (image decoding) a process can keep busy: one per
+    CPU it may run on (``allowed``, else the ``online`` count), at most its cgroup ``quota``
+    rounded down, at most ``cap``, at least 1."""
+    count = len(allowed) if allowed else online or 1
+    if quota is not None:
+        count = min(count, math.floor(quota))
+    return max(1, min(count, cap))
+
+
 def cpu_cores(topology: Path = _CPU_TOPOLOGY) -> dict[int, frozenset[int]]:
     """Each online CPU's core, as the CPUs sharing it (sysfs ``thread_siblings_list``: unlike
     ``core_id``, unique across packages and dies); empty where it cannot be read."""

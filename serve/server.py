@@ -119,12 +119,12 @@ class Server:
         self._loop_cpus: frozenset[int] | None = None  # the loop thread's CPUs before start
         # Image decoding keeps the CPUs the loop had: threads inherit their creator's, and
         # the loop creates these after it pinned itself (``_pin_loop``).
-        # One decode thread per usable CPU (decoding is CPU work; Pillow releases the GIL):
-        # the executor's default of CPUs + 4 only adds images held in memory at once, up to
-        # ~250 MB each at the default --max-image-pixels.
+        # One decode thread per usable CPU (decoding is CPU work; Pillow releases the GIL),
+        # within the cgroup quota: the executor's default of CPUs + 4 only adds images held
+        # in memory at once, up to ~250 MB each at the default --max-image-pixels.
         cpus = affinity.current_cpus()
         self._decoder = ThreadPoolExecutor(
-            max_workers=len(cpus or ()) or os.cpu_count() or 1,
+            max_workers=affinity.worker_count(cpus, os.cpu_count(), affinity.cgroup_cpu_quota()),
             thread_name_prefix="decode",
             initializer=affinity.pin_current_thread,
             initargs=(cpus,),

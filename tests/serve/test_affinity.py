@@ -325,3 +325,21 @@ def test_a_quota_only_plan_pins_nothing_and_waits_for_no_pinning(
         read_model_info("tiny", classifier_path), device="cpu", max_batch_size=4, intra_op_threads=0
     )
     assert runtime.caller_cpus is None
+
+
+@pytest.mark.parametrize(
+    ("allowed", "online", "quota", "expected"),
+    [
+        (frozenset({0, 1}), 2, None, 2),
+        (frozenset(range(96)), 96, 2.0, 2),  # a pod limited to 2 CPUs on a 96-CPU node
+        (frozenset(range(96)), 96, None, 32),  # never more than the executor's old cap
+        (frozenset({3}), 96, 1.5, 1),
+        (frozenset(range(8)), 8, 0.5, 1),
+        (None, 4, None, 4),  # where the OS gives no affinity
+        (None, None, None, 1),
+    ],
+)
+def test_decode_workers_follow_the_cpus_and_the_quota(
+    allowed: frozenset[int] | None, online: int | None, quota: float | None, expected: int
+) -> None:
+    assert affinity.worker_count(allowed, online, quota) == expected
