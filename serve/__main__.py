@@ -93,8 +93,10 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(signum, stop.set)
     # After logging is configured and the handlers are in place: this imports ORT and gRPC,
     # which takes a while, and a signal meanwhile must not kill the process.
+    from serve import images
     from serve.server import Server
 
+    images.use_own_pixel_limit()  # process-wide: here, not in Server, which apps may embed
     server = Server(config)
     signalled = asyncio.create_task(stop.wait())
     try:

@@ -31,7 +31,6 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, state: ServingState, decoder: Executor | None = None) -> None:
         self.state = state
         self._decoder = decoder  # None: the event loop's default executor
-        images.use_own_pixel_limit()
 
     async def Classify(
         self, request: pb.ClassifyRequest | Undecodable, context: aio.ServicerContext

@@ -37,7 +37,8 @@ def use_own_pixel_limit() -> None:
     """Turn off Pillow's process-wide decompression-bomb limit (a warning above ~89M pixels,
     an error above ~179M), since ``decode`` checks every header against the server's
     ``--max-image-pixels`` first: with Pillow's on, a limit set above Pillow's was refused
-    anyway and a size between the two logged a warning per image."""
+    anyway and a size between the two logged a warning per image. ``python -m serve`` calls
+    it; an application that embeds ``Server`` keeps Pillow's limit unless it calls it."""
     Image.MAX_IMAGE_PIXELS = None
 
 
@@ -56,7 +57,7 @@ def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndar
         )
     channels, height, width = shape
     try:
-        # Image.open reads only the header (the server turns Pillow's own limit off).
+        # Image.open reads only the header (python -m serve turns Pillow's own limit off).
         image = Image.open(io.BytesIO(data), formats=FORMATS)
         pixels = image.size[0] * image.size[1]
         if pixels > max_pixels:

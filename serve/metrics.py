@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -11,11 +12,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    disable_created_metrics,
     generate_latest,
     start_http_server,
 )
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 
 from serve.errors import OUTCOMES
 from serve.statistics import Tally
@@ -26,6 +27,17 @@ _SECONDS_BUCKETS = (
 )
 # Powers of two, the bucket sizes the batcher pads to.
 _ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class _Registry(CollectorRegistry):
+    """A registry without prometheus_client's ``*_created`` timestamp series, one beside
+    every counter and histogram child: they doubled the series scraped, and nothing (our
+    queries, Triton's dashboards) reads them. prometheus_client's own switch is process-wide."""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
 
 
 class Metrics:
@@ -39,11 +51,7 @@ class Metrics:
     """
 
     def __init__(self) -> None:
-        # prometheus_client would add a ``*_created`` timestamp series beside every counter and
-        # histogram child, doubling the series scraped for nothing our queries or Triton's
-        # dashboards read. The switch is process-wide; the server's process is ours.
-        disable_created_metrics()
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = _Registry(auto_describe=True)
         self._requests = Counter(
             "serve_requests",
             "Finished inference requests by model and outcome.",

@@ -19,6 +19,8 @@ from serve import images
 from serve.background import BackgroundServer
 from serve.errors import ServeError
 from serve.model_info import read_model_info
+from tests.serve.conftest import free_port
+from tests.serve.procs import ServeProcess
 
 Reference = Callable[[Path, np.ndarray], np.ndarray]
 
@@ -209,13 +211,19 @@ def test_a_bomb_is_refused_before_decoding(stub) -> None:
 
 
 def test_a_pixel_limit_above_pillows_own_is_the_one_that_counts(
-    start_server: Callable[..., BackgroundServer],
+    classifier_path: Path, tmp_path: Path
 ) -> None:
     # Pillow refuses headers above ~179M pixels by itself; with --max-image-pixels above that,
     # such an image used to be refused anyway, blaming Pillow. Now only the server's limit
-    # counts: this header passes it and the (missing) pixel data is what fails.
-    server = start_server(max_image_pixels=300_000_000)
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    # counts: this header passes it and the (missing) pixel data is what fails. A process of
+    # its own: python -m serve switches Pillow's limit off for the whole process.
+    port = free_port()
+    args = [str(classifier_path), "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", "0", "--device", "cpu", "--max-image-pixels", "300000000"]
+    with (
+        ServeProcess(args, port, tmp_path / "serve.log") as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
         stub = classifier_pb2_grpc.ClassifierStub(channel)
         error = _classify_error(stub, classifier_pb2.Image(encoded=_bomb_png(15000, 15000)))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
