@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from typing import TextIO
 
@@ -54,6 +55,21 @@ def _ours_at_debug(record: logging.LogRecord) -> bool:
     return record.levelno > logging.DEBUG or record.name.split(".", 1)[0] == "serve"
 
 
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` as one log line of logger ``py.warnings`` (logging's own
+    capture adds the warning's source line: three lines in text, a newline inside JSON)."""
+    logging.getLogger("py.warnings").warning(
+        "%s:%d: %s: %s", filename, lineno, category.__name__, message
+    )
+
+
 def configure(level: str, fmt: str, *, stream: TextIO | None = None) -> None:
     """Send logs at ``level`` and above to stderr (or ``stream``) as ``fmt`` ("text" or "json").
 
@@ -75,5 +91,5 @@ def configure(level: str, fmt: str, *, stream: TextIO | None = None) -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Library warnings (Pillow's "Corrupt EXIF data", ...) as log lines in the chosen format,
-    # not raw lines on stderr that break --log-format json.
-    logging.captureWarnings(True)
+    # not raw lines on stderr that break --log-format json; process-wide, as configure is.
+    warnings.showwarning = _log_warning

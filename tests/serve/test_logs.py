@@ -29,7 +29,6 @@ def restore_root() -> Iterator[None]:
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
-    logging.captureWarnings(False)
 
 
 def test_json_lines_carry_fields_and_extras(restore_root: None) -> None:
@@ -77,22 +76,30 @@ def test_debug_level_shows_our_debug_lines_not_other_libraries(restore_root: Non
     assert lines[1].endswith("PIL: a library's warning still shows")
 
 
-def test_library_warnings_become_log_lines_in_the_chosen_format() -> None:
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_library_warnings_become_one_log_line_in_the_chosen_format(
+    fmt: str, tmp_path: Path
+) -> None:
     # Pillow warns through the warnings module ("Corrupt EXIF data", ...): such lines came out
-    # raw on stderr, breaking --log-format json. A process of its own: capturing is global.
-    code = (
+    # raw on stderr, breaking --log-format json. A process of its own: the hook is global.
+    script = tmp_path / "warn.py"  # a file, so the warning has a source line to (not) show
+    script.write_text(
         "import warnings\n"
         "from serve.logs import configure\n"
-        "configure('info', 'json')\n"
+        f"configure('info', {fmt!r})\n"
         "warnings.warn('Corrupt EXIF data.  Expecting to read 2 bytes but only got 0.')\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
     )
     (line,) = done.stderr.splitlines()
-    entry = json.loads(line)
-    assert entry["level"] == "warning" and entry["logger"] == "py.warnings"
-    assert "UserWarning: Corrupt EXIF data." in entry["msg"]
+    expected = "warn.py:4: UserWarning: Corrupt EXIF data.  Expecting to read 2 bytes but only"
+    if fmt == "json":
+        entry = json.loads(line)
+        assert entry["level"] == "warning" and entry["logger"] == "py.warnings"
+        assert entry["msg"].endswith(f"{expected} got 0.")
+    else:
+        assert " WARNING py.warnings: " in line and line.endswith(f"{expected} got 0.")
 
 
 @pytest.mark.parametrize(
