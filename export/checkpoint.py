@@ -22,6 +22,8 @@ STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "model.")
 # An ONNX ModelProto starts with its ir_version (field 1, varint: tag 0x08, a small value),
 # then the tag of the next field it sets (2..8, 14, 20 or 25; fields go out in number order).
 _ONNX_NEXT_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2, 0xCA})
+# How a Git LFS pointer file (a checkout whose weights were never fetched) begins.
+_LFS_POINTER = b"version https://git-lfs"
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
         digest = sha256_of(path)
     except OSError as e:
         raise _unreadable(path, e) from e
+    if _is_lfs_pointer(path):  # before the suffix: Hugging Face's .safetensors are LFS files
+        raise _lfs_pointer(path)
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return Checkpoint(path, digest, "safetensors", _load_safetensors(path))
     if _is_torchscript(path):
@@ -181,6 +185,21 @@ def float32_network(module: nn.Module) -> nn.Module:
             return module.float()
 
 
+def _is_lfs_pointer(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(len(_LFS_POINTER)) == _LFS_POINTER
+    except OSError:
+        return False
+
+
+def _lfs_pointer(path: Path) -> UsageError:
+    return UsageError(
+        f"expected a PyTorch checkpoint, got {path}, a Git LFS pointer file (the weights "
+        "were not downloaded); run git lfs pull in its repository, then export again"
+    )
+
+
 def _not_a_checkpoint(path: Path) -> UsageError:
     try:
         with path.open("rb") as f:
@@ -194,11 +213,6 @@ def _not_a_checkpoint(path: Path) -> UsageError:
             f"expected a complete PyTorch checkpoint, got {path}, a zip archive (as torch.save "
             "and torch.jit.save write) that is truncated or damaged; copy or download it again, "
             "or save the model again"
-        )
-    if head.startswith(b"version https://git-lfs"):
-        return UsageError(
-            f"expected a PyTorch checkpoint, got {path}, a Git LFS pointer file (the weights "
-            "were not downloaded); run git lfs pull in its repository, then export again"
         )
     return UsageError(
         f"expected a PyTorch checkpoint (torch.save, .safetensors or TorchScript), got {path} "

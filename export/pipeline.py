@@ -27,7 +27,7 @@ from export.resolve import Resolved, resolve
 
 # torch's words for a dtype mismatch ("Input type (c10::Half) and bias type (float) should be the
 # same", "expected scalar type Half but found Float", "mat1 and mat2 must have the same dtype").
-_DTYPE_ERROR = re.compile(r"scalar type|dtype|\b(Half|BFloat16|Double)\b|c10::")
+_DTYPE_ERROR = re.compile(r"scalar type|dtype|\b(Half|BFloat16|Double)\b")
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ def _probe(model: nn.Module, input_shape: tuple[int, int, int], arch: str) -> in
             # float32 weights: no --input-shape would help.
             "the exporter runs the model in float32 (the ONNX input and output are float32), so "
             "remove dtype casts such as x.half() from forward"
-            if _DTYPE_ERROR.search(str(e))
+            if _DTYPE_ERROR.search(first_line(e))  # not a C++ stack trace's words
             else "pass a matching --input-shape C,H,W"
         )
         raise UsageError(

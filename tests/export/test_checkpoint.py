@@ -213,7 +213,8 @@ def test_truncated_archive_and_lfs_pointer_are_named(tmp_path: Path) -> None:
         with pytest.raises(UsageError, match="truncated or damaged") as info:
             export_checkpoint(ExportConfig(checkpoint=cut, input_shape=(3, 8, 8)))
         assert str(cut) in str(info.value)
-    pointer = tmp_path / "lfs.pt"
-    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
-    with pytest.raises(UsageError, match="git lfs pull"):
-        export_checkpoint(ExportConfig(checkpoint=pointer))
+    for name in ("lfs.pt", "model.safetensors"):  # Hugging Face keeps .safetensors in LFS
+        pointer = tmp_path / name
+        pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
+        with pytest.raises(UsageError, match="git lfs pull"):
+            export_checkpoint(ExportConfig(checkpoint=pointer))

@@ -166,6 +166,19 @@ def test_float64_logits_exit_2_before_export(run_main, tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.onnx*"))
 
 
+def test_a_shape_error_with_a_cpp_stack_trace_is_still_told_to_fix_the_input_shape(
+    run_cli, tmp_path: Path
+) -> None:
+    # With TORCH_SHOW_CPP_STACKTRACES=1 torch's message goes on with a C++ trace full of
+    # "c10::", which once turned the --input-shape advice into "remove dtype casts".
+    path = save_user_model(tmp_path, user_models.TinyNet)
+    done = run_cli(path, "--arch", "user_models:tiny_net", "--input-shape", "3,16,16",
+                   extra_path=HERE, prefix=("env", "TORCH_SHOW_CPP_STACKTRACES=1"))  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "pass a matching --input-shape" in done.stderr
+    assert "remove dtype casts" not in done.stderr
+
+
 def test_cast_to_half_in_forward_is_not_blamed_on_the_input_shape(
     run_main, tmp_path: Path
 ) -> None:
