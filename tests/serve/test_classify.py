@@ -232,18 +232,24 @@ def test_a_pixel_limit_above_pillows_own_is_the_one_that_counts(
         assert "expected images of at most 300000000 pixels" in error.details()
 
 
-def test_more_images_than_a_request_may_hold_are_refused_before_decoding(
-    start_server: Callable[..., BackgroundServer], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    server = start_server(max_queue_size=2, max_batch_size=4)  # at most 8 rows per request
-    decoded: list[int] = []
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Grows by one for every image the (in-process) server decodes."""
+    calls: list[int] = []
     decode = images.decode
 
     def counting_decode(*args: object) -> np.ndarray:
-        decoded.append(1)
+        calls.append(1)
         return decode(*args)
 
     monkeypatch.setattr(images, "decode", counting_decode)
+    return calls
+
+
+def test_more_images_than_a_request_may_hold_are_refused_before_decoding(
+    start_server: Callable[..., BackgroundServer], decoded: list[int]
+) -> None:
+    server = start_server(max_queue_size=2, max_batch_size=4)  # at most 8 rows per request
     png = _png(np.zeros((8, 8, 3), np.uint8))
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = classifier_pb2_grpc.ClassifierStub(channel)
@@ -352,19 +358,11 @@ def test_a_call_of_tiny_images_that_would_decode_to_gigabytes_is_refused_first(
     start_server: Callable[..., BackgroundServer],
     make_classifier: Callable[..., Path],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    decoded: list[int],
 ) -> None:
     # Each 43-byte GIF becomes a 3x224x224 float32 row (588 KiB): 1784 of them pass 1 GiB.
     # The server used to decode them all first (a 64 MiB message of them: MemoryError, INTERNAL).
     server = start_server(models=(make_classifier(tmp_path / "big.onnx", size=224),))
-    decoded: list[int] = []
-    decode = images.decode
-
-    def counting_decode(*args: object) -> np.ndarray:
-        decoded.append(1)
-        return decode(*args)
-
-    monkeypatch.setattr(images, "decode", counting_decode)
     gif = io.BytesIO()
     Image.new("L", (1, 1)).save(gif, format="GIF")
     limit = 2**30 // (3 * 224 * 224 * 4)  # docs/serving.md: 1 GiB of decoded rows per call
