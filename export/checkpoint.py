@@ -48,7 +48,8 @@ def sha256_of(path: Path) -> str:
 
 def check_checkpoint_path(path: Path) -> None:
     """Refuse, saying what the path is instead, anything but a readable, non-empty file that is
-    not already an ONNX model (checked before the output path is compared with it)."""
+    neither a Git LFS pointer nor already an ONNX model (checked before the output path is
+    compared with it)."""
     if path.is_dir():
         raise UsageError(
             f"expected a checkpoint file, got {path} which is a directory; pass the checkpoint "
@@ -65,12 +66,17 @@ def check_checkpoint_path(path: Path) -> None:
         )
     try:
         with path.open("rb") as f:
-            head = f.read(3)
+            head = f.read(len(_LFS_POINTER))
     except OSError as e:
         raise _unreadable(path, e) from e
     if not head:
         raise UsageError(f"expected a checkpoint, got an empty file {path}; save the model again")
-    if _looks_like_onnx(head, path) and _is_onnx_model(path):
+    if head == _LFS_POINTER:  # whatever the suffix: Hugging Face's .safetensors are LFS files
+        raise UsageError(
+            f"expected a PyTorch checkpoint, got {path}, a Git LFS pointer file (the weights "
+            "were not downloaded); run git lfs pull in its repository, then export again"
+        )
+    if _looks_like_onnx(head[:3], path) and _is_onnx_model(path):
         raise UsageError(
             f"expected a PyTorch checkpoint, got {path} which is already an ONNX model; serve it "
             f"with python -m serve {path}, or pass the torch checkpoint it was exported from"
@@ -85,8 +91,6 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
         digest = sha256_of(path)
     except OSError as e:
         raise _unreadable(path, e) from e
-    if _is_lfs_pointer(path):  # before the suffix: Hugging Face's .safetensors are LFS files
-        raise _lfs_pointer(path)
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return Checkpoint(path, digest, "safetensors", _load_safetensors(path))
     if _is_torchscript(path):
@@ -183,21 +187,6 @@ def float32_network(module: nn.Module) -> nn.Module:
             module = module._orig_mod
         else:
             return module.float()
-
-
-def _is_lfs_pointer(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return f.read(len(_LFS_POINTER)) == _LFS_POINTER
-    except OSError:
-        return False
-
-
-def _lfs_pointer(path: Path) -> UsageError:
-    return UsageError(
-        f"expected a PyTorch checkpoint, got {path}, a Git LFS pointer file (the weights "
-        "were not downloaded); run git lfs pull in its repository, then export again"
-    )
 
 
 def _not_a_checkpoint(path: Path) -> UsageError:
