@@ -117,11 +117,11 @@ class Server:
         self._stopping = threading.Event()  # set by ``stop``; ends a warm-up in progress
         self._closing_watches = asyncio.Event()  # ends health Watch streams (``stop``)
         self._loop_cpus: frozenset[int] | None = None  # the loop thread's CPUs before start
-        # Image decoding keeps the CPUs the loop had: threads inherit their creator's, and
-        # the loop creates these after it pinned itself (``_pin_loop``).
-        # One decode thread per usable CPU (decoding is CPU work; Pillow releases the GIL),
-        # within the cgroup quota: the executor's default of CPUs + 4 only adds images held
-        # in memory at once, up to ~250 MB each at the default --max-image-pixels.
+        # Image decoding: one thread per usable CPU (decoding is CPU work; Pillow releases the
+        # GIL), within the cgroup quota; the executor's default of CPUs + 4 only adds images
+        # held in memory at once, up to ~250 MB each at the default --max-image-pixels. The
+        # threads are pinned to the CPUs the loop had before ``_pin_loop``: they would
+        # inherit the pinned loop's, which creates them later.
         cpus = affinity.current_cpus()
         self._decoder = ThreadPoolExecutor(
             max_workers=affinity.worker_count(cpus, os.cpu_count(), affinity.cgroup_cpu_quota()),
