@@ -44,7 +44,12 @@ class ClientError(Exception):
 
 
 class Client:
-    """A blocking client of one server. Use as a context manager or call ``close()``."""
+    """A blocking client of one server. Use as a context manager or call ``close()``.
+
+    ``root_certificates`` (PEM CA) connects with TLS; ``private_key`` and ``certificate_chain``
+    (PEM) add a client certificate, for servers started with ``--tls-client-ca``; ``token`` is
+    sent as ``authorization: Bearer``.
+    """
 
     def __init__(
         self,
@@ -53,20 +58,29 @@ class Client:
         timeout: float | None = 30.0,
         token: str | None = None,
         root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
+        if (private_key is None) != (certificate_chain is None):
+            raise ValueError(
+                "expected private_key and certificate_chain together (mutual TLS), got one; "
+                "pass the client certificate's PEM chain and its key"
+            )
         self.target = target
         self.timeout = timeout
-        self._tls = root_certificates is not None
+        self._tls = root_certificates is not None or private_key is not None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        if root_certificates is None:
+        if not self._tls:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
-            credentials = grpc.ssl_channel_credentials(root_certificates)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates, private_key, certificate_chain
+            )
             self._channel = grpc.secure_channel(target, credentials, options=options)
         self._classifier = classifier_pb2_grpc.ClassifierStub(self._channel)
         self._infer = self._kserve("ModelInfer", kserve_pb2.ModelInferResponse)
@@ -301,7 +315,8 @@ def _client_error(target: str, error: grpc.RpcError, tls: bool = False) -> Clien
     details = (error.details() if hasattr(error, "details") else str(error)) or ""
     if code == grpc.StatusCode.UNAVAILABLE and "shutting down" not in details:
         tls_hint = (
-            "and that --ca is the CA that signed its certificate"
+            "that --ca is the CA that signed its certificate, and that --cert and --key are "
+            "given if it requires client certificates (mutual TLS)"
             if tls
             else "and pass --ca CA.pem (root_certificates= in Python) if it serves TLS"
         )

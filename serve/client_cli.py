@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 
 from serve.client import MAX_TOP_K, Client, ClientError
-from serve.security import check_certificates, read_token
+from serve.security import check_certificates, key_pair, read_token
 from serve.targets import check_target
 
 _CALL_BYTES = 4 << 20
@@ -43,6 +43,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     parser.add_argument("--token-file", type=Path, help="bearer token (servers with auth)")
     parser.add_argument("--ca", type=Path, help="PEM CA certificate: connect with TLS")
+    parser.add_argument("--cert", type=Path, help="client certificate (PEM) for mutual TLS")
+    parser.add_argument("--key", type=Path, help="client private key (PEM) for mutual TLS")
     args = parser.parse_args(argv)
     try:
         check_target(args.target)
@@ -52,6 +54,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"expected 1 <= --top-k <= {MAX_TOP_K}, got {args.top_k}; pass e.g. 5")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         parser.error(f"expected --timeout > 0 seconds, got {args.timeout:g}; pass e.g. 30")
+    if (args.cert is not None or args.key is not None) and args.ca is None:
+        parser.error(
+            "expected --ca with --cert and --key, got a client certificate without a CA; "
+            "pass the CA that signed the server's certificate"
+        )
     return args
 
 
@@ -168,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ca is not None:
             check_certificates(args.ca, "--ca", "pass the CA that signed the server's --tls-cert")
             ca = args.ca.read_bytes()
+        key, chain = key_pair(args.cert, args.key, "--cert", "--key") or (None, None)
     except OSError as e:
         fix = (
             "pass the images in it (DIR/*)"
@@ -177,12 +185,19 @@ def main(argv: list[str] | None = None) -> int:
         message = f"expected a readable file, got {e.filename!r} ({e.strerror}); {fix}"
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except ValueError as e:  # a token or CA file that cannot work
+    except ValueError as e:  # a token, CA or client certificate file that cannot work
         print(f"error: {e}", file=sys.stderr)
         return 2
     complete = True
     try:
-        with Client(args.target, timeout=args.timeout, token=token, root_certificates=ca) as c:
+        with Client(
+            args.target,
+            timeout=args.timeout,
+            token=token,
+            root_certificates=ca,
+            private_key=key,
+            certificate_chain=chain,
+        ) as c:
             for call in _calls(inputs):
                 complete = _classify_call(c, args, call) and complete
     except ClientError as e:

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serve.security import check_certificates
+from serve.security import check_certificates, key_pair, read_file
 from serve.targets import check_target
 
 EXIT_SERVING = 0
@@ -60,29 +60,24 @@ class ProbeConfig:
             )
 
 
-def _read(path: Path, flag: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise ValueError(
-            f"expected a readable file for {flag}, got {str(path)!r} ({e.strerror}); fix the path"
-        ) from e
-
-
 def open_channel(config: ProbeConfig) -> grpc.Channel:
     """A plaintext channel, or a TLS one when a CA is given (with a client cert for mTLS);
-    ValueError naming the flag when a file cannot be read or the CA holds no PEM certificates."""
+    ValueError naming the flag when a file cannot be read, the CA holds no PEM certificates or
+    the client key is not the client certificate's."""
     if config.tls_ca is None:
         return grpc.insecure_channel(config.target)
-    root_certificates = _read(config.tls_ca, "--tls-ca")
-    # gRPC would log native errors for a CA it cannot load, then report the server unreachable.
+    root_certificates = read_file(config.tls_ca, "PEM CA certificate", "--tls-ca")
+    # gRPC would log native errors for files it cannot load, then report the server unreachable.
     check_certificates(
         config.tls_ca, "--tls-ca", "pass the CA that signed the server's certificate"
     )
+    private_key, certificate_chain = key_pair(
+        config.tls_cert, config.tls_key, "--tls-cert", "--tls-key"
+    ) or (None, None)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=root_certificates,
-        private_key=_read(config.tls_key, "--tls-key") if config.tls_key else None,
-        certificate_chain=_read(config.tls_cert, "--tls-cert") if config.tls_cert else None,
+        private_key=private_key,
+        certificate_chain=certificate_chain,
     )
     options = []
     if config.tls_server_name:

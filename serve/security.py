@@ -24,7 +24,8 @@ EXEMPT_PREFIXES = (
 )
 
 
-def _read(path: Path, what: str, flag: str) -> bytes:
+def read_file(path: Path, what: str, flag: str) -> bytes:
+    """The bytes of ``path``; ValueError naming ``flag`` when it is unreadable or blank."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -67,12 +68,12 @@ def check_certificates(path: Path, flag: str, hint: str) -> None:
 
 # gRPC refuses a bad certificate, key or CA only when binding, as if the port were refused; so
 # they are checked here first, with the same PEM parser (OpenSSL) behind Python's ssl module.
-def _check_pair(cert: Path, key: Path, key_pem: bytes) -> None:
-    check_certificates(cert, "--tls-cert", "pass the server certificate (chain) to --tls-cert")
+def _check_pair(cert: Path, key: Path, key_pem: bytes, cert_flag: str, key_flag: str) -> None:
+    check_certificates(cert, cert_flag, f"pass the certificate (chain) to {cert_flag}")
     if b"ENCRYPTED" in key_pem:
         raise ValueError(
             f"expected an unencrypted private key in {str(key)!r}, got an encrypted one; "
-            "decrypt it (openssl pkey -in KEY -out PLAIN.key) and pass that to --tls-key"
+            f"decrypt it (openssl pkey -in KEY -out PLAIN.key) and pass that to {key_flag}"
         )
     try:
         # A password callback, so OpenSSL never prompts on the terminal.
@@ -82,12 +83,35 @@ def _check_pair(cert: Path, key: Path, key_pem: bytes) -> None:
             raise ValueError(
                 f"expected the private key of the certificate {str(cert)!r}, got the key of "
                 f"another pair in {str(key)!r}; pass the key made with that certificate to "
-                "--tls-key"
+                f"{key_flag}"
             ) from e
         raise ValueError(
             f"expected a valid PEM private key in {str(key)!r}, got one OpenSSL cannot load "
-            f"({_openssl_reason(e)}); pass the certificate's unencrypted key to --tls-key"
+            f"({_openssl_reason(e)}); pass the certificate's unencrypted key to {key_flag}"
         ) from e
+
+
+def key_pair(
+    cert: Path | None, key: Path | None, cert_flag: str, key_flag: str
+) -> tuple[bytes, bytes] | None:
+    """The PEM private key and certificate chain given as ``key_flag`` and ``cert_flag``, checked
+    by OpenSSL to be one pair; None when neither is given. ValueError naming the flag to fix."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        given, missing = (cert_flag, key_flag) if key is None else (key_flag, cert_flag)
+        raise ValueError(
+            f"expected {given} and {missing} together, got only {given}; pass {missing}"
+        )
+    cert_pem = read_file(cert, "PEM certificate", cert_flag)
+    key_pem = read_file(key, "PEM private key", key_flag)
+    if b"PRIVATE KEY-----" not in key_pem:
+        raise ValueError(
+            f"expected a PEM private key in {str(key)!r}, got something else; "
+            f"pass the unencrypted key (-----BEGIN ... PRIVATE KEY-----) to {key_flag}"
+        )
+    _check_pair(cert, key, key_pem, cert_flag, key_flag)
+    return key_pem, cert_pem
 
 
 def server_credentials(
@@ -99,29 +123,18 @@ def server_credentials(
     server also requires client certificates signed by that CA (mutual TLS).
     Raises ValueError with a message that says which flag to fix.
     """
-    if cert is None and key is None:
+    pair = key_pair(cert, key, "--tls-cert", "--tls-key")
+    if pair is None:
         if client_ca is not None:
             raise ValueError(
                 "expected --tls-cert and --tls-key with --tls-client-ca, got only the client CA; "
                 "mutual TLS needs the server's own certificate and key too"
             )
         return None
-    if cert is None or key is None:
-        given, missing = ("--tls-cert", "--tls-key") if key is None else ("--tls-key", "--tls-cert")
-        raise ValueError(
-            f"expected {given} and {missing} together, got only {given}; pass {missing}"
-        )
-    cert_pem = _read(cert, "PEM certificate", "--tls-cert")
-    key_pem = _read(key, "PEM private key", "--tls-key")
-    if b"PRIVATE KEY-----" not in key_pem:
-        raise ValueError(
-            f"expected a PEM private key in {str(key)!r}, got something else; "
-            "pass the unencrypted key (-----BEGIN ... PRIVATE KEY-----) to --tls-key"
-        )
-    _check_pair(cert, key, key_pem)
+    key_pem, cert_pem = pair
     ca_pem = None
     if client_ca is not None:
-        ca_pem = _read(client_ca, "PEM CA certificate", "--tls-client-ca")
+        ca_pem = read_file(client_ca, "PEM CA certificate", "--tls-client-ca")
         check_certificates(
             client_ca, "--tls-client-ca", "pass the CA that signs client certificates"
         )
@@ -136,7 +149,7 @@ def read_token(token_file: Path, flag: str = "--auth-token-file") -> str:
     """The bearer token in ``token_file`` (given as ``flag``), stripped of surrounding
     whitespace; ValueError unless it is one word of printable ASCII, all that gRPC metadata
     and a ``Bearer`` header can carry. Server and client read their token files with this."""
-    raw = _read(token_file, "bearer token", flag)
+    raw = read_file(token_file, "bearer token", flag)
     try:
         token = raw.decode("ascii").strip()
     except UnicodeDecodeError as e:

@@ -270,6 +270,60 @@ def test_cli_with_token_and_ca_over_tls(
     assert "UNAUTHENTICATED" in capsys.readouterr().err
 
 
+def test_cli_and_client_with_mutual_tls(
+    start_server: Callable[..., BackgroundServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A server with --tls-client-ca took no call from our client: it had no way to send a
+    client certificate."""
+    pki = make_pki(tmp_path)
+    server = start_server(
+        tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
+    )
+    image = _write_png(tmp_path / "a.png", 0)
+    argv = [f"127.0.0.1:{server.port}", "--model", "tiny", str(image), "--ca", str(pki.ca),
+            "--timeout", "10"]  # fmt: skip
+    assert main([*argv, "--cert", str(pki.client_cert), "--key", str(pki.client_key)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == str(image)
+    assert main(argv) == 1  # no client certificate: the handshake fails
+    assert "--cert and --key are given if it requires client certificates" in (
+        capsys.readouterr().err
+    )
+    with Client(
+        f"127.0.0.1:{server.port}",
+        timeout=10,
+        root_certificates=pki.ca.read_bytes(),
+        private_key=pki.client_key.read_bytes(),
+        certificate_chain=pki.client_cert.read_bytes(),
+    ) as client:
+        (top,) = client.classify_files("tiny", [image], top_k=1)
+        assert len(top) == 1
+    with pytest.raises(ValueError, match="private_key and certificate_chain together"):
+        Client("127.0.0.1:1", private_key=pki.client_key.read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (("--cert", "client_cert"), "expected --ca with --cert and --key"),
+        (("--ca", "ca", "--cert", "client_cert"), "expected --cert and --key together"),
+        (("--ca", "ca", "--cert", "client_cert", "--key", "server_key"),
+         "got the key of another pair"),
+    ],
+)
+def test_cli_bad_client_certificate_flags_are_usage_errors(
+    tmp_path: Path, files: tuple[str, ...], message: str
+) -> None:
+    pki = make_pki(tmp_path)
+    image = _write_png(tmp_path / "a.png", 0)
+    flags = [getattr(pki, item) if hasattr(pki, item) else item for item in files]
+    done = _cli(f"127.0.0.1:{free_port()}", "--model", "tiny", str(image),
+                *map(str, flags), "--timeout", "2")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr.splitlines()[-1], done.stderr
+
+
 def test_classify_refuses_what_it_would_send_wrong(
     shared_server: BackgroundServer, tmp_path: Path
 ) -> None:

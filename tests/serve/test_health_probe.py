@@ -22,6 +22,7 @@ from serve.background import BackgroundServer
 from serve.config import ServerConfig
 from serve.health import ProbeConfig, main, probe
 from tests.serve.conftest import free_port
+from tests.serve.pki import make_pki
 from tests.serve.procs import ServeProcess
 from tests.serve.v2 import INFER, infer_payload
 
@@ -101,9 +102,12 @@ def test_usage_errors_exit_2(
     assert match in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("content", [b"hello, not a certificate\n", b""])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"hello, not a certificate\n", "error: expected PEM certificates"), (b"", "empty file")],
+)
 def test_a_tls_ca_without_pem_certificates_is_one_usage_line(
-    health_server: tuple[str, health.HealthServicer], tmp_path: Path, content: bytes
+    health_server: tuple[str, health.HealthServicer], tmp_path: Path, content: bytes, message: str
 ) -> None:
     target, _ = health_server
     ca = tmp_path / "ca.pem"
@@ -114,7 +118,23 @@ def test_a_tls_ca_without_pem_certificates_is_one_usage_line(
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.splitlines()  # no gRPC core log lines, no UNREACHABLE
-    assert line.startswith("error: expected PEM certificates") and str(ca) in line, line
+    assert line.startswith("error: ") and message in line and str(ca) in line, line
+
+
+def test_a_client_key_of_another_pair_is_one_usage_line(
+    health_server: tuple[str, health.HealthServicer], tmp_path: Path
+) -> None:
+    """It used to reach gRPC, which logged native errors and reported the server unreachable."""
+    target, _ = health_server
+    pki = make_pki(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "serve.health", target, "--tls-ca", str(pki.ca),
+         "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.server_key)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert "got the key of another pair" in line and "--tls-key" in line, line
 
 
 def test_module_entry_point(health_server: tuple[str, health.HealthServicer]) -> None:
