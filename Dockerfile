@@ -29,10 +29,13 @@ RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
 
 # --- serve (default target): python -m serve --model-repository /models ---------------------
 FROM python:${PYTHON_VERSION}-slim AS serve
+# No NVIDIA_VISIBLE_DEVICES here: `docker run --gpus` and Kubernetes' device plugin set it to
+# the GPUs a container was given. Baked in as `all`, a container that asked for no GPU (a
+# CPU-only pod, `docker run` without --gpus) on a host whose default runtime is nvidia's would
+# see, and use, every GPU of the host, those given to other pods included.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=builder /opt/venv /opt/venv
 RUN groupadd --system --gid 10001 serve \

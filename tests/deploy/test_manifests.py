@@ -108,6 +108,14 @@ def test_dockerfile_serving_stage_matches_the_cli() -> None:
     assert probe_args.target == f"127.0.0.1:{config.port}"
 
 
+def test_serving_image_claims_no_gpu_itself() -> None:
+    """`docker run --gpus` and the device plugin say which GPUs a container gets; an image's own
+    NVIDIA_VISIBLE_DEVICES=all hands every GPU of the host to a container that asked for none
+    where nvidia's runtime is the default."""
+    env = " ".join(rest for ins, rest in _dockerfile()["serve"] if ins == "ENV")
+    assert "NVIDIA_VISIBLE_DEVICES" not in env
+
+
 def test_dockerfile_serving_install_has_no_torch() -> None:
     stages = _dockerfile()
     builder = " ".join(rest for ins, rest in stages["builder"] if ins == "RUN")
@@ -175,7 +183,6 @@ def test_deployment_agrees_with_the_server_and_the_image() -> None:
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["grpc"]["port"] == config.port, probe
     assert container["livenessProbe"]["grpc"].get("service", "") == ""
-    assert container["readinessProbe"]["grpc"]["service"], "readiness should check a model"
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     assert pod["terminationGracePeriodSeconds"] > config.grace + float(pre_stop[1])
@@ -191,6 +198,37 @@ def test_deployment_agrees_with_the_server_and_the_image() -> None:
     assert ("PersistentVolumeClaim", claim) in _documents()
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(config.metrics_port)
+
+
+def test_readiness_probe_names_no_model() -> None:
+    """The models' names are the volume's folder names, unknown to the manifest; the server
+    answers NOT_FOUND for a name it does not serve, so a probe naming one (the old
+    `service: classifier`) never passes. Its overall health turns SERVING only once every model
+    is warm, and NOT_SERVING when a drain starts: what readiness needs."""
+    container = _container(_one("Deployment")["spec"]["template"]["spec"])
+    assert container["readinessProbe"]["grpc"].get("service", "") == ""
+
+
+def test_model_repository_is_a_folder_of_the_volume_not_its_root() -> None:
+    """A formatted volume's root holds lost+found/, which the server takes for a model folder
+    without a model.onnx (and cannot read): it refuses to start."""
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in _container(pod)["volumeMounts"]}
+    assert mounts["models"].get("subPath", "").strip("/"), "mount a folder of the volume"
+    uri = _one("InferenceService")["spec"]["predictor"]["model"]["storageUri"]
+    if uri.startswith("pvc://"):
+        claim, _, folder = uri.removeprefix("pvc://").partition("/")
+        assert ("PersistentVolumeClaim", claim) in _documents()
+        assert folder.strip("/"), f"{uri}: name a folder of the volume, not its root"
+        assert folder.strip("/") == mounts["models"]["subPath"].strip("/")
+
+
+def test_hpa_owns_the_replica_count() -> None:
+    """`spec.replicas` beside an HPA resets the count on every `kubectl apply`."""
+    deployment = _one("Deployment")
+    hpa = _one("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert "replicas" not in deployment["spec"]
 
 
 def test_service_and_hpa_point_at_the_deployment() -> None:
@@ -235,3 +273,16 @@ def test_kserve_pair_runs_this_image_with_the_v2_protocol() -> None:
     exec_probe = container["readinessProbe"]["exec"]["command"]
     assert exec_probe[:3] == ["python", "-m", "serve.health"]
     assert health_parser().parse_args(exec_probe[3:]).target == f"127.0.0.1:{config.port}"
+
+
+def test_kserve_runtime_annotates_its_pods_for_metrics() -> None:
+    """KServe copies a ServingRuntime's `spec.annotations` to its pods; the object's own
+    `metadata.annotations` stay on it, and scraping then looks on KServe's default 8080."""
+    runtime = _one("ServingRuntime")
+    config = _server_config(_container(runtime["spec"])["args"])
+    pod_annotations = runtime["spec"].get("annotations", {})
+    assert pod_annotations.get("prometheus.kserve.io/port") == str(config.metrics_port)
+    assert pod_annotations.get("prometheus.kserve.io/path") == "/metrics"
+    assert not any(
+        key.startswith("prometheus.") for key in runtime["metadata"].get("annotations", {})
+    )
