@@ -11,6 +11,10 @@ from pathlib import Path
 import onnx
 
 _log = logging.getLogger(__name__)
+# How a Git LFS pointer file (a checkout whose models were never fetched) begins.
+_LFS_POINTER = b"version https://git-lfs"
+# Output types the logits may have; they are sent as float32 (FP32).
+_FLOAT_OUTPUTS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
 
 @dataclass(frozen=True)
@@ -44,9 +48,16 @@ def _static_dims(value_info: onnx.ValueInfoProto) -> list[int | None]:
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
+    """Positive integer dims from ``"3,224,224"`` or ``"[3, 224, 224]"``; ValueError otherwise
+    (a zero or negative dim would be warmed up and served as such)."""
     text = text.strip()
     values = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
-    return tuple(int(v) for v in values)
+    if not isinstance(values, list):
+        raise ValueError(f"not a list: {values!r}")
+    dims = tuple(int(v) if isinstance(v, str) else v for v in values)
+    if not all(type(d) is int and d > 0 for d in dims):
+        raise ValueError(f"not positive integers: {dims!r}")
+    return dims
 
 
 def _parse_floats(text: str, what: str, path: Path) -> tuple[float, ...]:
@@ -93,18 +104,39 @@ def _channel_stats(
     return values
 
 
-def read_model_info(name: str, path: Path) -> ModelInfo:
-    """Read and check the graph interface and metadata of the ONNX file at ``path``.
-
-    Raises ValueError naming what is wrong with the model and what to do about it.
-    """
+def _load(path: Path) -> onnx.ModelProto:
+    """The ONNX model at ``path`` without its external data; ValueError saying what the file is
+    when it is not one."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        with path.open("rb") as f:
+            head = f.read(len(_LFS_POINTER))
+        model = None if head == _LFS_POINTER else onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError, OSError, ... for a bad file
         raise ValueError(
             f"expected a readable ONNX model at {path}, got {type(e).__name__}: {e}; "
             "pass a file written by `python -m export`"
         ) from e
+    if model is None:
+        raise ValueError(
+            f"expected an ONNX model at {path}, got a Git LFS pointer file (the model was not "
+            "downloaded); run git lfs pull in its repository"
+        )
+    # Protobuf reads an empty file (a failed copy or download) as an empty model.
+    if not model.HasField("graph"):
+        size = path.stat().st_size
+        raise ValueError(
+            f"expected an ONNX model at {path}, got {size} bytes without a graph; copy the model "
+            "file again or pass a file written by `python -m export`"
+        )
+    return model
+
+
+def read_model_info(name: str, path: Path) -> ModelInfo:
+    """Read and check the graph interface and metadata of the ONNX file at ``path``.
+
+    Raises ValueError naming what is wrong with the model and what to do about it.
+    """
+    model = _load(path)
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     outputs = list(model.graph.output)
@@ -118,6 +150,12 @@ def read_model_info(name: str, path: Path) -> ModelInfo:
         raise ValueError(
             f"expected a float32 input in {path}, got "
             f"{onnx.TensorProto.DataType.Name(inp.type.tensor_type.elem_type)}; export in float32"
+        )
+    if out.type.tensor_type.elem_type not in _FLOAT_OUTPUTS:
+        raise ValueError(
+            f"expected float32 logits from the output of {path}, got "
+            f"{onnx.TensorProto.DataType.Name(out.type.tensor_type.elem_type)}; export the "
+            "scores before any ArgMax or Cast, as float32"
         )
     meta = {p.key: p.value for p in model.metadata_props}
     in_dims = _static_dims(inp)
@@ -133,8 +171,8 @@ def read_model_info(name: str, path: Path) -> ModelInfo:
             declared = _parse_shape(meta["input_shape"])
         except ValueError as e:
             raise ValueError(
-                f"expected metadata input_shape of {path} as 'C,H,W' or a JSON list, got "
-                f"{meta['input_shape']!r}; fix the model's metadata_props"
+                f"expected metadata input_shape of {path} as 'C,H,W' or a JSON list of positive "
+                f"integers, got {meta['input_shape']!r}; fix the model's metadata_props"
             ) from e
         if len(declared) != len(sample) or any(
             g is not None and g != d for g, d in zip(sample, declared, strict=True)

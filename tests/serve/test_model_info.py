@@ -122,3 +122,68 @@ def test_non_finite_mean_or_std_is_refused(
     with pytest.raises(ValueError, match=f"metadata '{key}' .* finite") as refused:
         read_model_info("m", path)
     assert str(path) in str(refused.value)
+
+
+def _pooling_model(path: Path, metadata: dict[str, str]) -> Path:
+    """input [n, 3, h, w] (H and W symbolic) → GlobalAveragePool → Flatten → logits [n, 3]."""
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+         helper.make_node("Flatten", ["p"], ["y"], axis=1)],
+        "g",
+        [vi("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [vi("y", TensorProto.FLOAT, ["n", 3])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    helper.set_model_props(model, metadata)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "shape", ["3,-1,4", "3,0,4", "[3, null, 4]", "[[3], 4, 4]", "[3, 4.5, 4]", "[3, true, 4]"]
+)
+def test_input_shape_metadata_must_be_positive_integers(tmp_path: Path, shape: str) -> None:
+    # H and W come from the metadata alone: a zero dim was served, -1 and null failed later.
+    path = _pooling_model(tmp_path / "m.onnx", {"input_shape": shape})
+    with pytest.raises(ValueError, match=r"input_shape .* positive integers") as refused:
+        read_model_info("m", path)
+    assert str(path) in str(refused.value)
+    ok = _pooling_model(tmp_path / "ok.onnx", {"input_shape": "[3, 6, 4]"})
+    assert read_model_info("ok", ok).sample_shape == (3, 6, 4)
+
+
+def test_files_that_are_no_model_say_what_they_are(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="got 0 bytes without a graph; copy the model file"):
+        read_model_info("empty", empty)
+    pointer = tmp_path / "lfs.onnx"
+    pointer.write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "ab" * 32 + "\nsize 9\n"
+    )
+    with pytest.raises(ValueError, match=r"Git LFS pointer .* git lfs pull") as refused:
+        read_model_info("lfs", pointer)
+    assert str(pointer) in str(refused.value)
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.INT64, TensorProto.BOOL])
+def test_an_output_that_is_not_scores_is_refused(tmp_path: Path, dtype: int) -> None:
+    # e.g. a graph ending in ArgMax or a Cast: its values would be served as FP32 logits.
+    vi = helper.make_tensor_value_info
+    path = _identity_model(
+        tmp_path / "m.onnx",
+        [vi("x", TensorProto.FLOAT, ["n", 4])],
+        [vi("y", dtype, ["n", 4])],
+        [helper.make_node("Cast", ["x"], ["y"], to=dtype)],
+    )
+    with pytest.raises(ValueError, match=r"expected float32 logits .* got (INT64|BOOL)"):
+        read_model_info("m", path)
+    half = _identity_model(
+        tmp_path / "half.onnx",
+        [vi("x", TensorProto.FLOAT, ["n", 4])],
+        [vi("y", TensorProto.FLOAT16, ["n", 4])],
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT16)],
+    )
+    assert read_model_info("half", half).num_classes == 4  # sent as FP32, as before
