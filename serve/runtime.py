@@ -24,8 +24,13 @@ ORT_ERRORS: tuple[type[Exception], ...] = tuple(
 )
 # Of those, the ones that mean the device failed, not the model.
 _DEVICE_ERRORS = ("EPFail", "DeviceReset", "EngineError")
-# "/onnxruntime_src/onnxruntime/core/graph/model.cc:256 onnxruntime::Model::Model(...) "
-_SOURCE_LOCATION = re.compile(r"\S*/onnxruntime\S*\.(?:cc|cpp|h):\d+ (?:[\w:~<>]+\(.*?\) )?")
+# How ONNX Runtime says that an allocation failed (CPU arena, CUDA).
+_OUT_OF_MEMORY = re.compile(r"Failed to allocate memory|out of memory|bad_alloc", re.IGNORECASE)
+# "/onnxruntime_src/onnxruntime/core/graph/model.cc:256 onnxruntime::Model::Model(...) ", also
+# with a return type: ".../model_load_utils.h:46 void onnxruntime::...::ValidateOpset(...) "
+_SOURCE_LOCATION = re.compile(
+    r"\S*/onnxruntime\S*\.(?:cc|cpp|h):\d+ (?:(?:[\w:<>*&]+ )?[\w:~<>]+\(.*?\) )?"
+)
 
 
 def buckets_for(max_batch: int) -> tuple[int, ...]:
@@ -87,6 +92,7 @@ def ort_reason(error: Exception) -> str:
     """ONNX Runtime's message on one line, without its status prefix and C++ source location."""
     text = " ".join(str(error).split())
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Error in execution: ", "", text)  # run_with_iobinding's RuntimeError
     text = re.sub(r"^Load model from .*? failed:", "", text)
     text = text.replace("Status Message: ", "").replace("Name:'' ", "")
     text = _SOURCE_LOCATION.sub("", text).strip()
@@ -217,6 +223,10 @@ class Runtime:
         self.io_binding = on_cuda if io_binding is None else io_binding
         self._device = "cuda" if on_cuda else "cpu"
         self._bound = threading.local()
+        # ONNX Runtime also logs a failed run itself, in colour and outside --log-format; the
+        # error it raises is what warm_up and the batcher report.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
 
     def batch_size(self, rows: int) -> int:
         """The batch size ``rows`` rows run at: their bucket when padding, else ``rows``."""
@@ -248,6 +258,12 @@ class Runtime:
 
     def _refusal(self, size: int, ran: list[int], got: str) -> ValueError:
         path, classes = self.info.path, self.info.num_classes
+        if _OUT_OF_MEMORY.search(got):
+            fix = f"pass --max-batch-size {ran[-1]} or" if ran else "serve a smaller model or"
+            return ValueError(
+                f"expected memory to run the model {path} at batch size {size} (a bucket up to "
+                f"--max-batch-size {self.max_batch}), got {got}; {fix} free memory on the device"
+            )
         if ran:  # smaller batches ran: the batch size is the problem
             return ValueError(
                 f"expected the model {path} to run at batch size {size} (a bucket up to "
@@ -263,10 +279,15 @@ class Runtime:
         )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits [N, K] for a float32 batch [N, *sample_shape]; N from ``batch_size``."""
+        """Logits [N, K] for a float32 batch [N, *sample_shape]; N from ``batch_size``.
+
+        Raises one of ``ORT_ERRORS`` when the model fails to run, on either path.
+        """
         if self.io_binding:
             return self._run_bound(batch)
-        (logits,) = self.session.run([self.info.output_name], {self.info.input_name: batch})
+        (logits,) = self.session.run(
+            [self.info.output_name], {self.info.input_name: batch}, self._run_options
+        )
         return logits
 
     def _run_bound(self, batch: np.ndarray) -> np.ndarray:
@@ -285,5 +306,10 @@ class Runtime:
             slot = slots[len(batch)] = (value, binding)
         value, binding = slot
         value.update_inplace(np.ascontiguousarray(batch, dtype=np.float32))
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding, self._run_options)
+        except RuntimeError as e:
+            # run_with_iobinding raises a plain RuntimeError where run raises ORT's types;
+            # as one of those, warm_up refuses the model in words on this path too.
+            raise _ort_c.Fail(str(e)) from e
         return binding.copy_outputs_to_cpu()[0]

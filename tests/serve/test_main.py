@@ -83,14 +83,18 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_usage_errors_are_one_clear_line(tmp_path: Path) -> None:
+def test_usage_errors_are_one_clear_line(
+    make_classifier: Callable[..., Path], tmp_path: Path
+) -> None:
     port = str(free_port())
+    null_dim = make_classifier(tmp_path / "null_dim.onnx", metadata={"input_shape": "[3, null, 8]"})
     cases = {
         "no model": ([], "MODEL.onnx or --model-repository"),
         "missing file": ([str(tmp_path / "nope.onnx")], "not a file"),
         "not onnx": ([str(tmp_path / "junk.onnx")], "expected a readable ONNX model"),
         "bad batch": (["x.onnx", "--max-batch-size", "0"], "--max-batch-size"),
         "empty repository": (["--model-repository", str(tmp_path / "empty")], "at least one model"),
+        "bad metadata": ([str(null_dim)], "input_shape of " + str(null_dim)),  # was a TypeError
     }
     (tmp_path / "junk.onnx").write_bytes(b"definitely not protobuf")
     (tmp_path / "empty").mkdir()
@@ -147,3 +151,12 @@ def test_models_onnx_runtime_refuses_exit_2_with_one_line(
         # The server never served: no drain report before the error.
         assert "draining" not in done.stderr and "stopped" not in done.stderr, done.stderr
         assert done.stderr.strip().splitlines()[-1].split()[1] == "ERROR", done.stderr
+
+
+def test_a_model_refused_at_warm_up_logs_only_json_lines(tmp_path: Path) -> None:
+    # ONNX Runtime logged the failed run itself, in colour, between the JSON lines.
+    batch_1 = make_reshape_model(tmp_path / "batch_1.onnx", shape=[1, 48], declared_classes=48)
+    done = _run(*_args(0, str(batch_1)), "--log-format", "json")
+    assert done.returncode == 2, done.stderr
+    entries = [json.loads(line) for line in done.stderr.strip().splitlines()]
+    assert entries[-1]["level"] == "error" and "--max-batch-size 1" in entries[-1]["msg"]
