@@ -78,7 +78,10 @@ def _from_repository(root: Path) -> dict[str, Path]:
             f"expected --model-repository to be a folder, got {str(root)!r}; pass a folder with "
             "one subfolder per model"
         )
-    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    # lost+found: the root of a freshly formatted volume (ext4) mounted as the repository.
+    entries = sorted(
+        p for p in root.iterdir() if not p.name.startswith(".") and p.name != "lost+found"
+    )
     found = {folder.name: _model_in(folder) for folder in entries if folder.is_dir()}
     loose = [p.name for p in entries if p.suffix == ".onnx" and p.is_file()]
     if not found:

@@ -7,7 +7,6 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 from grpc import aio
@@ -18,7 +17,7 @@ from serve.batcher import Batcher
 from serve.classify import ClassifierServicer
 from serve.config import ServerConfig
 from serve.metrics import Metrics
-from serve.model_info import read_model_info
+from serve.model_info import ModelInfo, read_model_info
 from serve.repository import find_models
 from serve.runtime import Runtime
 from serve.state import Model, ServingState
@@ -74,8 +73,7 @@ def _connection_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
-def _load(name: str, path: Path, config: ServerConfig, stop: threading.Event) -> Runtime:
-    info = read_model_info(name, path)
+def _load(info: ModelInfo, config: ServerConfig, stop: threading.Event) -> Runtime:
     runtime = Runtime(
         info,
         device=config.device,
@@ -86,8 +84,8 @@ def _load(name: str, path: Path, config: ServerConfig, stop: threading.Event) ->
         return runtime  # stopping: start() was cancelled and nobody reads this
     _log.info(
         "model %s loaded from %s: input %s %s, %d classes, buckets %s",
-        name,
-        path,
+        info.name,
+        info.path,
         info.input_name,
         [-1, *info.sample_shape],
         info.num_classes,
@@ -140,6 +138,11 @@ class Server:
         To stop while loading, cancel it and call ``stop``: the model being warmed up stops
         after its current bucket (creating an ONNX Runtime session cannot be interrupted)."""
         paths = find_models(self.config)
+        # Every file is checked before any model is warmed up: a bad one late in a repository
+        # would otherwise stop the server only after the others' warm-up (minutes on a GPU).
+        infos = [
+            await asyncio.to_thread(read_model_info, name, path) for name, path in paths.items()
+        ]
         self.state.loading = set(paths)
         self._server = self._build()
         self.port = self._bind(self._server)
@@ -148,8 +151,8 @@ class Server:
         for name in paths:  # known while loading: a probe by name hears NOT_SERVING, not NOT_FOUND
             await self.health.set(name, _NOT_SERVING)
         _log.info("listening on %s", _address(self.config.host, self.port))
-        for name, path in paths.items():
-            runtime = await asyncio.to_thread(_load, name, path, self.config, self._stopping)
+        for info in infos:
+            runtime = await asyncio.to_thread(_load, info, self.config, self._stopping)
             batcher = Batcher(
                 runtime,
                 max_queue_size=self.config.max_queue_size,
@@ -158,7 +161,7 @@ class Server:
                 metrics=self.metrics,
             )
             batcher.start()
-            self.state.models[name] = Model(runtime.info, batcher)
+            self.state.models[info.name] = Model(runtime.info, batcher)
         self.metrics.serve_http(self.config.host, self.config.metrics_port)
         self._pin_loop()
         self.state.ready = True

@@ -74,6 +74,21 @@ def test_model_repository_serves_every_folder(
         assert proc.wait(60) == 0
 
 
+def test_a_bad_model_stops_the_server_before_any_model_is_warmed_up(
+    make_classifier: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The good model 'a' used to be loaded and warmed (minutes on a GPU) before 'b' was read."""
+    repo = tmp_path / "repo"
+    (repo / "a").mkdir(parents=True)
+    (repo / "b").mkdir()
+    make_classifier(repo / "a" / "model.onnx")
+    (repo / "b" / "model.onnx").write_bytes(b"definitely not protobuf")
+    done = _run(*_args(free_port(), "--model-repository", str(repo)))
+    assert done.returncode == 2, done.stderr
+    assert "expected a readable ONNX model at " + str(repo / "b") in done.stderr
+    assert "model a loaded" not in done.stderr and "listening" not in done.stderr, done.stderr
+
+
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "serve", *args],

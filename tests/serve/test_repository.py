@@ -32,6 +32,7 @@ def test_repository_layouts(tmp_path: Path) -> None:
     plain = _touch(tmp_path / "repo" / "a" / "model.onnx")
     triton = _touch(tmp_path / "repo" / "b" / "1" / "model.onnx")
     _touch(tmp_path / "repo" / "README.txt")
+    (tmp_path / "repo" / "lost+found").mkdir()  # a volume's root: not a model folder
     assert find_models(ServerConfig(model_repository=tmp_path / "repo")) == {
         "a": plain,
         "b": triton,
