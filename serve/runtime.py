@@ -250,6 +250,8 @@ class Runtime:
             except ORT_ERRORS as e:
                 _raise_if_device_failed(self.info.path, e)
                 raise self._refusal(size, ran, f"{type(e).__name__}: {ort_reason(e)}") from e
+            except MemoryError as e:  # numpy's, for the bucket's zeros: samples of huge dims
+                raise self._refusal(size, ran, f"MemoryError: out of memory ({e})") from e
             expected = (size, self.info.num_classes)
             if tuple(logits.shape) != expected:
                 raise self._refusal(size, ran, f"logits of shape {list(logits.shape)}")

@@ -205,3 +205,26 @@ def test_warm_up_stops_once_asked_and_says_whether_it_finished(
     assert ran == [size for size in (1, 2, 4, 8) if set_during is None or size <= set_during]
     # Stopped during the last bucket: every bucket ran, but the server is stopping all the same.
     assert finished is (set_during is None)
+
+
+def test_warm_up_without_memory_for_the_batch_itself_says_so(tmp_path: Path) -> None:
+    # Symbolic sample dims with an input_shape far beyond any machine (a typo in metadata):
+    # numpy's MemoryError for the warm-up zeros used to end the server in a traceback.
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["input"], ["logits"], keepdims=1, axes=[1])],
+        "g",
+        [vi("input", TensorProto.FLOAT, ["batch", "n"])],
+        [vi("logits", TensorProto.FLOAT, ["batch", 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 9
+    helper.set_model_props(model, {"input_shape": "[100000000000000]"})
+    path = tmp_path / "huge.onnx"
+    onnx.save(model, str(path))
+    runtime = Runtime(
+        read_model_info("huge", path), device="cpu", max_batch_size=1, intra_op_threads=1
+    )
+    with pytest.raises(ValueError, match=r"expected memory .* at batch size 1") as refused:
+        runtime.warm_up()
+    assert "serve a smaller model or free memory" in str(refused.value)
