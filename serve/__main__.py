@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="then close the connection S seconds later, ending the calls still "
                    "on it (open streams); default: wait for them")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--intra-op-threads", type=int, default=0, help="0 = ONNX Runtime's default")
+    p.add_argument("--intra-op-threads", type=int, default=0,
+                   help="0 = one per core the process may use (cpuset, CPU quota)")
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")

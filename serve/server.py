@@ -147,6 +147,8 @@ class Server:
         self._server = self._build()
         self.port = self._bind(self._server)
         await self._server.start()
+        # Before loading, so a taken metrics port stops the server before any warm-up.
+        self.metrics.serve_http(self.config.host, self.config.metrics_port)
         await self.health.set("", _NOT_SERVING)
         for name in paths:  # known while loading: a probe by name hears NOT_SERVING, not NOT_FOUND
             await self.health.set(name, _NOT_SERVING)
@@ -162,7 +164,6 @@ class Server:
             )
             batcher.start()
             self.state.models[info.name] = Model(runtime.info, batcher)
-        self.metrics.serve_http(self.config.host, self.config.metrics_port)
         self._pin_loop()
         self.state.ready = True
         for name in self.state.models:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -140,6 +141,18 @@ def test_a_busy_port_is_reported(classifier_path: Path, tmp_path: Path) -> None:
         done = _run(*_args(port, str(classifier_path)))
     assert done.returncode == 1
     assert "--port" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_busy_metrics_port_stops_the_server_before_any_warm_up(classifier_path: Path) -> None:
+    # It used to be bound after every model was loaded and warmed (minutes on a GPU).
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics_port = str(taken.getsockname()[1])
+        done = _run(*_args(free_port(), str(classifier_path)), "--metrics-port", metrics_port)
+    assert done.returncode == 1, done.stderr
+    assert "pass another --metrics-port" in done.stderr and "Traceback" not in done.stderr
+    assert "loaded from" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("pixels", [-5, 0])
