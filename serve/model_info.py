@@ -85,8 +85,9 @@ def _parse_classes(text: str, path: Path) -> int:
 
 
 def _channel_stats(
-    meta: dict[str, str], key: str, default: float, channels: int, path: Path
+    meta: dict[str, str], key: str, default: float, sample: list[int], path: Path
 ) -> tuple[float, ...]:
+    channels = sample[0] if len(sample) == 3 else 1
     values = _parse_floats(meta[key], key, path) if key in meta else (default,)
     if len(values) == 1:
         values = values * channels
@@ -97,9 +98,15 @@ def _channel_stats(
         or (key == "std" and 0.0 in values)
     ):
         rule = "finite and non-zero" if key == "std" else "finite"
+        fix = "fix the model's metadata_props or re-export it"
+        if len(sample) == 3 and sample[0] not in (1, 3) and sample[2] in (1, 3):
+            fix = (
+                f"the input {sample} looks channels-last (H, W, C), and this server takes "
+                "[C, H, W]: export the model with channels first"
+            )
         raise ValueError(
             f"expected metadata {key!r} of {path} with {channels} {rule} values (one per "
-            f"channel), got {meta[key]!r}; fix the model's metadata_props or re-export it"
+            f"channel), got {meta[key]!r}; {fix}"
         )
     return values
 
@@ -204,14 +211,16 @@ def read_model_info(name: str, path: Path) -> ModelInfo:
         if isinstance(given, list) and len(given) == num_classes:
             labels = tuple(str(v) for v in given)
         else:
+            got = f"{len(given)} names" if isinstance(given, list) else "not a JSON list"
             _log.warning(
-                "model %s: metadata labels is not a JSON list of %d strings; using class_i",
+                "model %s: expected metadata labels as a JSON list of %d names, one per class, "
+                "got %s; using class_i",
                 name,
                 num_classes,
+                got,
             )
-    channels = sample[0] if len(sample) == 3 else 1
-    mean = _channel_stats(meta, "mean", 0.0, channels, path)
-    std = _channel_stats(meta, "std", 1.0, channels, path)
+    mean = _channel_stats(meta, "mean", 0.0, sample, path)
+    std = _channel_stats(meta, "std", 1.0, sample, path)
     batch = in_dims[0]
     return ModelInfo(
         name=name,

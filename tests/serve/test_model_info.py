@@ -35,9 +35,13 @@ def test_defaults_without_metadata(make_classifier: Make, tmp_path: Path) -> Non
     assert info.mean == (0.0,) * 3 and info.std == (1.0,) * 3
 
 
-def test_bad_labels_fall_back_and_bad_stats_are_refused(make_classifier: Make, tmp_path: Path):
+def test_bad_labels_fall_back_and_bad_stats_are_refused(
+    make_classifier: Make, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     path = make_classifier(tmp_path / "a.onnx", classes=2, metadata={"labels": '["only one"]'})
     assert read_model_info("a", path).labels == ("class_0", "class_1")
+    # It said "not a JSON list of 2 strings" for a list of the wrong length.
+    assert "list of 2 names, one per class, got 1 names" in caplog.text
     path = make_classifier(tmp_path / "b.onnx", metadata={"std": "[1, 0, 1]"})
     with pytest.raises(ValueError, match="std"):
         read_model_info("b", path)
@@ -187,3 +191,18 @@ def test_an_output_that_is_not_scores_is_refused(tmp_path: Path, dtype: int) -> 
         [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT16)],
     )
     assert read_model_info("half", half).num_classes == 4  # sent as FP32, as before
+
+
+def test_channels_last_input_is_named_when_its_channel_stats_do_not_fit(tmp_path: Path) -> None:
+    # mean/std of 3 values used to be refused as needing "8 values" for an [8, 8, 3] input.
+    path = _identity_model(
+        tmp_path / "nhwc.onnx",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 192])],
+        [helper.make_node("Flatten", ["x"], ["y"])],
+    )
+    model = onnx.load(str(path))
+    helper.set_model_props(model, {"mean": "[0.5, 0.5, 0.5]"})
+    onnx.save(model, str(path))
+    with pytest.raises(ValueError, match=r"looks channels-last .* export the model with channels"):
+        read_model_info("nhwc", path)
