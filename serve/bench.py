@@ -8,10 +8,12 @@ served figure is also a ratio that holds on a noisy machine. See docs/benchmarks
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import json
 import os
 import platform
+import signal
 import sys
 import time
 
@@ -36,6 +38,15 @@ class UsageError(Exception):
     """A setting that cannot work, found once the server is asked; main exits 2."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the ``with SpawnedServer`` blocks stop their
+    servers: Python's default for SIGTERM exits at once and left them running."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 async def _run_settings(
     config: BenchConfig,
     target: str,
@@ -55,9 +66,20 @@ async def _run_settings(
         rows = []
         for load in config.loads:
             requests = infer_requests(config.model, input_name, shape, load.images, config.distinct)
+            name = f"{label} {load.label}"
             try:
                 await check_answer(channels[0], requests[0], load.images, timeout, load.stream)
             except grpc.aio.AioRpcError as e:
+                if rows and not _too_large(e):
+                    # The server answered earlier settings and then stopped (it died, or was
+                    # stopped): the rows measured so far are kept, this one is its error.
+                    sys.stderr.write(f"{name}: not run: the server did not answer "
+                                     f"({e.code().name}: {e.details()})\n")  # fmt: skip
+                    failed = Outcome(load, errors=collections.Counter({e.code().name: 1}))
+                    row = _row(label, failed, [], server.rss_mb() if server else None)
+                    rows.append({**row, "client_cpu_ms_per_call": None,
+                                 "server_cpu_ms_per_call": None})  # fmt: skip
+                    continue
                 if not _too_large(e):
                     raise
                 size = len(requests[0])
@@ -77,7 +99,6 @@ async def _run_settings(
                     scraped.append(await asyncio.to_thread(scrape, url, config.model))
                 cpu.append((time.process_time(), server.cpu_seconds() if server else None))
 
-            name = f"{label} {load.label}"
             progress = print_progress(name) if sys.stderr.isatty() else None
             outcome = await run_load(channels, requests, load, on_window, progress)
             sys.stderr.write(
@@ -153,6 +174,9 @@ def _row(label: str, outcome: Outcome, scraped: list, rss_mb: float | None) -> d
         "images_per_request": load.images,
         "seconds": round(outcome.window, 3),
         "requests": outcome.requests,
+        "sent": outcome.sent,
+        "late": outcome.late,
+        "fell_behind": outcome.fell_behind,
         "throughput": outcome.throughput,
         "p50_ms": None if ms[50] is None else ms[50] * 1e3,
         "p90_ms": None if ms[90] is None else ms[90] * 1e3,
@@ -245,10 +269,26 @@ def run(config: BenchConfig) -> dict:
     )
 
 
+# What to do when the server refuses the first call, by its status.
+_HINTS = {
+    grpc.StatusCode.NOT_FOUND: "check --model",
+    grpc.StatusCode.UNAVAILABLE: "check HOST:PORT and that `python -m serve` is running there "
+    "(the bench connects in plaintext: a TLS server closes the connection)",
+    grpc.StatusCode.UNAUTHENTICATED: "the bench sends no token: bench a server started "
+    "without --auth-token-file",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "check HOST:PORT, or raise --timeout",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     config, args = parse(argv)
     try:
         result = run(config)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; any spawned server is stopped by now
+        signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        print(f"error: stopped by {signum.name} before the report was complete; nothing "
+              "measured is printed", file=sys.stderr)  # fmt: skip
+        return 128 + signum
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -256,12 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except grpc.aio.AioRpcError as e:  # the server is unreachable or refused the first call
-        if config.target:
-            where = f"the server at {config.target}"
-            hint = "check HOST:PORT, --model and that `python -m serve` is running"
-        else:
-            where = f"the server spawned for {config.spawn}"
-            hint = "check --model and the server's log above"
+        where = (
+            f"the server at {config.target}"
+            if config.target
+            else f"the server spawned for {config.spawn}"
+        )
+        hint = _HINTS.get(e.code(), "check the server's log")
+        if config.spawn is not None and e.code() == grpc.StatusCode.UNAVAILABLE:
+            hint = f"it may have exited: run `python -m serve {config.spawn}` to see its log"
         print(f"error: {where} did not answer ({e.code().name}: {e.details()}); {hint}",
               file=sys.stderr)  # fmt: skip
         return 1
@@ -286,4 +328,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())

@@ -55,8 +55,8 @@ def _batches(text: str) -> tuple[int, ...]:
 
 
 # Flags of `python -m serve` a spawned server must not get: the bench sets them itself, or
-# cannot follow them (its channels and readiness probe are plaintext). The server would
-# listen elsewhere and the bench wait for it in vain.
+# cannot follow them (its channels and readiness probe are plaintext, its calls carry no
+# token). The server would listen elsewhere, or refuse every call.
 _OWN_FLAGS = {
     "--host": "the bench starts the server on 127.0.0.1 and free ports itself",
     "--port": "the bench starts the server on 127.0.0.1 and free ports itself",
@@ -64,6 +64,7 @@ _OWN_FLAGS = {
     "--tls-cert": "the bench connects in plaintext",
     "--tls-key": "the bench connects in plaintext",
     "--tls-client-ca": "the bench connects in plaintext",
+    "--auth-token-file": "the bench sends no token",
 }
 
 

@@ -98,6 +98,14 @@ def table(result: dict) -> str:
             f"{_num(row.get('client_cpu_ms_per_call')):>7}+{_num(row.get('server_cpu_ms_per_call')):<7}"
             f"  {errors}"
         )
+    for row in result["rows"]:
+        if row["fell_behind"]:
+            lines.append(
+                f"{row['server']} {row['load']}: fell behind the rate: {row['sent']} calls were "
+                f"due in the window and {row['requests']} answered in it; {row['late']} due in "
+                "it were answered only after it closed (their latencies count in p50/p90/p99); "
+                "lower --rate"
+            )
     for server in result["servers"]:
         lines.append(
             f"server [{server['label']}]: RSS {_num(server['rss_start_mb'], 1)} MiB after start, "

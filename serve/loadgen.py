@@ -65,21 +65,28 @@ class Load:
 
 @dataclass
 class Outcome:
-    """What one setting measured: latencies (seconds) of answered calls inside the window."""
+    """What one setting measured: ``sent`` calls started (open loop: scheduled) inside the
+    window, the ``latencies`` (seconds) of those answered, ``late`` of them only after the window
+    closed, and ``requests`` calls answered inside the window, whenever started."""
 
     load: Load
     latencies: list[float] = field(default_factory=list)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     window: float = 0.0
-
-    @property
-    def requests(self) -> int:
-        return len(self.latencies)
+    requests: int = 0
+    sent: int = 0
+    late: int = 0
 
     @property
     def throughput(self) -> float:
         """Answered images per second inside the window."""
         return self.requests * self.load.images / self.window if self.window else 0.0
+
+    @property
+    def fell_behind(self) -> bool:
+        """Whether an open-loop setting answered under 90% of the calls due in its window: the
+        server (or the bench) did not keep up with the rate, and a backlog built up."""
+        return self.load.rate is not None and self.requests < 0.9 * self.sent
 
     def percentile(self, q: float) -> float | None:
         """The ``q``-th latency percentile in seconds (nearest rank), None without calls."""
@@ -130,12 +137,16 @@ def infer_requests(
 
 
 def channel(target: str, max_message_bytes: int = MAX_REQUEST_BYTES) -> aio.Channel:
-    """An insecure aio channel with message limits large enough for 224×224 batches."""
+    """An insecure aio channel of its own connection, with message limits large enough for
+    224×224 batches."""
     return aio.insecure_channel(
         target,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # gRPC shares one connection among channels of equal target and options (the
+            # global subchannel pool): without this, --channels 4 was still one connection.
+            ("grpc.use_local_subchannel_pool", 1),
         ],
     )
 
@@ -190,6 +201,10 @@ class _Window:
     def __init__(self) -> None:
         self.recording = False
         self.stopping = False
+        self.opens = self.closes = math.inf  # closes: planned when it opens, actual once closed
+
+    def holds(self, moment: float) -> bool:
+        return self.opens <= moment < self.closes
 
 
 async def run_load(
@@ -211,6 +226,10 @@ async def run_load(
     send = StreamSender(channels, load, outcome) if load.stream else unary_sender(channels, load)
 
     async def one(index: int, scheduled: float) -> None:
+        # A call due in the window has its latency counted even when answered after it
+        # closes: under overload those are the slowest, and dropping them flattered p99.
+        measured = window.holds(scheduled)
+        outcome.sent += measured
         try:
             error = await send(index, requests[index % len(requests)])
         except grpc.RpcError as e:
@@ -219,8 +238,12 @@ async def run_load(
             return
         if error is not None:
             outcome.errors[error] += 1
-        elif window.recording:
-            outcome.latencies.append(time.perf_counter() - scheduled)
+            return
+        answered = time.perf_counter()
+        outcome.requests += window.recording
+        if measured:
+            outcome.latencies.append(answered - scheduled)
+            outcome.late += not window.recording
 
     async def closed(worker: int) -> None:
         index = worker
@@ -233,11 +256,13 @@ async def run_load(
         start = time.perf_counter()
         sent = 0
         tasks: set[asyncio.Task[None]] = set()
-        while not window.stopping:
-            now = time.perf_counter()
+        # Scheduled up to the window's planned end and no further: an event loop slowed down
+        # by a rate it cannot sustain once went on scheduling for many seconds past it.
+        while start + sent * interval < window.closes:
+            now = min(time.perf_counter(), window.closes)
             # Latency counts from the scheduled send time, so a slow server cannot hide
             # queueing by slowing the sender down (coordinated omission).
-            while start + sent * interval <= now:
+            while start + sent * interval < now:
                 task = loop.create_task(one(sent, start + sent * interval))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -260,16 +285,19 @@ async def run_load(
         await asyncio.sleep(load.warmup)
         if on_window is not None:
             await on_window(True)
-        opened_at = time.perf_counter()
+        opened_at = window.opens = time.perf_counter()
+        window.closes = opened_at + load.seconds
         window.recording = True
         ticker = loop.create_task(tick())
         await asyncio.sleep(load.seconds)
+        window.closes = time.perf_counter()
         window.recording = False
-        outcome.window = time.perf_counter() - opened_at
+        outcome.window = window.closes - opened_at
         if on_window is not None:
             await on_window(False)
     finally:
         window.stopping = True
+        window.closes = min(window.closes, time.perf_counter())  # also when it never opened
         if ticker is not None:
             ticker.cancel()
         await asyncio.gather(*senders, return_exceptions=True)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,10 +17,10 @@ import pytest
 from onnx import TensorProto, helper
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve import bench
+from serve import bench, benchreport
 from serve.background import BackgroundServer
-from serve.benchenv import InProcess, SpawnedServer, measure_in_process
-from serve.loadgen import Load, Outcome
+from serve.benchenv import InProcess, SpawnedServer, measure_in_process, scrape
+from serve.loadgen import Load, Outcome, channel, infer_requests, model_input, run_load
 from tests.serve.conftest import free_port, make_classifier, make_reshape_model
 from tests.serve.pki import make_pki
 
@@ -144,7 +148,7 @@ def test_spawned_server_refusing_the_model_name(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: the server spawned for {classifier_path} did not answer "
                           "(NOT_FOUND: "), err  # fmt: skip
-    assert err.endswith("check --model and the server's log above"), err
+    assert err.endswith("; check --model"), err
 
 
 def test_baseline_keeps_the_faster_measurement_per_batch_size() -> None:
@@ -162,7 +166,9 @@ def test_load_checks_and_percentiles() -> None:
         Load(concurrency=0)
     with pytest.raises(ValueError, match="--rate > 0"):
         Load(rate=0)
-    outcome = Outcome(Load(images=2), latencies=[0.004, 0.001, 0.003, 0.002], window=2.0)
+    outcome = Outcome(
+        Load(images=2), latencies=[0.004, 0.001, 0.003, 0.002], window=2.0, requests=4
+    )
     assert outcome.percentile(50) == 0.002
     assert outcome.percentile(99) == 0.004
     assert outcome.throughput == 4.0
@@ -291,6 +297,7 @@ def test_plot_write_failure_after_the_run_is_one_line(
         (["--server-arg=--host=0.0.0.0"], "without --host"),
         (["--compare=--max-batch-size=1 --port 5"], "without --port, got '--port'"),
         (["--server-arg=--tls-cert=c.pem"], "the bench connects in plaintext"),
+        (["--server-arg=--auth-token-file=t"], "without --auth-token-file, got '--auth-token"),
     ],
 )
 def test_server_flags_the_bench_sets_or_cannot_follow_are_usage_errors(
@@ -408,3 +415,185 @@ def test_a_spawned_server_that_never_answers_serving_is_reported_not_waited_on_s
     assert "check the log above and the --server-arg values" in str(caught.value)
     assert "waiting for the spawned server to be SERVING" in capsys.readouterr().err
     assert server.proc is not None and server.proc.poll() is not None  # stopped
+
+
+def _connections_to(port: int) -> int:
+    """Established TCP connections (from this machine) whose remote end is ``port``."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+def test_each_channel_is_its_own_connection(
+    start_server: Callable[..., BackgroundServer],
+) -> None:
+    server = start_server()
+
+    async def measure() -> list[int]:
+        channels = [channel(f"127.0.0.1:{server.port}") for _ in range(3)]
+        try:
+            name, shape, _ = await model_input(channels[0], "tiny", 10)
+            requests = infer_requests("tiny", name, shape, 1, 1)
+            seen: list[int] = []
+
+            async def count(opening: bool) -> None:
+                seen.append(_connections_to(server.port))
+
+            load = Load(concurrency=3, seconds=0.3, warmup=0.2)
+            outcome = await run_load(channels, requests, load, count)
+            assert outcome.errors == {}
+            return seen
+        finally:
+            for chan in channels:
+                await chan.close()
+
+    # gRPC's global subchannel pool once put every channel on one connection.
+    assert asyncio.run(measure()) == [3, 3]
+
+
+def _wait_for(check: Callable[[], object], what: str, limit: float = 60) -> object:
+    until = time.monotonic() + limit
+    while time.monotonic() < until:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"expected {what} within {limit} s")
+
+
+def _spawned_children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_run_stops_the_spawned_server_and_says_so(
+    classifier_path: Path, signum: signal.Signals
+) -> None:
+    bench_run = subprocess.Popen(
+        [sys.executable, "-m", "serve.bench", "--spawn", str(classifier_path), "-c", "2",
+         "--seconds", "600", "--warmup", "0", "--baseline-batches", "1",
+         "--baseline-seconds", "0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        # Ctrl-C reaches Python only where SIGINT is not ignored, as it may be under a runner.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        (server_pid,) = _wait_for(lambda: _spawned_children(bench_run.pid), "a spawned server")
+        argv = Path(f"/proc/{server_pid}/cmdline").read_text().split("\0")
+        metrics = f"http://127.0.0.1:{argv[argv.index('--metrics-port') + 1]}/metrics"
+        _wait_for(lambda: (scrape(metrics, classifier_path.stem) or {}).get("batches"), "load")
+        bench_run.send_signal(signum)
+        _, err = bench_run.communicate(timeout=120)
+    finally:
+        if bench_run.poll() is None:
+            bench_run.kill()
+    assert bench_run.returncode == 128 + signum, err
+    assert f"error: stopped by {signum.name} before the report" in err
+    assert "Traceback" not in err
+    # SIGTERM once ended the bench at once and left its server running.
+    assert not Path(f"/proc/{server_pid}").exists()
+
+
+@pytest.mark.parametrize(
+    ("secure", "hint"),
+    [
+        ("token", "the bench sends no token: bench a server started without --auth-token-file"),
+        ("tls", "the bench connects in plaintext: a TLS server closes the connection"),
+    ],
+)
+def test_a_server_the_bench_cannot_talk_to_says_why(
+    start_server: Callable[..., BackgroundServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    secure: str,
+    hint: str,
+) -> None:
+    if secure == "token":
+        token = tmp_path / "token"
+        token.write_text("secret\n")
+        server = start_server(auth_token_file=token)
+    else:
+        pki = make_pki(tmp_path)
+        server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key)
+    argv = [f"127.0.0.1:{server.port}", "--model", "tiny", "-c", "1", "--seconds", "0.2",
+            "--warmup", "0", "--timeout", "5"]  # fmt: skip
+    assert bench.main(argv) == 1
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "did not answer" in line and hint in line, line
+
+
+def test_an_open_loop_the_server_falls_behind_counts_every_due_call(
+    classifier_path: Path,
+) -> None:
+    load = Load(rate=50, seconds=1, warmup=0.2, timeout=60)
+    with SpawnedServer(classifier_path, ["--device=cpu"]) as server:
+        assert server.proc is not None
+        pid = server.proc.pid
+
+        async def measure() -> Outcome:
+            channels = [channel(server.target)]
+            try:
+                name, shape, _ = await model_input(channels[0], classifier_path.stem, 10)
+                requests = infer_requests(classifier_path.stem, name, shape, 1, 1)
+
+                async def freeze_in_window(opening: bool) -> None:
+                    # The server answers nothing while the window is open: a backlog of
+                    # every call due in it, answered once the window has closed.
+                    os.kill(pid, signal.SIGSTOP if opening else signal.SIGCONT)
+
+                return await run_load(channels, requests, load, freeze_in_window)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+                for chan in channels:
+                    await chan.close()
+
+        outcome = asyncio.run(measure())
+    assert outcome.errors == {}
+    assert outcome.requests == 0 and outcome.sent > 0
+    # Those answers once went uncounted: no latency at all, and nothing said about them.
+    assert outcome.late == outcome.sent == len(outcome.latencies)
+    assert outcome.percentile(99) is not None and outcome.fell_behind
+    row = bench._row("server", outcome, [], None)
+    assert (row["sent"], row["late"], row["requests"]) == (outcome.sent, outcome.sent, 0)
+    machine = {"cpus": 2, "platform": "p", "python": "3", "date": "d"}
+    report = benchreport.report(
+        model="tiny", model_file=None, target=None, in_process=None, servers=[], rows=[row],
+        machine=machine,
+    )  # fmt: skip
+    assert f"server rate=50/s: fell behind the rate: {outcome.sent} calls were due" in (
+        benchreport.table(report)
+    )
+
+
+def test_a_spawned_server_dying_mid_run_keeps_the_report_and_names_the_status(
+    classifier_path: Path,
+) -> None:
+    bench_run = subprocess.Popen(
+        [sys.executable, "-m", "serve.bench", "--spawn", str(classifier_path), "-c", "1", "2",
+         "--seconds", "3", "--warmup", "0", "--baseline-batches", "1",
+         "--baseline-seconds", "0.1", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        (server_pid,) = _wait_for(lambda: _spawned_children(bench_run.pid), "a spawned server")
+        argv = Path(f"/proc/{server_pid}/cmdline").read_text().split("\0")
+        metrics = f"http://127.0.0.1:{argv[argv.index('--metrics-port') + 1]}/metrics"
+        _wait_for(lambda: (scrape(metrics, classifier_path.stem) or {}).get("batches"), "load")
+        os.kill(server_pid, signal.SIGKILL)
+        out, err = bench_run.communicate(timeout=120)
+    finally:
+        if bench_run.poll() is None:
+            bench_run.kill()
+    assert bench_run.returncode == 1, err
+    # The report once was lost, replaced by one line blaming HOST:PORT and --model.
+    report = json.loads(out)
+    assert [r["load"] for r in report["rows"]] == ["c=1", "c=2"]
+    last = report["rows"][1]
+    assert last["errors"] == {"UNAVAILABLE": 1} and last["requests"] == 0
+    assert report["servers"][0]["exit_code"] == -signal.SIGKILL
+    assert "default c=2: not run: the server did not answer (UNAVAILABLE" in err
+    assert "Traceback" not in err
