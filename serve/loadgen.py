@@ -41,7 +41,9 @@ class Load:
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
-            raise ValueError(f"expected concurrency >= 1, got {self.concurrency}; pass 1 or more")
+            raise ValueError(
+                f"expected -c/--concurrency >= 1, got {self.concurrency}; pass 1 or more"
+            )
         # Written so that NaN fails every check: comparisons with NaN are False.
         if self.rate is not None and not 0 < self.rate < math.inf:
             raise ValueError(f"expected --rate > 0 requests/s, got {self.rate}; pass e.g. 500")
@@ -101,6 +103,14 @@ MAX_REQUEST_BYTES = 256 * 1024 * 1024
 MAX_PAYLOAD_BYTES = 4 * 1024**3
 
 
+def _size(count: int) -> str:
+    """``count`` bytes in the largest binary unit that leaves at least 1 of it."""
+    for unit, power in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 2**power:
+            return f"{count / 2**power:.1f} {unit}"
+    return f"{count} B"
+
+
 def check_payload(sample_shape: tuple[int, ...], images: int, distinct: int) -> None:
     """ValueError, saying what to lower, when one request of ``images`` float32 samples is
     above the channel's send limit or the ``distinct`` payloads together would hold more than
@@ -115,7 +125,7 @@ def check_payload(sample_shape: tuple[int, ...], images: int, distinct: int) -> 
     if distinct * request > MAX_PAYLOAD_BYTES:
         raise ValueError(
             f"expected at most {MAX_PAYLOAD_BYTES / 2**30:.0f} GiB of request payloads, got "
-            f"--distinct {distinct} × {request / 2**20:.1f} MiB "
+            f"--distinct {distinct} × {_size(request)} "
             f"({images} images of {shape}) = {distinct * request / 2**30:.1f} GiB; lower "
             "--distinct or --images"
         )

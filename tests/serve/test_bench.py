@@ -227,6 +227,8 @@ def test_plot_suffix_matplotlib_cannot_write_is_a_usage_error(
     [
         (["--images", "100000000"], "expected a request of at most 256 MiB"),
         (["--images", "300000", "--distinct", "100"], "lower --distinct or --images"),
+        # A tiny request read "× 0.0 MiB".
+        (["--distinct", "100000000"], "--distinct 100000000 × 768 B (1 images"),
         (["--model-file", "{junk}"], "--model-file: expected a model onnxruntime"),
     ],
 )
