@@ -21,12 +21,23 @@ from prometheus_client.metrics_core import Metric
 from serve.errors import OUTCOMES
 from serve.statistics import Tally
 
-# Latencies from half a millisecond (a small CPU batch) to tens of seconds (a stuck queue).
+# Latencies from a tenth of a millisecond to tens of seconds (a stuck queue): an idle queue's
+# wait and a small model's batch take well under half a millisecond, and with 0.5 ms as the
+# first bound every such observation fell in one bucket (histogram_quantile read 0.25 ms and
+# 0.5 ms as p50 and p99 whatever the truth).
 _SECONDS_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
 )
 # Powers of two, the bucket sizes the batcher pads to.
 _ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The ``model`` label of requests naming no served model: made-up names add no series.
+UNKNOWN_MODEL = "_unknown"
+# Outcomes of requests refused before they reached a served model version (a wrong version, a
+# missing token, a server not taking requests): Triton's ModelStatistics leave them out of the
+# model's ``fail``, as its ``nv_inference_request_failure`` reasons do (rejected, canceled,
+# backend, timeout, other). Prometheus still counts them under the model's name.
+_REFUSED = frozenset({"not_found", "unauthenticated", "unavailable"})
 
 
 class _Registry(CollectorRegistry):
@@ -47,7 +58,8 @@ class Metrics:
     ``serve_requests_total{outcome}`` (counter), ``serve_request_duration_seconds``,
     ``serve_queue_duration_seconds``, ``serve_compute_duration_seconds``,
     ``serve_batch_size`` (histogram of real rows per executed batch),
-    ``serve_queue_depth`` and ``serve_model_ready`` (gauges).
+    ``serve_queue_depth`` and ``serve_model_ready`` (gauges). Requests naming no served
+    model are counted under ``UNKNOWN_MODEL``, whose series exist at zero from the start.
     """
 
     def __init__(self) -> None:
@@ -105,6 +117,8 @@ class Metrics:
         self._children: dict[tuple[int | str, ...], Any] = {}
         # Triton's ModelStatistics totals, per served model (``model_ready`` adds them).
         self._tallies: dict[str, Tally] = {}
+        # Requests to unknown models can come before any model is ready (while loading).
+        self._zero_requests(UNKNOWN_MODEL)
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -121,7 +135,10 @@ class Metrics:
         self._child(self._request_seconds, model).observe(seconds)
         tally = self._tallies.get(model)
         if tally is not None:
-            tally.request(outcome == "success", seconds)
+            if outcome == "success":
+                tally.request(True, seconds)
+            elif outcome not in _REFUSED:
+                tally.request(False, seconds)
 
     def queued(self, model: str, seconds: float) -> None:
         """Observe how long one request (or piece of one) waited from enqueue to its batch."""
@@ -153,14 +170,18 @@ class Metrics:
         """Set whether the model accepts requests; also makes its series appear at zero."""
         self._model_ready.labels(model).set(1 if ready else 0)
         self._tallies.setdefault(model, Tally())
-        # Zero-valued series from the start, so rate() and absent() work before traffic.
-        for outcome in OUTCOMES:
-            self._requests.labels(model, outcome)
-        self._request_seconds.labels(model)
+        self._zero_requests(model)
         self._queue_seconds.labels(model)
         self._compute_seconds.labels(model)
         self._batch_rows.labels(model)
         self._queue_depth.labels(model)
+
+    def _zero_requests(self, model: str) -> None:
+        # Zero-valued series from the start: rate() and increase() miss the first increase of
+        # a series that is born at 1.
+        for outcome in OUTCOMES:
+            self._requests.labels(model, outcome)
+        self._request_seconds.labels(model)
 
     def serve_http(self, host: str, port: int) -> None:
         """Serve ``/metrics`` over HTTP on ``host:port`` in a daemon thread; port 0 disables it."""

@@ -4,7 +4,9 @@
 The same events feed the Prometheus metrics (``serve.metrics``); these are plain cumulative
 counts and nanosecond sums, as Triton reports them:
 
-- ``success`` / ``fail``: finished requests and their time from arrival to answer;
+- ``success`` / ``fail``: finished requests and their time from arrival to answer; as in
+  Triton, ``fail`` leaves out requests refused before they reached the model (a wrong version,
+  a missing token, a server not taking requests: ``serve.metrics``);
 - ``queue``, ``compute_input``, ``compute_infer``, ``compute_output``: per answered request
   (counted when its logits are ready, so the counts follow ``success``), its time from enqueue
   to its batch's start and that batch's collate, ONNX Runtime and output times (output: 0,

@@ -14,6 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from protos import kserve_pb2
 from serve.background import BackgroundServer
+from tests.serve.v2 import request_counts
 
 Reference = Callable[[Path, np.ndarray], np.ndarray]
 
@@ -378,3 +379,48 @@ def test_model_statistics_count_what_was_served(
     # Each batch belongs to one request here: the same seconds, summed in another order.
     batch_ns = sum(b.compute_infer.ns for b in stats.batch_stats)
     assert batch_ns == pytest.approx(infer.compute_infer.ns, abs=10)
+
+
+def test_model_statistics_fail_only_requests_that_reached_the_model(
+    start_server: Callable[..., BackgroundServer], tmp_path: Path
+) -> None:
+    # Triton counts a failure against a model version only once a request reached it: a wrong
+    # version, a missing token or a server not taking requests never does. They used to count
+    # in the served version's `fail`, so any caller without the token could inflate it.
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    bg = start_server(auth_token_file=token)
+    auth = {"authorization": "Bearer s3cret"}
+    client = tc.InferenceServerClient(f"127.0.0.1:{bg.port}")
+    x = np.ones((1, 3, 8, 8), np.float32)
+    fp64 = _input(x.astype(np.float64), datatype="FP64")
+    try:
+        client.infer("tiny", [_input(x)], headers=auth)
+        statuses = []
+        for call in (
+            lambda: client.infer("tiny", [_input(x)], model_version="2", headers=auth),
+            lambda: client.infer("tiny", [_input(x)]),  # no token
+            lambda: client.infer("tiny", [fp64], headers=auth),
+        ):
+            with pytest.raises(InferenceServerException) as caught:
+                call()
+            statuses.append(_status(caught.value))
+        (stats,) = client.get_inference_statistics("tiny", headers=auth).model_stats
+    finally:
+        client.close()
+    assert statuses == [
+        "StatusCode.NOT_FOUND",
+        "StatusCode.UNAUTHENTICATED",
+        "StatusCode.INVALID_ARGUMENT",
+    ]
+    infer = stats.inference_stats
+    assert (infer.success.count, infer.fail.count) == (1, 1)  # the FP64 request reached it
+    assert bg.server is not None
+    text = bg.server.metrics.render().decode()
+    counts = {key: n for key, n in request_counts(text).items() if n}
+    assert counts == {
+        ("tiny", "success"): 1,
+        ("tiny", "not_found"): 1,
+        ("tiny", "unauthenticated"): 1,
+        ("tiny", "invalid"): 1,
+    }
