@@ -152,6 +152,7 @@ class Server:
         await self.health.set("", _NOT_SERVING)
         for name in paths:  # known while loading: a probe by name hears NOT_SERVING, not NOT_FOUND
             await self.health.set(name, _NOT_SERVING)
+            self.metrics.model_ready(name, False)  # and a scrape reads 0, not nothing
         _log.info("listening on %s", _address(self.config.host, self.port))
         for info in infos:
             runtime = await asyncio.to_thread(_load, info, self.config, self._stopping)

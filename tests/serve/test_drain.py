@@ -8,6 +8,7 @@ correctly, while health turns NOT_SERVING and new calls get UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -166,14 +167,19 @@ def test_sigterm_while_warming_up_stops_without_finishing_the_warm_up(tmp_path: 
     """Each warm-up run of this model spins for seconds; a SIGTERM once the session exists
     must end the process with 0 before the remaining buckets run, never reporting ready."""
     model = _slow_model(tmp_path / "slow.onnx", iterations=3_000_000)
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     args = [
-        str(model), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-        "--device", "cpu",
+        str(model), "--host", "127.0.0.1", "--port", str(port),
+        "--metrics-port", str(metrics_port), "--device", "cpu",
         "--max-batch-size", "8",  # 4 buckets: the whole warm-up takes 4 runs
     ]  # fmt: skip
     loaded = "runs on CPUExecutionProvider"  # the session exists; warm-up begins
     with ServeProcess(args, port, tmp_path / "serve.log", ready_line=loaded) as server:
+        # While loading, metrics answer (their port is bound first) and say "not ready".
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            scraped = reply.read().decode()
+        assert 'serve_model_ready{model="slow"} 0.0' in scraped, scraped
         server.terminate()
         code = server.wait(120)
         output = server.output()
