@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from serve.config import ServerConfig
+from serve.metrics import UNKNOWN_MODEL
 
 _log = logging.getLogger(__name__)
 _MODEL_FILE = "model.onnx"
@@ -102,6 +103,16 @@ def _from_repository(root: Path) -> dict[str, Path]:
 
 def find_models(config: ServerConfig) -> dict[str, Path]:
     """Model name → ONNX path, in a stable order. Raises ValueError saying what to fix."""
+    found = _find(config)
+    if UNKNOWN_MODEL in found:
+        raise ValueError(
+            f"expected model names other than {UNKNOWN_MODEL!r}, which the metrics use for "
+            f"requests naming no served model, got {found[UNKNOWN_MODEL]}; rename it"
+        )
+    return found
+
+
+def _find(config: ServerConfig) -> dict[str, Path]:
     if config.model_repository is not None:
         return _from_repository(config.model_repository)
     found: dict[str, Path] = {}

@@ -26,6 +26,9 @@ def test_files_are_named_by_stem(tmp_path: Path) -> None:
     assert find_models(ServerConfig(models=(a, b))) == {"resnet": a, "digits": b}
     with pytest.raises(ValueError, match="twice"):
         find_models(ServerConfig(models=(a, _touch(tmp_path / "y" / "resnet.onnx"))))
+    # Its requests would be counted with those naming no served model.
+    with pytest.raises(ValueError, match="other than '_unknown'"):
+        find_models(ServerConfig(models=(_touch(tmp_path / "_unknown.onnx"),)))
 
 
 def test_repository_layouts(tmp_path: Path) -> None:
