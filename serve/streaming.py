@@ -12,9 +12,10 @@ beyond that the server stops reading the stream until the client reads answers, 
 flow control holds a client that sends without reading, instead of the server's memory (a
 client that never read grew the server by ~1.5 KB per request, without bound).
 
-The stream ends with OK once the client has closed its side and every request is answered.
-When the server drains, requests still arriving are answered UNAVAILABLE, and once the admitted
-ones are answered the stream ends with status UNAVAILABLE, so the client reconnects elsewhere.
+The stream ends with OK once the client has closed its side and every request is answered,
+draining or not. When the server drains, requests still arriving are answered UNAVAILABLE, and
+once the admitted ones are answered a stream the client has not closed ends with status
+UNAVAILABLE, so the client reconnects elsewhere.
 """
 
 from __future__ import annotations
@@ -142,10 +143,13 @@ class Stream:
     def _maybe_end(self) -> None:
         if self._admitted:
             return
-        if self.state.draining:
-            self._outbox.put_nowait(_DRAINED)
-        elif self._closed:
+        # Closed first: a client that sends no more and has every answer ends OK even while
+        # the server drains; UNAVAILABLE made tritonclient's callback, and Client.infer_stream,
+        # report an error after every request had succeeded.
+        if self._closed:
             self._outbox.put_nowait(_CLOSED)
+        elif self.state.draining:
+            self._outbox.put_nowait(_DRAINED)
 
     def _start(self, request: pb.ModelInferRequest | Undecodable) -> None:
         state = self.state

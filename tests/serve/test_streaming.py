@@ -26,6 +26,7 @@ from serve.background import BackgroundServer
 from serve.state import ServingState
 from tests.serve.conftest import free_port, plant_counting_bug
 from tests.serve.procs import ServeProcess
+from tests.serve.test_queueing import _slow_classifier
 from tests.serve.v2 import request_counts
 
 Reference = Callable[[Path, np.ndarray], np.ndarray]
@@ -357,6 +358,40 @@ def test_drain_answers_the_admitted_then_ends_unavailable(
     assert _errors_logged(caplog) == []  # a drain is routine, not an error
 
 
+def test_a_closed_stream_answered_during_a_drain_ends_ok(
+    start_server: Callable[..., BackgroundServer],
+    classifier_path: Path,
+    reference: Reference,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A client that has sent everything (tritonclient's stop_stream, Client.infer_stream at the
+    # end of its batches) and gets every answer during a rolling restart: the stream ended
+    # UNAVAILABLE, which both clients report as an error after every request succeeded.
+    server, state = _quiet_server(start_server, caplog, max_queue_delay_us=2_000_000, grace=30)
+    x = _rows(3, 21)
+
+    async def scenario() -> tuple[Answers, grpc.StatusCode, str]:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = _open(channel)
+            await call.write(_request(x, "last"))
+            while state.in_flight == 0:  # admitted: queued, its batch window still open
+                await asyncio.sleep(0.01)
+            stopping = asyncio.ensure_future(asyncio.to_thread(server.stop, 30))
+            while not state.draining:
+                await asyncio.sleep(0.01)
+            await call.done_writing()
+            ending = await _rest(call)
+            await stopping
+            return ending
+
+    answers, code, details = asyncio.run(scenario())
+    assert [a.infer_response.id for a in answers] == ["last"]
+    _check_answer(answers[0], x, classifier_path, reference)
+    assert code == grpc.StatusCode.OK, (code, details)
+    assert state.in_flight == 0
+    assert _errors_logged(caplog) == []
+
+
 def test_a_cancelled_stream_leaves_the_server_serving(
     start_server: Callable[..., BackgroundServer],
     classifier_path: Path,
@@ -458,6 +493,48 @@ def test_a_client_that_does_not_read_is_held_back_not_buffered(
         assert read < count / 2
         ids = [a.infer_response.id for a in answers]  # read now: the rest comes
     assert sorted(ids, key=int) == [str(i) for i in range(count)]
+
+
+def test_a_full_queue_refuses_stream_requests_one_by_one_and_the_stream_goes_on(
+    start_server: Callable[..., BackgroundServer],
+    tmp_path: Path,
+    reference: Reference,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    slow = _slow_classifier(tmp_path / "slow.onnx")
+    server, state = _quiet_server(
+        start_server, caplog, models=(slow,), max_batch_size=1, max_queue_size=2
+    )
+    inputs = {
+        str(i): np.random.default_rng(i).normal(size=(1, 256, 256)).astype(np.float32)
+        for i in range(16)
+    }
+
+    async def scenario() -> tuple[Answers, grpc.StatusCode, str]:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = _open(channel, timeout=120)
+            for ident, x in inputs.items():
+                await call.write(_request(x, ident, model="slow"))
+            await call.done_writing()
+            return await _rest(call)
+
+    answers, code, details = asyncio.run(scenario())
+    assert code == grpc.StatusCode.OK, details
+    assert sorted(a.infer_response.id for a in answers) == sorted(inputs)
+    rejected = [a for a in answers if a.error_message]
+    assert all(a.error_message.startswith("RESOURCE_EXHAUSTED: ") for a in rejected), rejected
+    assert all("--max-queue-size" in a.error_message for a in rejected), rejected
+    for answer in answers:
+        if not answer.error_message:
+            expected = reference(slow, inputs[answer.infer_response.id])
+            np.testing.assert_allclose(_logits(answer.infer_response), expected, atol=1e-4)
+    assert 1 <= len(rejected) < len(inputs)
+    _settled(state)
+    assert server.server.models["slow"].batcher.depth == 0
+    counts = request_counts(server.server.metrics.render().decode())
+    assert counts[("slow", "rejected")] == len(rejected)
+    assert counts[("slow", "success")] == len(inputs) - len(rejected)
+    assert _errors_logged(caplog) == []  # a full queue is load, not an error
 
 
 def _settled(state: ServingState) -> None:
