@@ -162,6 +162,8 @@ class Batcher:
         """Start the instance threads; call from the event loop that will submit requests."""
         loop = asyncio.get_running_loop()
         self._open = True
+        if self._metrics is not None:
+            self._metrics.watch_queue(self.name, self._queue.qsize)
         self._threads = [
             threading.Thread(
                 target=self._work, args=(loop,), name=f"ort-{self.name}-{i}", daemon=True
@@ -219,8 +221,6 @@ class Batcher:
         ]
         for pending in queued:
             self._queue.put(pending)
-        if self._metrics is not None:
-            self._metrics.queue_depth(self.name, waiting + count)
         if count == 1:
             return queued[0].future, queued
         return _joined([p.future for p in queued], loop), queued
@@ -279,8 +279,6 @@ class Batcher:
         while not stop:
             batch, held, stop = collect(self._queue, held, self.runtime.max_batch, self._delay)
             if not batch:  # only withdrawn requests were taken: the queue shrank without a batch
-                if self._metrics is not None:
-                    self._metrics.queue_depth(self.name, self._queue.qsize())
                 continue
             try:
                 buffer = self._run(loop, batch, buffer)
@@ -307,7 +305,6 @@ class Batcher:
             pending.started = now
             live.append(pending)
         if self._metrics is not None:
-            self._metrics.queue_depth(self.name, self._queue.qsize())
             for pending in live:
                 self._metrics.queued(self.name, now - pending.enqueued)
         logits: np.ndarray | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -162,9 +162,13 @@ class Metrics:
         """The ModelStatistics totals of ``model``, None for a model never made ready."""
         return self._tallies.get(model)
 
-    def queue_depth(self, model: str, depth: int) -> None:
-        """Set the number of requests waiting in the model's queue."""
-        self._child(self._queue_depth, model).set(depth)
+    def watch_queue(self, model: str, depth: Callable[[], int]) -> None:
+        """Report ``depth()``, the requests waiting in the model's queue, at each scrape.
+
+        Read when scraped, the gauge is never stale: set by each of its writers (a submit, an
+        instance taking a batch), it could be left at 1 over an empty queue until the next
+        request, and it cost a lock per request."""
+        self._queue_depth.labels(model).set_function(depth)
 
     def model_ready(self, model: str, ready: bool) -> None:
         """Set whether the model accepts requests; also makes its series appear at zero."""

@@ -108,7 +108,7 @@ def test_collect_skips_cancelled_requests_and_ends_at_a_stop_mark(
 def test_collect_returns_empty_after_dropping_instead_of_blocking(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
-    # The instance then sets serve_queue_depth: nothing else would until the next request.
+    # The instance then loops back to wait for requests; it must not block holding nothing.
     gone = [_pending(loop, 2) for _ in range(3)]
     for item in gone:
         item.future.cancel()

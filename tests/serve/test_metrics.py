@@ -39,7 +39,7 @@ def test_counts_and_histograms_follow_the_calls() -> None:
     m.queued("digits", 0.002)
     m.batch("digits", 3, 0.004)
     m.batch("digits", 5, 0.004)
-    m.queue_depth("digits", 7)
+    m.watch_queue("digits", lambda: 7)
     got = _samples(m.render().decode())
     assert got[("serve_requests_total", (("model", "digits"), ("outcome", "success")))] == 3
     assert got[("serve_requests_total", (("model", "digits"), ("outcome", "invalid")))] == 1
