@@ -61,6 +61,8 @@ _OUTCOMES = {
 
 
 OUTCOMES = (*_OUTCOMES.values(), "internal")
+# The model label of requests naming no served model: made-up names add no metric series.
+UNKNOWN_MODEL = "_unknown"
 
 
 def outcome(code: grpc.StatusCode) -> str:

@@ -18,7 +18,7 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 
-from serve.errors import OUTCOMES
+from serve.errors import OUTCOMES, UNKNOWN_MODEL
 from serve.statistics import Tally
 
 # Latencies from a tenth of a millisecond to tens of seconds (a stuck queue): an idle queue's
@@ -31,8 +31,6 @@ _SECONDS_BUCKETS = (
 )
 # Powers of two, the bucket sizes the batcher pads to.
 _ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-# The ``model`` label of requests naming no served model: made-up names add no series.
-UNKNOWN_MODEL = "_unknown"
 # Outcomes of requests refused before they reached a served model version (a wrong version, a
 # missing token, a server not taking requests): Triton's ModelStatistics leave them out of the
 # model's ``fail``, as its ``nv_inference_request_failure`` reasons do (rejected, canceled,

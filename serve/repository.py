@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from serve.config import ServerConfig
-from serve.metrics import UNKNOWN_MODEL
+from serve.errors import UNKNOWN_MODEL
 
 _log = logging.getLogger(__name__)
 _MODEL_FILE = "model.onnx"

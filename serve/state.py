@@ -13,7 +13,7 @@ import grpc
 from grpc import aio
 
 from serve.batcher import TRACE, Batcher, Trace
-from serve.errors import ServeError, not_found, outcome, shown, unavailable
+from serve.errors import UNKNOWN_MODEL, ServeError, not_found, outcome, shown, unavailable
 from serve.model_info import ModelInfo
 
 if TYPE_CHECKING:
@@ -241,7 +241,8 @@ class ServingState:
         self.record(model_name, code, seconds)
 
     def record(self, model_name: str, code: grpc.StatusCode, seconds: float) -> None:
-        """Count one finished request in the metrics, under ``_unknown`` for unknown models."""
+        """Count one finished request in the metrics, under ``UNKNOWN_MODEL`` for names the
+        server does not serve (a model still loading is known: its series exist already)."""
         if self.metrics is not None:
-            label = model_name if model_name in self.models else "_unknown"
-            self.metrics.request(label, outcome(code), seconds)
+            known = model_name in self.models or model_name in self.loading
+            self.metrics.request(model_name if known else UNKNOWN_MODEL, outcome(code), seconds)

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnx
+import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
@@ -175,11 +176,19 @@ def test_sigterm_while_warming_up_stops_without_finishing_the_warm_up(tmp_path: 
     ]  # fmt: skip
     loaded = "runs on CPUExecutionProvider"  # the session exists; warm-up begins
     with ServeProcess(args, port, tmp_path / "serve.log", ready_line=loaded) as server:
-        # While loading, metrics answer (their port is bound first) and say "not ready".
+        # While loading, metrics answer (their port is bound first) and say "not ready"; a
+        # call to the loading model is counted under its name, not with unknown names.
+        payload = infer_payload("slow", np.zeros((1, 4), np.float32))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(
+            grpc.RpcError
+        ) as refused:
+            channel.unary_unary(INFER)(payload, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=30) as reply:
             scraped = reply.read().decode()
         assert 'serve_model_ready{model="slow"} 0.0' in scraped, scraped
+        assert 'serve_requests_total{model="slow",outcome="unavailable"} 1.0' in scraped, scraped
         server.terminate()
         code = server.wait(120)
         output = server.output()
