@@ -127,7 +127,7 @@ class KServeServicer:
             model = self.state.model(parsed.model_name, parsed.model_version)
             rows, k = decode_request(model, parsed)
             logits = await model.batcher.infer(rows, self.state.deadline(context))
-            return encode_response(model, parsed, logits, k)
+            return encode_response(model, parsed, logits, k, self.state.max_message_bytes)
 
         return await self.state.run(context, request.model_name, work)
 

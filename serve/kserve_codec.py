@@ -3,11 +3,12 @@ classification extension. Shared by the unary ``ModelInfer`` and ``ModelStreamIn
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 
 from protos import kserve_pb2 as pb
 from serve import tensors
-from serve.errors import invalid, shown
+from serve.errors import ServeError, invalid, shown
 from serve.state import VERSION, Model
 
 _CLASSIFICATION = "classification"
@@ -95,8 +96,11 @@ def _requested_classes(model: Model, request: pb.ModelInferRequest) -> int | Non
 
 
 def encode_response(
-    model: Model, request: pb.ModelInferRequest, logits: np.ndarray, k: int | None
+    model: Model, request: pb.ModelInferRequest, logits: np.ndarray, k: int | None, limit: int
 ) -> pb.ModelInferResponse:
+    """The answer to ``request``; RESOURCE_EXHAUSTED when it would be above ``limit`` bytes,
+    gRPC's send limit, which fails the whole call instead (and ends a stream with every
+    request on it)."""
     info = model.info
     tensor = pb.ModelInferResponse.InferOutputTensor
     if k is None:
@@ -105,6 +109,16 @@ def encode_response(
     else:
         output = tensor(name=info.output_name, datatype="BYTES", shape=[len(logits), k])
         raw = tensors.encode_bytes(tensors.classification_strings(logits, k, info.labels))
+    # An upper bound of the serialized size: the other fields (shape, version, a stream's
+    # wrapper and final-response flag) take well under the 128 bytes allowed for them.
+    size = len(raw) + len(request.id) + len(info.name) + len(info.output_name) + 128
+    if size > limit:
+        raise ServeError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"expected an answer within the server's --max-message-bytes {limit}, got about "
+            f"{size} bytes for {len(logits)} rows of {info.num_classes} classes; send fewer rows "
+            "per request, ask for the top classes only (classification), or raise the limit",
+        )
     return pb.ModelInferResponse(
         model_name=info.name,
         model_version=VERSION,

@@ -108,7 +108,9 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.state = ServingState({}, self.metrics, config.max_image_pixels)
+        self.state = ServingState(
+            {}, self.metrics, config.max_image_pixels, config.max_message_bytes
+        )
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: aio.Server | None = None

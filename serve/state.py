@@ -13,6 +13,7 @@ import grpc
 from grpc import aio
 
 from serve.batcher import TRACE, Batcher, Trace
+from serve.config import DEFAULT_MAX_MESSAGE_BYTES
 from serve.errors import UNKNOWN_MODEL, ServeError, not_found, outcome, shown, unavailable
 from serve.model_info import ModelInfo
 
@@ -56,10 +57,17 @@ class Model:
 class ServingState:
     """Models by name, plus the server-wide flags and the in-flight request count."""
 
-    def __init__(self, models: dict[str, Model], metrics: Metrics | None, max_image_pixels: int):
+    def __init__(
+        self,
+        models: dict[str, Model],
+        metrics: Metrics | None,
+        max_image_pixels: int,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ):
         self.models = models
         self.metrics = metrics
         self.max_image_pixels = max_image_pixels
+        self.max_message_bytes = max_message_bytes  # gRPC's send limit for an answer
         self.ready = False
         self.loading: set[str] = set()  # the names being loaded before ready
         self._drain = asyncio.Event()

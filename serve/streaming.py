@@ -197,7 +197,9 @@ class Stream:
             try:
                 answer = _final(
                     pb.ModelStreamInferResponse(
-                        infer_response=encode_response(model, request, future.result(), k)
+                        infer_response=encode_response(
+                            model, request, future.result(), k, self.state.max_message_bytes
+                        )
                     )
                 )
             except Exception as e:

@@ -24,10 +24,10 @@ from protos import kserve_pb2 as pb
 from serve import streaming
 from serve.background import BackgroundServer
 from serve.state import ServingState
-from tests.serve.conftest import free_port, plant_counting_bug
+from tests.serve.conftest import free_port, plant_counting_bug, reference
 from tests.serve.procs import ServeProcess
 from tests.serve.test_queueing import _slow_classifier
-from tests.serve.v2 import request_counts
+from tests.serve.v2 import INFER, request_counts
 
 Reference = Callable[[Path, np.ndarray], np.ndarray]
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -656,3 +656,44 @@ def test_every_stream_response_is_marked_final_as_triton_does(
     assert code == grpc.StatusCode.OK, details
     assert len(errors) == 3 and all(e.error_message for e in errors), errors
     assert all(_final(e.infer_response) for e in errors), errors
+
+
+def test_an_answer_above_the_message_limit_is_refused_alone(
+    start_server: Callable[..., BackgroundServer],
+    make_classifier: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    """gRPC refuses to send a message above its limit by ending the call: the stream, with the
+    answers of every other request on it, ended RESOURCE_EXHAUSTED; unary calls logged an
+    ExecuteBatchError and were counted as successes."""
+    wide = make_classifier(tmp_path / "wide.onnx", classes=8192)  # 32 KiB of logits per row
+    server = start_server(models=(wide,), max_message_bytes=64 * 1024)
+
+    async def scenario() -> tuple[Answers, grpc.StatusCode]:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = _open(channel)
+            for request_id, rows in (("small", 1), ("big", 4), ("after", 1)):
+                await call.write(_request(_rows(rows, 0), request_id, model="wide"))
+            await call.done_writing()
+            answers, code, _ = await _rest(call)
+            return answers, code
+
+    answers, code = asyncio.run(scenario())
+    assert code == grpc.StatusCode.OK
+    by_id = {a.infer_response.id: a for a in answers}
+    assert sorted(by_id) == ["after", "big", "small"]
+    assert by_id["big"].error_message.startswith("RESOURCE_EXHAUSTED: expected an answer within")
+    for request_id in ("small", "after"):
+        assert not by_id[request_id].error_message
+        np.testing.assert_allclose(
+            _logits(by_id[request_id].infer_response), reference(wide, _rows(1, 0)), atol=1e-4
+        )
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        infer = channel.unary_unary(INFER)
+        with pytest.raises(grpc.RpcError) as refused:
+            infer(_request(_rows(4, 0), "big", model="wide").SerializeToString(), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-message-bytes 65536" in refused.value.details()
+    assert server.server is not None and server.server.metrics is not None
+    counts = request_counts(server.server.metrics.render().decode())
+    assert (counts[("wide", "success")], counts[("wide", "rejected")]) == (2, 2)
