@@ -13,7 +13,7 @@ from grpc import aio
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
 from serve import images, tensors
-from serve.errors import invalid, shown
+from serve.errors import check_answer_size, invalid, shown
 from serve.model_info import ModelInfo
 from serve.state import VERSION, Model, ServingState
 from serve.wire import Undecodable, deserializer, require_parsed
@@ -45,7 +45,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 self._decoder, _decode_all, model, parsed, self.state.max_image_pixels
             )
             logits = await model.batcher.infer(rows, self.state.deadline(context))
-            return _encode(model, logits, parsed.top_k or DEFAULT_TOP_K)
+            return _encode(
+                model, logits, parsed.top_k or DEFAULT_TOP_K, self.state.max_message_bytes
+            )
 
         return await self.state.run(context, request.model, work)
 
@@ -109,11 +111,13 @@ def _shape_hint(info: ModelInfo, shape: tuple[int, ...]) -> str:
     return "send one preprocessed image of that shape, without a batch axis"
 
 
-def _encode(model: Model, logits: np.ndarray, k: int) -> pb.ClassifyResponse:
+def _encode(model: Model, logits: np.ndarray, k: int, limit: int) -> pb.ClassifyResponse:
+    """The top ``k`` labels per row; RESOURCE_EXHAUSTED when the answer is above ``limit``."""
     info = model.info
     best = tensors.top_k(logits, k)
     probabilities = tensors.softmax(logits)
     results = []
+    text = len(info.name)
     for row, (values, probs) in enumerate(zip(logits, probabilities, strict=True)):
         labels = [
             pb.Label(
@@ -121,5 +125,11 @@ def _encode(model: Model, logits: np.ndarray, k: int) -> pb.ClassifyResponse:
             )
             for i in best[row]
         ]
+        text += sum(len(label.label) for label in labels)
         results.append(pb.Classification(labels=labels))
-    return pb.ClassifyResponse(model=info.name, version=VERSION, results=results)
+    response = pb.ClassifyResponse(model=info.name, version=VERSION, results=results)
+    # A label takes at most 4 bytes a character and 32 for its tags, index, score and logit.
+    bound = 4 * text + 32 * best.size + 8 * len(results)
+    fix = f"{len(results)} images of top {best.shape[1]}: send fewer images or ask for fewer labels"
+    check_answer_size(response, bound, limit, fix)
+    return response

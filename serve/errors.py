@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf.message import Message
 
 # A unary call's status message travels in a trailer, and gRPC turns trailers above 8 KiB
 # (sometimes) or 16 KiB (always) into RESOURCE_EXHAUSTED; a non-ASCII character takes up to 12
@@ -40,6 +41,22 @@ def invalid(message: str) -> ServeError:
 def not_found(message: str) -> ServeError:
     """NOT_FOUND: unknown model or version."""
     return ServeError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def check_answer_size(answer: Message, bound: int, limit: int, fix: str) -> None:
+    """RESOURCE_EXHAUSTED unless ``answer`` fits gRPC's send limit, ``limit`` bytes (with 64 to
+    spare for a stream's wrapper). Above its limit gRPC fails the whole call instead, ending a
+    stream with every other request on it; ``bound``, a cheap upper bound of the answer's
+    size, spares the exact count (which serializes) for the answers that fit easily."""
+    if bound + 64 <= limit:
+        return
+    size = answer.ByteSize() + 64
+    if size > limit:
+        raise ServeError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"expected an answer within the server's --max-message-bytes {limit}, got "
+            f"{size} bytes; {fix}, or raise --max-message-bytes",
+        )
 
 
 def unavailable(message: str) -> ServeError:

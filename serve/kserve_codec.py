@@ -3,12 +3,11 @@ classification extension. Shared by the unary ``ModelInfer`` and ``ModelStreamIn
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
 
 from protos import kserve_pb2 as pb
 from serve import tensors
-from serve.errors import ServeError, invalid, shown
+from serve.errors import check_answer_size, invalid, shown
 from serve.state import VERSION, Model
 
 _CLASSIFICATION = "classification"
@@ -109,20 +108,18 @@ def encode_response(
     else:
         output = tensor(name=info.output_name, datatype="BYTES", shape=[len(logits), k])
         raw = tensors.encode_bytes(tensors.classification_strings(logits, k, info.labels))
-    # An upper bound of the serialized size: the other fields (shape, version, a stream's
-    # wrapper and final-response flag) take well under the 128 bytes allowed for them.
-    size = len(raw) + len(request.id) + len(info.name) + len(info.output_name) + 128
-    if size > limit:
-        raise ServeError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"expected an answer within the server's --max-message-bytes {limit}, got about "
-            f"{size} bytes for {len(logits)} rows of {info.num_classes} classes; send fewer rows "
-            "per request, ask for the top classes only (classification), or raise the limit",
-        )
-    return pb.ModelInferResponse(
+    response = pb.ModelInferResponse(
         model_name=info.name,
         model_version=VERSION,
         id=request.id,
         outputs=[output],
         raw_output_contents=[raw],
     )
+    # UTF-8 takes at most 4 bytes a character; shape and version take well under 64 bytes.
+    text = len(request.id) + len(info.name) + len(info.output_name)
+    fix = (
+        f"{len(logits)} rows of {info.num_classes} classes: send fewer rows per request or ask "
+        "for the top classes only (classification)"
+    )
+    check_answer_size(response, len(raw) + 4 * text + 64, limit, fix)
+    return response

@@ -157,7 +157,7 @@ class Metrics:
             tally.served(queue_s, collate_s, compute_s)
 
     def statistics(self, model: str) -> Tally | None:
-        """The ModelStatistics totals of ``model``, None for a model never made ready."""
+        """The ModelStatistics totals of ``model``, None for a name never loaded."""
         return self._tallies.get(model)
 
     def watch_queue(self, model: str, depth: Callable[[], int]) -> None:

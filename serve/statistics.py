@@ -8,7 +8,8 @@ counts and nanosecond sums, as Triton reports them:
   Triton, ``fail`` leaves out requests refused before they reached the model (a wrong version,
   a missing token, a server not taking requests: ``serve.metrics``);
 - ``queue``, ``compute_input``, ``compute_infer``, ``compute_output``: per answered request
-  (counted when its logits are ready, so the counts follow ``success``), its time from enqueue
+  (counted when its logits are ready, so the counts follow ``success``, but for an answer
+  then refused as above the message size limit, a ``fail``), its time from enqueue
   to its batch's start and that batch's collate, ONNX Runtime and output times (output: 0,
   the rows are views of the batch's output; encoding each answer happens on the event loop,
   inside ``success``). A request split above the max batch counts once: its longest piece's

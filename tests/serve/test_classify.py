@@ -21,6 +21,7 @@ from serve.errors import ServeError
 from serve.model_info import read_model_info
 from tests.serve.conftest import free_port
 from tests.serve.procs import ServeProcess
+from tests.serve.v2 import request_counts
 
 Reference = Callable[[Path, np.ndarray], np.ndarray]
 
@@ -391,3 +392,30 @@ def test_images_decode_on_one_thread_per_usable_cpu(shared_server: BackgroundSer
     # The executor's default (CPUs + 4, up to 32) held more ~250 MB decodes at once for no speed.
     usable = len(os.sched_getaffinity(0))
     assert shared_server.server._decoder._max_workers == usable
+
+
+def test_an_answer_above_the_message_limit_is_resource_exhausted_in_words(
+    start_server: Callable[..., BackgroundServer],
+    make_classifier: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    """gRPC's own refusal ("Sent message larger than max") was counted as a success."""
+    wide = make_classifier(tmp_path / "wide.onnx", classes=8192)
+    server = start_server(models=(wide,), max_message_bytes=64 * 1024)
+    x = np.random.default_rng(5).normal(size=(3, 8, 8)).astype(np.float32)
+    image = classifier_pb2.Image(tensor=classifier_pb2.Tensor(shape=x.shape, data=x.tobytes()))
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = classifier_pb2_grpc.ClassifierStub(channel)
+        request = classifier_pb2.ClassifyRequest(model="wide", images=[image], top_k=8192)
+        with pytest.raises(grpc.RpcError) as caught:  # ~200 KB of labels
+            stub.Classify(request, timeout=30)
+        error = caught.value
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "1 images of top 8192: send fewer images or ask for fewer labels" in (
+            error.details()
+        )
+        request = classifier_pb2.ClassifyRequest(model="wide", images=[image], top_k=5)
+        assert len(stub.Classify(request, timeout=30).results[0].labels) == 5
+    assert server.server is not None and server.server.metrics is not None
+    counts = request_counts(server.server.metrics.render().decode())
+    assert (counts[("wide", "success")], counts[("wide", "rejected")]) == (1, 1)

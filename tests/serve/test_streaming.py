@@ -672,7 +672,8 @@ def test_an_answer_above_the_message_limit_is_refused_alone(
     async def scenario() -> tuple[Answers, grpc.StatusCode]:
         async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             call = _open(channel)
-            for request_id, rows in (("small", 1), ("big", 4), ("after", 1)):
+            # 40 KB of UTF-8 in 10 000 characters: the size is counted in bytes.
+            for request_id, rows in (("small", 1), ("big", 4), ("😀" * 10_000, 1), ("after", 1)):
                 await call.write(_request(_rows(rows, 0), request_id, model="wide"))
             await call.done_writing()
             answers, code, _ = await _rest(call)
@@ -681,8 +682,10 @@ def test_an_answer_above_the_message_limit_is_refused_alone(
     answers, code = asyncio.run(scenario())
     assert code == grpc.StatusCode.OK
     by_id = {a.infer_response.id: a for a in answers}
-    assert sorted(by_id) == ["after", "big", "small"]
-    assert by_id["big"].error_message.startswith("RESOURCE_EXHAUSTED: expected an answer within")
+    assert sorted(by_id) == ["after", "big", "small", "😀" * 10_000]
+    for request_id in ("big", "😀" * 10_000):
+        message = by_id[request_id].error_message
+        assert message.startswith("RESOURCE_EXHAUSTED: expected an answer within"), message
     for request_id in ("small", "after"):
         assert not by_id[request_id].error_message
         np.testing.assert_allclose(
@@ -696,4 +699,4 @@ def test_an_answer_above_the_message_limit_is_refused_alone(
     assert "--max-message-bytes 65536" in refused.value.details()
     assert server.server is not None and server.server.metrics is not None
     counts = request_counts(server.server.metrics.render().decode())
-    assert (counts[("wide", "success")], counts[("wide", "rejected")]) == (2, 2)
+    assert (counts[("wide", "success")], counts[("wide", "rejected")]) == (2, 3)
