@@ -22,8 +22,10 @@ _log = logging.getLogger(__name__)
 ORT_ERRORS: tuple[type[Exception], ...] = tuple(
     v for v in vars(_ort_c).values() if isinstance(v, type) and issubclass(v, Exception)
 )
-# Of those, the ones that mean the device failed, not the model.
+# Of those, the ones that mean the device failed, not the model; and how a CUDA failure reads
+# when ONNX Runtime raises it as a plain Fail (as a run does).
 _DEVICE_ERRORS = ("EPFail", "DeviceReset", "EngineError")
+_DEVICE_FAILURE = re.compile(r"CUDA failure|CUDA error|CUDNN failure|CUBLAS failure|cudaError")
 # How ONNX Runtime says that an allocation failed (CPU arena, CUDA).
 _OUT_OF_MEMORY = re.compile(r"Failed to allocate memory|out of memory|bad_alloc", re.IGNORECASE)
 # "/onnxruntime_src/onnxruntime/core/graph/model.cc:256 onnxruntime::Model::Model(...) ", also
@@ -117,7 +119,7 @@ def _load_hint(path: Path, reason: str) -> str:
 
 def _raise_if_device_failed(path: Path, error: Exception) -> None:
     """RuntimeError when ``error`` means the execution provider failed, not the model."""
-    if type(error).__name__ in _DEVICE_ERRORS:
+    if type(error).__name__ in _DEVICE_ERRORS or _DEVICE_FAILURE.search(str(error)):
         raise RuntimeError(
             f"expected onnxruntime to run {path} on its execution provider, got "
             f"{type(error).__name__}: {ort_reason(error)}; check the GPU driver and CUDA "

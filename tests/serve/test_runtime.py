@@ -142,11 +142,33 @@ def test_warm_up_refuses_a_model_fixed_to_batch_1(tmp_path: Path, io_binding: bo
     ).warm_up()
 
 
+def test_a_cuda_failure_at_warm_up_blames_the_device_not_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # How a CUDA failure leaves run_with_iobinding (CUDA's default path), injected: this
+    # machine has no GPU. Raised as ONNX Runtime's Fail, it was read as a model refusing
+    # the batch ("re-export it"), exit 2, instead of a device failure.
+    path = make_reshape_model(tmp_path / "m.onnx", shape=[-1, 48], declared_classes=48)
+    runtime = Runtime(
+        read_model_info("m", path), device="cpu", max_batch_size=2, intra_op_threads=1,
+        io_binding=True,
+    )  # fmt: skip
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("Error in execution: CUDA failure 700: an illegal memory access")
+
+    monkeypatch.setattr(runtime.session, "run_with_iobinding", fail)
+    with pytest.raises(RuntimeError, match="check the GPU driver and CUDA libraries") as caught:
+        runtime.warm_up()
+    assert not isinstance(caught.value, ValueError) and "CUDA failure 700" in str(caught.value)
+
+
 def test_warm_up_out_of_memory_says_so_not_that_the_batch_size_is_refused(
     tmp_path: Path,
 ) -> None:
-    # Allocates 4**(11 * batch) bytes: 16 MiB at batch 1, far beyond any machine at batch 2,
-    # as a model meets a --max-batch-size its device has no memory for.
+    # Allocates 2**(24 * batch) float32 values: 64 MiB at batch 1, 1 PiB at batch 2, beyond any
+    # address space whatever the kernel's overcommit setting, as a model meets a
+    # --max-batch-size its device has no memory for.
     vi = helper.make_tensor_value_info
     graph = helper.make_graph(
         [
@@ -159,7 +181,7 @@ def test_warm_up_out_of_memory_says_so_not_that_the_batch_size_is_refused(
         "g",
         [vi("input", TensorProto.FLOAT, ["batch", 2])],
         [vi("logits", TensorProto.FLOAT, ["batch", 2])],
-        initializer=[numpy_helper.from_array(np.array([1 << 22], np.int64), "base")],
+        initializer=[numpy_helper.from_array(np.array([1 << 24], np.int64), "base")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
