@@ -210,8 +210,8 @@ def test_readiness_probe_names_no_model() -> None:
 
 
 def test_model_repository_is_a_folder_of_the_volume_not_its_root() -> None:
-    """A formatted volume's root holds lost+found/, which the server takes for a model folder
-    without a model.onnx (and cannot read): it refuses to start."""
+    """The server takes every folder of the repository for a model: the volume's root, with
+    whatever else is kept there, would stop it (lost+found/ did, before it was skipped)."""
     pod = _one("Deployment")["spec"]["template"]["spec"]
     mounts = {m["name"]: m for m in _container(pod)["volumeMounts"]}
     assert mounts["models"].get("subPath", "").strip("/"), "mount a folder of the volume"
