@@ -71,9 +71,10 @@ async def _run_settings(
                 await check_answer(channels[0], requests[0], load.images, timeout, load.stream)
             except grpc.aio.AioRpcError as e:
                 if rows and not _too_large(e):
-                    # The server answered earlier settings and then stopped (it died, or was
-                    # stopped): the rows measured so far are kept, this one is its error.
-                    sys.stderr.write(f"{name}: not run: the server did not answer "
+                    # The server answered earlier settings and fails this one's check call (it
+                    # died or was stopped, mostly): the rows measured so far are kept, this one
+                    # is its error.
+                    sys.stderr.write(f"{name}: not run: its check call failed "
                                      f"({e.code().name}: {e.details()})\n")  # fmt: skip
                     failed = Outcome(load, errors=collections.Counter({e.code().name: 1}))
                     row = _row(label, failed, [], server.rss_mb() if server else None)

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 
 from serve.client import MAX_TOP_K, Client, ClientError
-from serve.security import check_certificates, key_pair, read_token
+from serve.security import check_certificates, key_pair, read_file, read_token
 from serve.targets import check_target
 
 _CALL_BYTES = 4 << 20
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         ca = None
         if args.ca is not None:
             check_certificates(args.ca, "--ca", "pass the CA that signed the server's --tls-cert")
-            ca = args.ca.read_bytes()
+            ca = read_file(args.ca, "PEM CA certificate", "--ca")
         key, chain = key_pair(args.cert, args.key, "--cert", "--key") or (None, None)
     except OSError as e:
         fix = (

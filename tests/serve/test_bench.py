@@ -555,7 +555,8 @@ def test_an_open_loop_the_server_falls_behind_counts_every_due_call(
 
         outcome = asyncio.run(measure())
     assert outcome.errors == {}
-    assert outcome.requests == 0 and outcome.sent > 0
+    # At most a warm-up call answered just as the window opened is counted in it.
+    assert outcome.requests <= 1 and outcome.sent > 0
     # Those answers once went uncounted: no latency at all, and nothing said about them.
     assert outcome.late == outcome.sent == len(outcome.latencies)
     assert outcome.percentile(99) is not None and outcome.fell_behind
@@ -597,5 +598,5 @@ def test_a_spawned_server_dying_mid_run_keeps_the_report_and_names_the_status(
     last = report["rows"][1]
     assert last["errors"] == {"UNAVAILABLE": 1} and last["requests"] == 0
     assert report["servers"][0]["exit_code"] == -signal.SIGKILL
-    assert "default c=2: not run: the server did not answer (UNAVAILABLE" in err
+    assert "default c=2: not run: its check call failed (UNAVAILABLE" in err
     assert "Traceback" not in err
