@@ -471,6 +471,15 @@ def _spawned_children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def _spawned_server_under_load(bench_run: subprocess.Popen[str], model: str) -> int:
+    """The pid of the server ``bench_run`` spawned, once its metrics show batches run."""
+    (server_pid,) = _wait_for(lambda: _spawned_children(bench_run.pid), "a spawned server")
+    argv = Path(f"/proc/{server_pid}/cmdline").read_text().split("\0")
+    metrics = f"http://127.0.0.1:{argv[argv.index('--metrics-port') + 1]}/metrics"
+    _wait_for(lambda: (scrape(metrics, model) or {}).get("batches"), "load")
+    return server_pid
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_mid_run_stops_the_spawned_server_and_says_so(
     classifier_path: Path, signum: signal.Signals
@@ -484,10 +493,7 @@ def test_a_signal_mid_run_stops_the_spawned_server_and_says_so(
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
-        (server_pid,) = _wait_for(lambda: _spawned_children(bench_run.pid), "a spawned server")
-        argv = Path(f"/proc/{server_pid}/cmdline").read_text().split("\0")
-        metrics = f"http://127.0.0.1:{argv[argv.index('--metrics-port') + 1]}/metrics"
-        _wait_for(lambda: (scrape(metrics, classifier_path.stem) or {}).get("batches"), "load")
+        server_pid = _spawned_server_under_load(bench_run, classifier_path.stem)
         bench_run.send_signal(signum)
         _, err = bench_run.communicate(timeout=120)
     finally:
@@ -582,10 +588,7 @@ def test_a_spawned_server_dying_mid_run_keeps_the_report_and_names_the_status(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     try:
-        (server_pid,) = _wait_for(lambda: _spawned_children(bench_run.pid), "a spawned server")
-        argv = Path(f"/proc/{server_pid}/cmdline").read_text().split("\0")
-        metrics = f"http://127.0.0.1:{argv[argv.index('--metrics-port') + 1]}/metrics"
-        _wait_for(lambda: (scrape(metrics, classifier_path.stem) or {}).get("batches"), "load")
+        server_pid = _spawned_server_under_load(bench_run, classifier_path.stem)
         os.kill(server_pid, signal.SIGKILL)
         out, err = bench_run.communicate(timeout=120)
     finally:

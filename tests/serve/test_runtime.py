@@ -85,35 +85,36 @@ def test_a_model_from_a_newer_onnx_is_refused_with_how_to_resave(
     assert "\n" not in message and "onnxruntime_src" not in message
 
 
-def test_an_unknown_operator_is_refused(tmp_path: Path) -> None:
+def _save(graph: onnx.GraphProto, path: Path, opset: int = 18, **props: str) -> Path:
+    """``graph`` as a model at ``opset`` with metadata ``props``, saved to ``path``."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    helper.set_model_props(model, props)
+    onnx.save(model, str(path))
+    return path
+
+
+def _one_node_model(path: Path, op: str, opset: int) -> Path:
+    """input [batch, 4] → ``op`` → logits [batch, 4], at ``opset``."""
     vi = helper.make_tensor_value_info
     graph = helper.make_graph(
-        [helper.make_node("FooBar", ["input"], ["logits"])],
+        [helper.make_node(op, ["input"], ["logits"])],
         "g",
         [vi("input", TensorProto.FLOAT, ["batch", 4])],
         [vi("logits", TensorProto.FLOAT, ["batch", 4])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    path = tmp_path / "foobar.onnx"
-    onnx.save(model, str(path))
+    return _save(graph, path, opset)
+
+
+def test_an_unknown_operator_is_refused(tmp_path: Path) -> None:
+    path = _one_node_model(tmp_path / "foobar.onnx", "FooBar", 18)
     with pytest.raises(ValueError, match="No Op registered for FooBar") as refused:
         Runtime(read_model_info("foobar", path), device="cpu", max_batch_size=8, intra_op_threads=1)
     assert str(path) in str(refused.value) and "opset" in str(refused.value)
 
 
 def test_an_opset_newer_than_onnxruntime_is_refused_in_words(tmp_path: Path) -> None:
-    vi = helper.make_tensor_value_info
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["input"], ["logits"])],
-        "g",
-        [vi("input", TensorProto.FLOAT, ["batch", 4])],
-        [vi("logits", TensorProto.FLOAT, ["batch", 4])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 99)])
-    model.ir_version = 9
-    path = tmp_path / "future.onnx"
-    onnx.save(model, str(path))
+    path = _one_node_model(tmp_path / "future.onnx", "Identity", 99)
     with pytest.raises(ValueError, match="Opset 99") as refused:
         Runtime(read_model_info("future", path), device="cpu", max_batch_size=8, intra_op_threads=1)
     message = str(refused.value)
@@ -183,10 +184,7 @@ def test_warm_up_out_of_memory_says_so_not_that_the_batch_size_is_refused(
         [vi("logits", TensorProto.FLOAT, ["batch", 2])],
         initializer=[numpy_helper.from_array(np.array([1 << 24], np.int64), "base")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    path = tmp_path / "hungry.onnx"
-    onnx.save(model, str(path))
+    path = _save(graph, tmp_path / "hungry.onnx")
     runtime = Runtime(
         read_model_info("hungry", path), device="cpu", max_batch_size=4, intra_op_threads=1
     )
@@ -239,11 +237,7 @@ def test_warm_up_without_memory_for_the_batch_itself_says_so(tmp_path: Path) -> 
         [vi("input", TensorProto.FLOAT, ["batch", "n"])],
         [vi("logits", TensorProto.FLOAT, ["batch", 1])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
-    model.ir_version = 9
-    helper.set_model_props(model, {"input_shape": "[100000000000000]"})
-    path = tmp_path / "huge.onnx"
-    onnx.save(model, str(path))
+    path = _save(graph, tmp_path / "huge.onnx", 11, input_shape="[100000000000000]")
     runtime = Runtime(
         read_model_info("huge", path), device="cpu", max_batch_size=1, intra_op_threads=1
     )

@@ -322,6 +322,15 @@ def test_sigterm_ends_an_idle_stream_unavailable_and_exits_cleanly(
     assert "Traceback" not in log and "ERROR" not in log, log
 
 
+async def _drain(server: BackgroundServer, state: ServingState) -> asyncio.Future[None]:
+    """Start stopping ``server`` (grace 30 s) on a thread; returns, with that stop's future, as
+    soon as the server drains."""
+    stopping = asyncio.ensure_future(asyncio.to_thread(server.stop, 30))
+    while not state.draining:
+        await asyncio.sleep(0.01)
+    return stopping
+
+
 def test_drain_answers_the_admitted_then_ends_unavailable(
     start_server: Callable[..., BackgroundServer],
     classifier_path: Path,
@@ -337,9 +346,7 @@ def test_drain_answers_the_admitted_then_ends_unavailable(
             await call.write(_request(x, "admitted"))
             await asyncio.sleep(0.3)  # queued, its batch window still open
             started = time.monotonic()
-            stopping = asyncio.ensure_future(asyncio.to_thread(server.stop, 30))
-            while not state.draining:
-                await asyncio.sleep(0.01)
+            stopping = await _drain(server, state)
             await call.write(_request(x, "late"))
             answers, code, details = await _rest(call)
             await stopping
@@ -376,9 +383,7 @@ def test_a_closed_stream_answered_during_a_drain_ends_ok(
             await call.write(_request(x, "last"))
             while state.in_flight == 0:  # admitted: queued, its batch window still open
                 await asyncio.sleep(0.01)
-            stopping = asyncio.ensure_future(asyncio.to_thread(server.stop, 30))
-            while not state.draining:
-                await asyncio.sleep(0.01)
+            stopping = await _drain(server, state)
             await call.done_writing()
             ending = await _rest(call)
             await stopping
