@@ -7,10 +7,12 @@ requests: clients match them by ``id``. A request that fails gets a ``ModelStrea
 whose ``error_message`` starts with the status name ("INVALID_ARGUMENT: ...") and whose
 ``infer_response`` carries the request's ``id`` and ``model_name``; the stream stays open.
 
-At most ``WINDOW`` requests of one stream are held unanswered or answered but not yet written:
-beyond that the server stops reading the stream until the client reads answers, so HTTP/2
-flow control holds a client that sends without reading, instead of the server's memory (a
-client that never read grew the server by ~1.5 KB per request, without bound).
+At most ``WINDOW`` requests of one stream are held unanswered or answered but not yet written,
+and answers of at most ``WINDOW_BYTES`` wait to be written: beyond either the server stops
+reading the stream until the client reads answers, so HTTP/2 flow control holds a client that
+sends without reading, instead of the server's memory (a client that never read grew the
+server by ~1.5 KB per request, without bound; 1024 answers of many rows and classes each,
+by gigabytes).
 
 The stream ends with OK once the client has closed its side and every request is answered,
 draining or not. When the server drains, requests still arriving are answered UNAVAILABLE, and
@@ -41,6 +43,14 @@ _CLOSED = object()  # the client closed its side and every request was answered
 _DRAINED = object()  # the server drains and every admitted request was answered
 _BROKEN = object()  # reading the stream failed; the call cannot go on
 WINDOW = 1024  # requests of one stream held unanswered or unwritten before reading pauses
+WINDOW_BYTES = 64 * 1024 * 1024  # output bytes of a stream's answers waiting to be written
+
+
+def _output_bytes(item: object) -> int:
+    """The output bytes an outbox item holds (0 for errors and the end marks)."""
+    if isinstance(item, pb.ModelStreamInferResponse):
+        return sum(map(len, item.infer_response.raw_output_contents))
+    return 0
 
 
 def _final(response: pb.ModelStreamInferResponse) -> pb.ModelStreamInferResponse:
@@ -80,8 +90,9 @@ class Stream:
         self._ending = False
         self._deadline = state.deadline(context)
         self._debug = _log.isEnabledFor(logging.DEBUG)
-        self._room = asyncio.Event()  # set whenever fewer than WINDOW requests are held
+        self._room = asyncio.Event()  # set whenever the stream holds less than its windows
         self._room.set()
+        self._unwritten = 0  # output bytes in the outbox
 
     async def serve(self) -> None:
         """Read, answer, and end the call as the module docstring says."""
@@ -105,7 +116,8 @@ class Stream:
                         "reading the stream failed on the server (logged); open a new stream",
                     )
                 await self.context.write(item)
-                if not self._room.is_set() and self._held() < WINDOW:
+                self._unwritten -= _output_bytes(item)
+                if not self._room.is_set() and not self._full():
                     self._room.set()
         finally:
             for task in (reader, watcher):
@@ -118,7 +130,7 @@ class Stream:
     async def _read(self) -> None:
         try:
             while True:
-                while self._held() >= WINDOW:
+                while self._full():
                     self._room.clear()
                     await self._room.wait()
                 request = await self.context.read()
@@ -133,8 +145,9 @@ class Stream:
         self._closed = True
         self._maybe_end()
 
-    def _held(self) -> int:
-        return len(self._admitted) + self._outbox.qsize()
+    def _full(self) -> bool:
+        held = len(self._admitted) + self._outbox.qsize()
+        return held >= WINDOW or self._unwritten >= WINDOW_BYTES
 
     async def _watch_drain(self) -> None:
         await self.state.wait_drain()
@@ -211,5 +224,6 @@ class Stream:
             answer = _error(request, error)
         code = grpc.StatusCode.OK if error is None else error.code
         self.state.finish(request.model_name, code, started, trace)
+        self._unwritten += _output_bytes(answer)
         self._outbox.put_nowait(answer)
         self._maybe_end()

@@ -500,6 +500,37 @@ def test_a_client_that_does_not_read_is_held_back_not_buffered(
     assert sorted(ids, key=int) == [str(i) for i in range(count)]
 
 
+def test_a_client_that_does_not_read_is_held_back_by_the_bytes_it_holds_too(
+    start_server: Callable[..., BackgroundServer],
+    make_classifier: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With 1024 answers held per stream, answers of many rows and classes could pin gigabytes
+    # for one client that does not read; the byte window stops reading long before.
+    monkeypatch.setattr(streaming, "WINDOW_BYTES", 1 << 20, raising=False)  # 32 answers
+    server = start_server(models=(make_classifier(tmp_path / "wide.onnx", classes=8192),))
+    assert server.server is not None
+    state = server.server.state
+    count = 2000
+    x = _rows(1, 0)
+    payloads = [_request(x, str(i), model="wide").SerializeToString() for i in range(count)]
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        answer = pb.ModelStreamInferResponse.FromString
+        answers = channel.stream_stream(STREAM, response_deserializer=answer)(
+            iter(payloads), timeout=120
+        )
+        read, until = -1, time.monotonic() + 30
+        while state.arrivals != read and time.monotonic() < until:  # until reading stops
+            read = state.arrivals
+            time.sleep(0.5)
+        # The request window (1024) alone stopped reading after ~1100 (what HTTP/2 buffers
+        # for the client comes on top of either window).
+        assert read < 600, read
+        ids = [a.infer_response.id for a in answers]  # read now: the rest comes
+    assert sorted(ids, key=int) == [str(i) for i in range(count)]
+
+
 def test_a_full_queue_refuses_stream_requests_one_by_one_and_the_stream_goes_on(
     start_server: Callable[..., BackgroundServer],
     tmp_path: Path,
