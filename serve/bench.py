@@ -54,7 +54,7 @@ async def _run_settings(
     label: str,
     server: SpawnedServer | None,
 ) -> list[dict]:
-    channels = [channel(target) for _ in range(config.channels)]
+    channels = [channel(target, config.credentials) for _ in range(config.channels)]
     try:
         timeout = config.loads[0].timeout
         input_name, shape = await _served_input(config, channels[0], target)
@@ -68,7 +68,9 @@ async def _run_settings(
             requests = infer_requests(config.model, input_name, shape, load.images, config.distinct)
             name = f"{label} {load.label}"
             try:
-                await check_answer(channels[0], requests[0], load.images, timeout, load.stream)
+                await check_answer(
+                    channels[0], requests[0], load.images, timeout, load.stream, config.metadata
+                )
             except grpc.aio.AioRpcError as e:
                 if rows and not _too_large(e):
                     # The server answered earlier settings and fails this one's check call (it
@@ -101,7 +103,9 @@ async def _run_settings(
                 cpu.append((time.process_time(), server.cpu_seconds() if server else None))
 
             progress = print_progress(name) if sys.stderr.isatty() else None
-            outcome = await run_load(channels, requests, load, on_window, progress)
+            outcome = await run_load(
+                channels, requests, load, on_window, progress, config.metadata
+            )
             sys.stderr.write(
                 f"{chr(13) if progress else ''}{name}: {outcome.throughput:.0f} img/s, "
                 f"{outcome.requests} calls, {sum(outcome.errors.values())} errors"
@@ -127,7 +131,7 @@ async def _served_input(
     """The served model's input name and sample shape; UsageError when ``--model-file`` is
     another model, whose in-process figures would make every ratio meaningless."""
     timeout = config.loads[0].timeout
-    input_name, shape, classes = await model_input(chan, config.model, timeout)
+    input_name, shape, classes = await model_input(chan, config.model, timeout, config.metadata)
     info = config.model_file_info
     if info is not None and (
         shape != info.sample_shape or classes not in (None, info.num_classes)
@@ -143,7 +147,7 @@ async def _served_input(
 
 
 async def _check_served_model(config: BenchConfig, target: str) -> None:
-    chan = channel(target)
+    chan = channel(target, config.credentials)
     try:
         await _served_input(config, chan, target)
     finally:
@@ -274,9 +278,10 @@ def run(config: BenchConfig) -> dict:
 _HINTS = {
     grpc.StatusCode.NOT_FOUND: "check --model",
     grpc.StatusCode.UNAVAILABLE: "check HOST:PORT and that `python -m serve` is running there "
-    "(the bench connects in plaintext: a TLS server closes the connection)",
-    grpc.StatusCode.UNAUTHENTICATED: "the bench sends no token: bench a server started "
-    "without --auth-token-file",
+    "(a TLS server needs --ca with the CA that signed its certificate, and --cert and --key "
+    "if it requires client certificates)",
+    grpc.StatusCode.UNAUTHENTICATED: "pass --token-file with the server's token (the contents "
+    "of its --auth-token-file)",
     grpc.StatusCode.DEADLINE_EXCEEDED: "check HOST:PORT, or raise --timeout",
 }
 

@@ -14,9 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import grpc
+
 from serve import benchreport
 from serve.benchenv import ModelFileError, check_model_file
 from serve.loadgen import Load, check_payload
+from serve.loadsend import Metadata
+from serve.security import check_certificates, key_pair, read_file, read_token
 from serve.targets import check_target
 
 if TYPE_CHECKING:
@@ -42,6 +46,8 @@ class BenchConfig:
     baseline_seconds: float
     baseline_threads: tuple[int, ...]
     baseline_device: str
+    credentials: grpc.ChannelCredentials | None = None  # TLS to HOST:PORT (--ca, --cert, --key)
+    metadata: Metadata = None  # sent with every call (--token-file)
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -55,8 +61,8 @@ def _batches(text: str) -> tuple[int, ...]:
 
 
 # Flags of `python -m serve` a spawned server must not get: the bench sets them itself, or
-# cannot follow them (its channels and readiness probe are plaintext, its calls carry no
-# token). The server would listen elsewhere, or refuse every call.
+# cannot follow them (its channels to a spawned server and its readiness probe are plaintext,
+# its calls to it carry no token). The server would listen elsewhere, or refuse every call.
 _OWN_FLAGS = {
     "--host": "the bench starts the server on 127.0.0.1 and free ports itself",
     "--port": "the bench starts the server on 127.0.0.1 and free ports itself",
@@ -107,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per call")
     p.add_argument("--distinct", type=int, default=16, help="distinct request payloads")
     p.add_argument("--channels", type=int, default=1, help="gRPC channels (connections)")
+    p.add_argument("--ca", type=Path, help="PEM CA certificate: connect to HOST:PORT with TLS")
+    p.add_argument("--cert", type=Path, help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--key", type=Path, help="client private key (PEM) for mutual TLS")
+    p.add_argument("--token-file", type=Path,
+                   help="bearer token sent with every call (servers with auth)")
     p.add_argument("--metrics-url",
                    help="the server's /metrics (default http://HOST:8002/metrics; "
                    "a spawned server's own)")
@@ -139,6 +150,19 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
         parser.error(f"expected a model file for --spawn, got {str(args.spawn)!r}; check the path")
     if args.target is not None and not args.model:
         parser.error("expected --model NAME with HOST:PORT; pass the served model's name")
+    given = {"--ca": args.ca, "--cert": args.cert, "--key": args.key,
+             "--token-file": args.token_file}  # fmt: skip
+    secured = [flag for flag, value in given.items() if value is not None]
+    if secured and args.spawn is not None:
+        parser.error(
+            f"expected {'/'.join(secured)} with HOST:PORT, got --spawn: the bench starts that "
+            "server in plaintext without a token; leave them out, or bench a running server"
+        )
+    if (args.cert is not None or args.key is not None) and args.ca is None:
+        parser.error(
+            "expected --ca with --cert and --key, got a client certificate without a CA; "
+            "pass the CA that signed the server's certificate"
+        )
     if (args.server_arg or args.compare) and args.spawn is None:
         parser.error("expected --spawn with --server-arg/--compare; they configure that server")
     compare = []
@@ -185,6 +209,10 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
         ]  # fmt: skip
     except ValueError as e:
         parser.error(str(e))
+    try:
+        credentials, metadata = _security(args)
+    except ValueError as e:  # a token, CA or client certificate file that cannot work
+        parser.error(str(e))
     model_file = args.model_file or args.spawn
     info = None
     if model_file is not None:
@@ -215,8 +243,24 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
         baseline_seconds=args.baseline_seconds,
         baseline_threads=tuple(args.baseline_threads),
         baseline_device=args.baseline_device,
+        credentials=credentials,
+        metadata=metadata,
     )
     return config, args
+
+
+def _security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, Metadata]:
+    """TLS credentials and the token's metadata from --ca, --cert, --key and --token-file, read
+    and checked as ``python -m serve.client`` does; ValueError naming the flag to fix."""
+    metadata = None
+    if args.token_file is not None:
+        metadata = (("authorization", f"Bearer {read_token(args.token_file, '--token-file')}"),)
+    if args.ca is None:
+        return None, metadata
+    ca = read_file(args.ca, "PEM CA certificate", "--ca")  # first: it words a missing file
+    check_certificates(args.ca, "--ca", "pass the CA that signed the server's --tls-cert")
+    key, chain = key_pair(args.cert, args.key, "--cert", "--key") or (None, None)
+    return grpc.ssl_channel_credentials(ca, key, chain), metadata
 
 
 def _is_http_url(text: str) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 from grpc import aio
 
 from protos import kserve_pb2
-from serve.loadsend import INFER, STREAM_INFER, StreamSender, unary_sender
+from serve.loadsend import INFER, STREAM_INFER, Metadata, StreamSender, unary_sender
 
 METADATA = "/inference.GRPCInferenceService/ModelMetadata"
 
@@ -146,23 +146,27 @@ def infer_requests(
     return out
 
 
-def channel(target: str, max_message_bytes: int = MAX_REQUEST_BYTES) -> aio.Channel:
-    """An insecure aio channel of its own connection, with message limits large enough for
-    224×224 batches."""
-    return aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            # gRPC shares one connection among channels of equal target and options (the
-            # global subchannel pool): without this, --channels 4 was still one connection.
-            ("grpc.use_local_subchannel_pool", 1),
-        ],
-    )
+def channel(
+    target: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    max_message_bytes: int = MAX_REQUEST_BYTES,
+) -> aio.Channel:
+    """An aio channel of its own connection, with message limits large enough for 224×224
+    batches: TLS with ``credentials``, else plaintext."""
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # gRPC shares one connection among channels of equal target and options (the
+        # global subchannel pool): without this, --channels 4 was still one connection.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    if credentials is None:
+        return aio.insecure_channel(target, options=options)
+    return aio.secure_channel(target, credentials, options=options)
 
 
 async def model_input(
-    chan: aio.Channel, model: str, timeout: float
+    chan: aio.Channel, model: str, timeout: float, metadata: Metadata = None
 ) -> tuple[str, tuple[int, ...], int | None]:
     """The model's input name, per-sample shape and class count (None where the output's last
     axis is not fixed) from ModelMetadata."""
@@ -171,7 +175,8 @@ async def model_input(
         request_serializer=kserve_pb2.ModelMetadataRequest.SerializeToString,
         response_deserializer=kserve_pb2.ModelMetadataResponse.FromString,
     )
-    response = await call(kserve_pb2.ModelMetadataRequest(name=model), timeout=timeout)
+    request = kserve_pb2.ModelMetadataRequest(name=model)
+    response = await call(request, timeout=timeout, metadata=metadata)
     tensor = response.inputs[0]
     output = response.outputs[0].shape if response.outputs else []
     classes = int(output[-1]) if output and output[-1] > 0 else None
@@ -179,12 +184,17 @@ async def model_input(
 
 
 async def check_answer(
-    chan: aio.Channel, request: bytes, images: int, timeout: float, stream: bool = False
+    chan: aio.Channel,
+    request: bytes,
+    images: int,
+    timeout: float,
+    stream: bool = False,
+    metadata: Metadata = None,
 ) -> int:
     """Send ``request`` once (unary, or on a fresh ModelStreamInfer stream) and check the
     answer has ``images`` rows; returns the class count."""
     if stream:
-        call = chan.stream_stream(STREAM_INFER)(timeout=timeout)
+        call = chan.stream_stream(STREAM_INFER)(timeout=timeout, metadata=metadata)
         await call.write(request)
         raw = await call.read()
         await call.done_writing()
@@ -197,7 +207,7 @@ async def check_answer(
         while await call.read() is not aio.EOF:
             pass
     else:
-        raw = await chan.unary_unary(INFER)(request, timeout=timeout)
+        raw = await chan.unary_unary(INFER)(request, timeout=timeout, metadata=metadata)
         response = kserve_pb2.ModelInferResponse.FromString(raw)
     shape = list(response.outputs[0].shape)
     if len(shape) != 2 or shape[0] != images:
@@ -223,17 +233,23 @@ async def run_load(
     load: Load,
     on_window: Callable[[bool], Awaitable[None]] | None = None,
     progress: Callable[[Outcome, float], None] | None = None,
+    metadata: Metadata = None,
 ) -> Outcome:
     """Run one setting and return what it measured.
 
     ``on_window(True)`` is awaited just before the window opens and ``on_window(False)`` just
     after it closes (the bench scrapes the server's metrics there). Errors are counted by
     status name over warm-up and window alike, so an error-free report means no call failed.
+    ``metadata`` goes with every call (every stream), e.g. a bearer token.
     """
     outcome = Outcome(load)
     window = _Window()
     loop = asyncio.get_running_loop()
-    send = StreamSender(channels, load, outcome) if load.stream else unary_sender(channels, load)
+    send = (
+        StreamSender(channels, load, outcome, metadata)
+        if load.stream
+        else unary_sender(channels, load, metadata)
+    )
 
     async def one(index: int, scheduled: float) -> None:
         # A call due in the window has its latency counted even when answered after it

@@ -20,14 +20,17 @@ STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 Send = Callable[[int, bytes], Awaitable["str | None"]]
+# Sent with every call: ``(("authorization", "Bearer TOKEN"),)``, or None. Built once, since
+# a call that built its own would cost the generator CPU the server should get.
+Metadata = tuple[tuple[str, str], ...] | None
 
 
-def unary_sender(channels: list[aio.Channel], load: Load) -> Send:
+def unary_sender(channels: list[aio.Channel], load: Load, metadata: Metadata = None) -> Send:
     """Call ``index`` as one unary ModelInfer; errors raise grpc.RpcError."""
     calls = [c.unary_unary(INFER) for c in channels]
 
     async def send(index: int, request: bytes) -> str | None:
-        await calls[index % len(calls)](request, timeout=load.timeout)
+        await calls[index % len(calls)](request, timeout=load.timeout, metadata=metadata)
         return None
 
     return send
@@ -60,8 +63,11 @@ class StreamSender:
     one stream per channel with any number in flight, answers matched by request id.
     """
 
-    def __init__(self, channels: list[aio.Channel], load: Load, outcome: Outcome) -> None:
+    def __init__(
+        self, channels: list[aio.Channel], load: Load, outcome: Outcome, metadata: Metadata = None
+    ) -> None:
         self._open = [c.stream_stream(STREAM_INFER) for c in channels]
+        self._metadata = metadata
         self._load = load
         self._outcome = outcome
         self._streams: dict[int, aio.StreamStreamCall] = {}
@@ -74,7 +80,9 @@ class StreamSender:
         if call is None:
             # A stream outlives many requests, so its deadline covers the whole setting.
             timeout = self._load.warmup + self._load.seconds + 2 * self._load.timeout
-            call = self._streams[slot] = self._open[slot % len(self._open)](timeout=timeout)
+            call = self._streams[slot] = self._open[slot % len(self._open)](
+                timeout=timeout, metadata=self._metadata
+            )
             if self._load.rate is not None:
                 self._locks[slot] = asyncio.Lock()
                 self._readers.append(asyncio.create_task(self._read(call)))

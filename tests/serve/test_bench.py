@@ -506,11 +506,18 @@ def test_a_signal_mid_run_stops_the_spawned_server_and_says_so(
     assert not Path(f"/proc/{server_pid}").exists()
 
 
+def _token(tmp_path: Path) -> Path:
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    return token
+
+
 @pytest.mark.parametrize(
     ("secure", "hint"),
     [
-        ("token", "the bench sends no token: bench a server started without --auth-token-file"),
-        ("tls", "the bench connects in plaintext: a TLS server closes the connection"),
+        ("token", "pass --token-file with the server's token"),
+        ("tls", "a TLS server needs --ca with the CA that signed its certificate"),
+        ("mtls", "and --cert and --key if it requires client certificates"),
     ],
 )
 def test_a_server_the_bench_cannot_talk_to_says_why(
@@ -520,18 +527,98 @@ def test_a_server_the_bench_cannot_talk_to_says_why(
     secure: str,
     hint: str,
 ) -> None:
+    flags = []
     if secure == "token":
-        token = tmp_path / "token"
-        token.write_text("secret\n")
-        server = start_server(auth_token_file=token)
+        server = start_server(auth_token_file=_token(tmp_path))
     else:
         pki = make_pki(tmp_path)
-        server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key)
+        client_ca = pki.ca if secure == "mtls" else None
+        server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key,
+                              tls_client_ca=client_ca)  # fmt: skip
+        if secure == "mtls":  # the right CA, but no client certificate
+            flags = ["--ca", str(pki.ca)]
     argv = [f"127.0.0.1:{server.port}", "--model", "tiny", "-c", "1", "--seconds", "0.2",
-            "--warmup", "0", "--timeout", "5"]  # fmt: skip
+            "--warmup", "0", "--timeout", "5", *flags]  # fmt: skip
     assert bench.main(argv) == 1
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert "did not answer" in line and hint in line, line
+
+
+def test_a_server_with_mutual_tls_and_a_token_is_benched_with_ca_cert_key_and_token(
+    start_server: Callable[..., BackgroundServer],
+    classifier_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pki, token = make_pki(tmp_path), _token(tmp_path)
+    server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key,
+                          tls_client_ca=pki.ca, auth_token_file=token)  # fmt: skip
+    argv = [f"127.0.0.1:{server.port}", "--model", "tiny", "--ca", str(pki.ca),
+            "--cert", str(pki.client_cert), "--key", str(pki.client_key),
+            "--token-file", str(token), "-c", "1", "2", "--rate", "20",
+            "--api", "unary", "stream", "--seconds", "0.3", "--warmup", "0",
+            "--timeout", "10", "--distinct", "1", "--json",
+            # The model check and the baseline: ModelMetadata is asked before the load too.
+            "--model-file", str(classifier_path), "--baseline-batches", "1",
+            "--baseline-seconds", "0.1", "--baseline-threads", "1"]  # fmt: skip
+    assert bench.main(argv) == 0, capsys.readouterr().err
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["load"] for r in rows] == [
+        "c=1", "c=2", "rate=20/s", "stream:c=1", "stream:c=2", "stream:rate=20/s",
+    ]  # fmt: skip
+    for row in rows:
+        assert row["requests"] > 0 and row["errors"] == {}, row
+    # The token is what let those calls in: without it every call is refused.
+    no_token = [a for a in argv if a not in ("--token-file", str(token))]
+    assert bench.main(no_token) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (("--cert", "client_cert", "--key", "client_key"), "expected --ca with --cert and --key"),
+        (("--key", "client_key"), "expected --ca with --cert and --key"),
+        (("--ca", "ca", "--cert", "client_cert"), "expected --cert and --key together"),
+        (("--ca", "ca", "--cert", "client_cert", "--key", "server_key"),
+         "got the key of another pair"),
+        (("--ca", "client_key"), "expected PEM certificates (-----BEGIN CERTIFICATE-----) in --ca"),
+        (("--ca", "missing"), "expected a readable PEM CA certificate file"),
+        (("--token-file", "empty"), "expected a bearer token in"),
+    ],
+)
+def test_bad_tls_or_token_flags_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], files: tuple[str, ...], message: str
+) -> None:
+    pki = make_pki(tmp_path)
+    (tmp_path / "empty").write_text("\n")
+    named = {"missing": tmp_path / "missing.pem", "empty": tmp_path / "empty"}
+    flags = [str(getattr(pki, f, named.get(f, f))) for f in files]
+    with pytest.raises(SystemExit) as caught:
+        bench.main([f"127.0.0.1:{free_port()}", "--model", "tiny", *flags])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert message in err[-1], err
+
+
+@pytest.mark.parametrize(
+    "files", [("--ca", "ca"), ("--token-file", "ca"), ("--ca", "ca", "--cert", "client_cert")]
+)
+def test_tls_and_token_flags_with_spawn_are_usage_errors(
+    classifier_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    files: tuple[str, ...],
+) -> None:
+    pki = make_pki(tmp_path)
+    flags = [str(getattr(pki, f, f)) for f in files]
+    with pytest.raises(SystemExit) as caught:
+        bench.main(["--spawn", str(classifier_path), *flags])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    given = "/".join(f for f in files if f.startswith("--"))
+    assert f"expected {given} with HOST:PORT, got --spawn" in err, err
+    assert "spawning" not in err
 
 
 def test_an_open_loop_the_server_falls_behind_counts_every_due_call(
