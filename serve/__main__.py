@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
     p.add_argument("--auth-token-file", type=Path, help="require 'authorization: Bearer TOKEN'")
-    p.add_argument("--log-level", default="info", choices=logs.LEVELS)
+    p.add_argument("--log-level", default="info", choices=logs.LEVELS, type=str.lower)
     p.add_argument("--log-format", default="text", choices=logs.FORMATS)
     return p.parse_args(argv)
 
@@ -90,8 +90,20 @@ async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain within ``config.grace``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        # A second Ctrl-C (or SIGTERM) while draining or loading: the operator will not wait
+        # out --grace or a warm-up; exit as a shell reports a process killed by the signal.
+        _log.warning(
+            "%s received again; exiting at once, without draining", signal.Signals(signum).name
+        )
+        os._exit(128 + signum)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal, signum)
     # After logging is configured and the handlers are in place: this imports ORT and gRPC,
     # which takes a while, and a signal meanwhile must not kill the process.
     from serve import images
@@ -106,7 +118,7 @@ async def serve(config: ServerConfig) -> None:
         starting = asyncio.create_task(server.start())
         await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
-            _log.info("signal received while loading models; stopping")
+            _log.info("signal received while loading models; stopping (again: exit at once)")
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
@@ -115,13 +127,28 @@ async def serve(config: ServerConfig) -> None:
         waiter = asyncio.create_task(server.wait())
         await asyncio.wait({waiter, signalled}, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
-            _log.info("signal received; shutting down")
+            _log.info("signal received; shutting down (again: exit at once)")
     finally:
         signalled.cancel()
         await server.stop()
 
 
+def _open_stdio() -> None:
+    """Point closed stdin, stdout or stderr (`2>&-`, some supervisors) at /dev/null: the next
+    files opened would take those numbers, and ONNX Runtime and gRPC's C core write their
+    own lines to fd 2, which would be the event loop's wake-up socket or a client's."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _open_stdio()
     args = parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     # gRPC's C core logs at INFO on its own stderr, outside our format: one "Handshake failed"

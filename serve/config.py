@@ -54,6 +54,17 @@ class ServerConfig:
             )
         _check_range("--port", self.port, 0, 65535)
         _check_range("--metrics-port", self.metrics_port, 0, 65535)
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(
+                f"expected --metrics-port other than --port, got {self.port} for both; pass "
+                "another --metrics-port (default 8002), or 0 to disable metrics"
+            )
+        if self.host.startswith("[") and self.host.endswith("]"):
+            # `--host [::1]`, as the address is written with a port: gRPC took it, the metrics
+            # endpoint could not resolve it.
+            object.__setattr__(self, "host", self.host[1:-1])
+        if not self.host:
+            raise ValueError("expected --host to name an address, got ''; pass e.g. 0.0.0.0")
         _check_range("--max-batch-size", self.max_batch_size, 1, 4096)
         _check_range("--max-queue-delay-us", self.max_queue_delay_us, 0, 10_000_000)
         _check_range("--max-queue-size", self.max_queue_size, 1, 10_000_000)

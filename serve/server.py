@@ -259,7 +259,7 @@ class Server:
         # error that says what went wrong.
         level = logging.INFO if self.state.ready else logging.DEBUG
         in_flight = self.state.in_flight
-        _log.log(level, "draining: %d requests in flight, grace %.1f s", in_flight, grace)
+        _log.log(level, "draining: %d requests in flight, grace %g s", in_flight, grace)
         if not await self.state.wait_quiet(_QUIET_S, grace):
             _log.warning(
                 "grace period over with %d requests in flight; cancelling them",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +19,8 @@ import onnx
 import pytest
 import tritonclient.grpc as tc
 
-from serve.client import Client
+from serve.benchenv import wait_serving
+from serve.client import Client, ClientError
 from serve.config import ServerConfig
 from tests.serve.conftest import free_port, make_reshape_model
 from tests.serve.procs import ServeProcess
@@ -111,6 +116,8 @@ def test_usage_errors_are_one_clear_line(
         "bad batch": (["x.onnx", "--max-batch-size", "0"], "--max-batch-size"),
         "empty repository": (["--model-repository", str(tmp_path / "empty")], "at least one model"),
         "bad metadata": ([str(null_dim)], "input_shape of " + str(null_dim)),  # was a TypeError
+        # Read as given, not refused by argparse's case-sensitive choices.
+        "upper-case level": ([str(tmp_path / "nope.onnx"), "--log-level", "DEBUG"], "not a file"),
     }
     (tmp_path / "junk.onnx").write_bytes(b"definitely not protobuf")
     (tmp_path / "empty").mkdir()
@@ -188,3 +195,105 @@ def test_a_model_refused_at_warm_up_logs_only_json_lines(tmp_path: Path) -> None
     assert done.returncode == 2, done.stderr
     entries = [json.loads(line) for line in done.stderr.strip().splitlines()]
     assert entries[-1]["level"] == "error" and "--max-batch-size 1" in entries[-1]["msg"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        # The metrics endpoint used to fail on the port gRPC had just taken: "unavailable
+        # (Address already in use)", exit 1, as if another process held it.
+        (["--port", "{port}", "--metrics-port", "{port}"], "--metrics-port other than --port"),
+        # gRPC's C core printed its own line before ours, breaking the JSON lines, then exit 1.
+        (["--host", ""], "expected --host to name an address"),
+    ],
+)
+def test_address_mistakes_are_one_json_line_exit_2(
+    classifier_path: Path, flags: list[str], fragment: str
+) -> None:
+    port = str(free_port())
+    flags = [flag.format(port=port) for flag in flags]
+    done = _run(str(classifier_path), *flags, "--log-format", "json")
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert fragment in json.loads(line)["msg"], line
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+def test_bracketed_ipv6_host_serves_grpc_and_metrics(classifier_path: Path, tmp_path: Path) -> None:
+    # `--host [::1]` bound gRPC, then the metrics endpoint could not resolve it and exit 1.
+    port, metrics_port = free_port(), free_port()
+    args = [str(classifier_path), "--host", "[::1]", "--port", str(port),
+            "--metrics-port", str(metrics_port), "--device", "cpu"]  # fmt: skip
+    with ServeProcess(args, port, tmp_path / "log", ready_line="ready: serving") as proc:
+        with urllib.request.urlopen(f"http://[::1]:{metrics_port}/metrics", timeout=30) as r:
+            assert b"serve_model_ready" in r.read()
+        proc.terminate()
+        assert proc.wait(60) == 0, proc.output()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_while_draining_exits_at_once(
+    classifier_path: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Ctrl-C twice: the second one used to be ignored until --grace ran out."""
+    port = free_port()
+    args = [*_args(port, str(classifier_path)), "--grace", "60"]
+    with ServeProcess(args, port, tmp_path / "log") as proc:
+        assert proc.proc is not None
+        running = proc.proc
+
+        def hammer() -> None:  # a drain lasts while calls keep arriving (up to --grace)
+            with Client(proc.target, timeout=10) as client:
+                while running.poll() is None:
+                    with contextlib.suppress(ClientError):
+                        client.infer("tiny", np.zeros((1, 3, 8, 8), np.float32))
+
+        threads = [threading.Thread(target=hammer) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        running.send_signal(signum)
+        while "draining" not in proc.output():
+            assert running.poll() is None, proc.output()
+            threading.Event().wait(0.05)
+        running.send_signal(signum)
+        code = proc.wait(120)
+        for thread in threads:
+            thread.join(30)
+    assert code == 128 + signum, proc.output()
+    assert f"{signum.name} received again; exiting at once" in proc.output()
+
+
+def test_closed_stdio_is_not_reused_for_sockets(classifier_path: Path) -> None:
+    # With fd 2 closed, the event loop's wake-up socket took it, so ONNX Runtime's and gRPC's
+    # native log lines would have been written into it.
+    def close_stdio() -> None:
+        for fd in (0, 1, 2):
+            os.close(fd)
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve", *_args(port, str(classifier_path))],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=close_stdio,
+    )
+    try:
+        assert wait_serving(proc, f"127.0.0.1:{port}", 120)
+        targets = [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in (0, 1, 2)]
+        assert targets == [os.devnull] * 3, targets
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
