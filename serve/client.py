@@ -313,7 +313,13 @@ def _client_error(target: str, error: grpc.RpcError, tls: bool = False) -> Clien
     (unreachable, too large, too slow) what to do about them."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else str(error)) or ""
-    if code == grpc.StatusCode.UNAVAILABLE and "shutting down" not in details:
+    if code == grpc.StatusCode.UNAVAILABLE and "Cancelling all calls" in details:
+        # gRPC's words when a server stops with the call still open: its drain ran out.
+        message = (
+            f"UNAVAILABLE: the server at {target} stopped before answering ({details}): it was "
+            "shut down; retry, on another replica"
+        )
+    elif code == grpc.StatusCode.UNAVAILABLE and "shutting down" not in details:
         tls_hint = (
             "that --ca is the CA that signed its certificate, and that --cert and --key are "
             "given if it requires client certificates (mutual TLS)"

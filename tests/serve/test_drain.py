@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -19,6 +20,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 
+from serve.client import Client, ClientError
 from tests.serve.conftest import free_port, reference
 from tests.serve.procs import ServeProcess
 from tests.serve.v2 import INFER, infer_payload, reply_logits
@@ -111,7 +113,12 @@ def test_grace_running_out_still_exits_cleanly(classifier_path: Path, tmp_path: 
             return await asyncio.gather(*calls)
 
     with ServeProcess(args, port, tmp_path / "serve.log") as server:
-        answers = asyncio.run(scenario(server))
+        with Client(server.target, timeout=60) as client, ThreadPoolExecutor(1) as pool:
+            # The Python client's message said "cannot reach a ready server" for this.
+            waiting = pool.submit(client.infer, "tiny", batch)
+            answers = asyncio.run(scenario(server))
+            with pytest.raises(ClientError, match=r"stopped before answering .*: it was shut"):
+                waiting.result(timeout=60)
         assert server.wait(60) == 0, server.output()
     # Still queued when the grace period ran out: each client hears UNAVAILABLE (retry
     # elsewhere), none hangs.
