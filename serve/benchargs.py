@@ -20,7 +20,13 @@ from serve import benchreport
 from serve.benchenv import ModelFileError, check_model_file
 from serve.loadgen import Load, check_payload
 from serve.loadsend import Metadata
-from serve.security import check_certificates, key_pair, read_file, read_token
+from serve.security import (
+    check_certificates,
+    check_client_certificate_flags,
+    key_pair,
+    read_file,
+    read_token,
+)
 from serve.targets import check_target
 
 if TYPE_CHECKING:
@@ -158,11 +164,10 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
             f"expected {'/'.join(secured)} with HOST:PORT, got --spawn: the bench starts that "
             "server in plaintext without a token; leave them out, or bench a running server"
         )
-    if (args.cert is not None or args.key is not None) and args.ca is None:
-        parser.error(
-            "expected --ca with --cert and --key, got a client certificate without a CA; "
-            "pass the CA that signed the server's certificate"
-        )
+    try:
+        check_client_certificate_flags(args.ca, args.cert, args.key)
+    except ValueError as e:
+        parser.error(str(e))
     if (args.server_arg or args.compare) and args.spawn is None:
         parser.error("expected --spawn with --server-arg/--compare; they configure that server")
     compare = []

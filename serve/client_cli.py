@@ -22,7 +22,13 @@ from pathlib import Path
 import grpc
 
 from serve.client import MAX_TOP_K, Client, ClientError
-from serve.security import check_certificates, key_pair, read_file, read_token
+from serve.security import (
+    check_certificates,
+    check_client_certificate_flags,
+    key_pair,
+    read_file,
+    read_token,
+)
 from serve.targets import check_target
 
 _CALL_BYTES = 4 << 20
@@ -54,11 +60,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"expected 1 <= --top-k <= {MAX_TOP_K}, got {args.top_k}; pass e.g. 5")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         parser.error(f"expected --timeout > 0 seconds, got {args.timeout:g}; pass e.g. 30")
-    if (args.cert is not None or args.key is not None) and args.ca is None:
-        parser.error(
-            "expected --ca with --cert and --key, got a client certificate without a CA; "
-            "pass the CA that signed the server's certificate"
-        )
+    try:
+        check_client_certificate_flags(args.ca, args.cert, args.key)
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 

@@ -91,6 +91,16 @@ def _check_pair(cert: Path, key: Path, key_pem: bytes, cert_flag: str, key_flag:
         ) from e
 
 
+def check_client_certificate_flags(ca: Path | None, cert: Path | None, key: Path | None) -> None:
+    """ValueError unless ``--cert``/``--key`` come with ``--ca``: a client certificate needs TLS
+    (the command lines of serve.client and serve.bench)."""
+    if (cert is not None or key is not None) and ca is None:
+        raise ValueError(
+            "expected --ca with --cert and --key, got a client certificate without a CA; "
+            "pass the CA that signed the server's certificate"
+        )
+
+
 def key_pair(
     cert: Path | None, key: Path | None, cert_flag: str, key_flag: str
 ) -> tuple[bytes, bytes] | None:
