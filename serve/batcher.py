@@ -93,7 +93,7 @@ def collect(
     time), then takes whatever is already queued; only with ``delay`` > 0 seconds does it wait
     that long for more. Requests whose futures are already done (cancelled by their client)
     are dropped; when that leaves nothing queued, the batch comes back empty instead of
-    blocking, so the caller can report the queue's new depth. Returns the batch, the request
+    blocking (the caller calls again). Returns the batch, the request
     that would have overflowed it, and whether a stop mark was taken (the caller runs the
     batch, then ends).
     """
