@@ -130,6 +130,11 @@ def _encode(model: Model, logits: np.ndarray, k: int, limit: int) -> pb.Classify
     response = pb.ClassifyResponse(model=info.name, version=VERSION, results=results)
     # A label takes at most 4 bytes a character and 32 for its tags, index, score and logit.
     bound = 4 * text + 32 * best.size + 8 * len(results)
-    fix = f"{len(results)} images of top {best.shape[1]}: send fewer images or ask for fewer labels"
-    check_answer_size(response, bound, limit, fix)
+    check_answer_size(
+        response,
+        bound,
+        limit,
+        lambda: f"{len(results)} images of top {best.shape[1]}: send fewer images or ask for "
+        "fewer labels",
+    )
     return response

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 from google.protobuf.message import Message
 
@@ -43,11 +45,14 @@ def not_found(message: str) -> ServeError:
     return ServeError(grpc.StatusCode.NOT_FOUND, message)
 
 
-def check_answer_size(answer: Message, bound: int, limit: int, fix: str) -> None:
+def check_answer_size(
+    answer: Message, bound: int, limit: int, fix: Callable[[], str]
+) -> None:
     """RESOURCE_EXHAUSTED unless ``answer`` fits gRPC's send limit, ``limit`` bytes (with 64 to
     spare for a stream's wrapper). Above its limit gRPC fails the whole call instead, ending a
     stream with every other request on it; ``bound``, a cheap upper bound of the answer's
-    size, spares the exact count (which serializes) for the answers that fit easily."""
+    size, spares the exact count (which serializes) for the answers that fit easily, and
+    ``fix()`` words what to do only for one that does not."""
     if bound + 64 <= limit:
         return
     size = answer.ByteSize() + 64
@@ -55,7 +60,7 @@ def check_answer_size(answer: Message, bound: int, limit: int, fix: str) -> None
         raise ServeError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"expected an answer within the server's --max-message-bytes {limit}, got "
-            f"{size} bytes; {fix}, or raise --max-message-bytes",
+            f"{size} bytes; {fix()}, or raise --max-message-bytes",
         )
 
 

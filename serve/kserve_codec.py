@@ -117,9 +117,11 @@ def encode_response(
     )
     # UTF-8 takes at most 4 bytes a character; shape and version take well under 64 bytes.
     text = len(request.id) + len(info.name) + len(info.output_name)
-    fix = (
-        f"{len(logits)} rows of {info.num_classes} classes: send fewer rows per request or ask "
-        "for the top classes only (classification)"
+    check_answer_size(
+        response,
+        len(raw) + 4 * text + 64,
+        limit,
+        lambda: f"{len(logits)} rows of {info.num_classes} classes: send fewer rows per request "
+        "or ask for the top classes only (classification)",
     )
-    check_answer_size(response, len(raw) + 4 * text + 64, limit, fix)
     return response
