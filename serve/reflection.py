@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Iterable
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -79,6 +80,35 @@ def reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+class _MethodAwarePool:
+    """``pool`` for grpcio-reflection, also finding the file of a method's full name.
+
+    ``grpcurl describe inference.GRPCInferenceService.ModelInfer`` and protobuf's
+    ``DescriptorPool(ProtoReflectionDescriptorDatabase(channel)).FindMethodByName`` ask
+    ``file_containing_symbol`` for "package.Service.Method", which protobuf's (upb) pool does
+    not resolve: they got NOT_FOUND for every method while Go and C++ servers answer it.
+    """
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> object:
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service_name, _, method = symbol.rpartition(".")
+            try:
+                service = self._pool.FindServiceByName(service_name)
+            except KeyError:
+                service = None
+            if service is None or method not in service.methods_by_name:
+                raise
+            return service.file
+
+
 def service_names() -> tuple[str, ...]:
     """The fully qualified names reflection lists (what ``grpcurl list`` prints)."""
     return (
@@ -92,7 +122,8 @@ def service_names() -> tuple[str, ...]:
 def handlers() -> tuple[grpc.GenericRpcHandler, ...]:
     """Reflection v1 and v1alpha, answering from :func:`reflection_pool`; bytes that do not
     parse end the call with INVALID_ARGUMENT (grpcio-reflection's own handler answers UNKNOWN)."""
-    servicer = reflection.aio.ReflectionServicer(service_names(), pool=reflection_pool())
+    pool = _MethodAwarePool(reflection_pool())
+    servicer = reflection.aio.ReflectionServicer(service_names(), pool=pool)
     info = grpc.stream_stream_rpc_method_handler(
         checked_stream(servicer.ServerReflectionInfo),
         request_deserializer=deserializer(reflection_pb2.ServerReflectionRequest),
@@ -105,10 +136,13 @@ def handlers() -> tuple[grpc.GenericRpcHandler, ...]:
 
 
 def health_handler(
-    servicer: health.aio.HealthServicer, closing: asyncio.Event
+    servicer: health.aio.HealthServicer,
+    closing: asyncio.Event,
+    names: Callable[[], Iterable[str]],
 ) -> grpc.GenericRpcHandler:
-    """grpc.health.v1.Health served by ``servicer``; bytes that do not parse get
-    INVALID_ARGUMENT (the stock registration answers UNKNOWN). Watch streams end (OK) once
+    """grpc.health.v1.Health served by ``servicer``, with List answering for ``names()`` (the
+    server's '' and its models); bytes that do not parse get INVALID_ARGUMENT (the stock
+    registration answers UNKNOWN). Watch streams end (OK) once
     ``closing`` is set: the stock Watch never ends, and gRPC's stop waits for open calls, so
     one watcher (Envoy, client-side health checking) held every shutdown for its whole grace.
     """
@@ -125,6 +159,17 @@ def health_handler(
             with contextlib.suppress(asyncio.CancelledError):
                 await updates
 
+    # Reflection describes List (grpcio-health-checking's .proto has it) but the stock
+    # servicer's List is the generated stub's UNIMPLEMENTED: answer it from Check per name.
+    async def listed(
+        request: health_pb2.HealthListRequest, context: aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        answer = health_pb2.HealthListResponse()
+        for name in names():
+            status = await servicer.Check(health_pb2.HealthCheckRequest(service=name), context)
+            answer.statuses[name].CopyFrom(status)
+        return answer
+
     request = deserializer(health_pb2.HealthCheckRequest)
     answer = health_pb2.HealthCheckResponse.SerializeToString
     methods = {
@@ -133,6 +178,11 @@ def health_handler(
         ),
         "Watch": grpc.unary_stream_rpc_method_handler(
             checked(watch), request_deserializer=request, response_serializer=answer
+        ),
+        "List": grpc.unary_unary_rpc_method_handler(
+            checked(listed),
+            request_deserializer=deserializer(health_pb2.HealthListRequest),
+            response_serializer=health_pb2.HealthListResponse.SerializeToString,
         ),
     }
     return grpc.method_handlers_generic_handler(health.SERVICE_NAME, methods)

@@ -146,15 +146,16 @@ class Server:
             await asyncio.to_thread(read_model_info, name, path) for name, path in paths.items()
         ]
         self.state.loading = set(paths)
+        # Set before the port opens: the stock servicer starts with '' SERVING.
+        await self.health.set("", _NOT_SERVING)
+        for name in paths:  # known while loading: a probe by name hears NOT_SERVING, not NOT_FOUND
+            await self.health.set(name, _NOT_SERVING)
+            self.metrics.model_ready(name, False)  # and a scrape reads 0, not nothing
         self._server = self._build()
         self.port = self._bind(self._server)
         await self._server.start()
         # Before loading, so a taken metrics port stops the server before any warm-up.
         self.metrics.serve_http(self.config.host, self.config.metrics_port)
-        await self.health.set("", _NOT_SERVING)
-        for name in paths:  # known while loading: a probe by name hears NOT_SERVING, not NOT_FOUND
-            await self.health.set(name, _NOT_SERVING)
-            self.metrics.model_ready(name, False)  # and a scrape reads 0, not nothing
         _log.info("listening on %s", _address(self.config.host, self.port))
         for info in infos:
             runtime = await asyncio.to_thread(_load, info, self.config, self._stopping)
@@ -204,10 +205,14 @@ class Server:
         server.add_generic_rpc_handlers((kserve.handler(kserve.KServeServicer(self.state)),))
         classifier = ClassifierServicer(self.state, self._decoder)
         server.add_generic_rpc_handlers((classify.handler(classifier),))
-        health = reflection.health_handler(self.health, self._closing_watches)
+        health = reflection.health_handler(self.health, self._closing_watches, self._health_names)
         server.add_generic_rpc_handlers((health,))
         server.add_generic_rpc_handlers(reflection.handlers())
         return server
+
+    def _health_names(self) -> list[str]:
+        """What health List reports: the server ('') and every model, loaded or loading."""
+        return ["", *sorted(self.state.loading | set(self.state.models))]
 
     def _count_unauthenticated(self, method: str, request: object) -> None:
         """Count refused inference calls under their model, as `state.run` counts the rest."""

@@ -146,3 +146,62 @@ def test_health_and_reflection_answer_invalid_argument_to_bytes_that_do_not_pars
         assert next(watch).status == serving
         watch.cancel()
         assert set(ProtoReflectionDescriptorDatabase(channel).get_services()) == SERVICES
+
+
+def test_reflection_resolves_every_method_by_its_full_name(
+    shared_server: BackgroundServer,
+) -> None:
+    """``grpcurl describe Service.Method`` and ``FindMethodByName`` ask file_containing_symbol
+    for the method's full name; protobuf's pool alone answered NOT_FOUND for every method."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+
+    with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+        services = sorted(ProtoReflectionDescriptorDatabase(channel).get_services())
+        resolved = []
+        for name in [*services, "grpc.reflection.v1.ServerReflection"]:
+            # A fresh pool per service: nothing is known before the method's own look-up.
+            fresh = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+            service = fresh.FindServiceByName(name)
+            by_file = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+            assert by_file.FindFileByName(service.file.name).services_by_name[service.name]
+            for method in service.methods:
+                pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+                found = pool.FindMethodByName(method.full_name)
+                assert found.input_type.full_name == method.input_type.full_name
+                assert found.output_type.full_name == method.output_type.full_name
+                resolved.append(found.full_name)
+        call = channel.stream_stream(
+            REFLECTION_INFO,
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        missing = reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="inference.GRPCInferenceService.NoSuchMethod"
+        )
+        (answer,) = list(call(iter([missing]), timeout=10))
+    assert "inference.GRPCInferenceService.ModelStreamInfer" in resolved
+    assert "classifier.v1.Classifier.Classify" in resolved
+    assert "grpc.health.v1.Health.Watch" in resolved
+    assert answer.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def test_health_list_that_reflection_describes_answers_every_status(
+    shared_server: BackgroundServer,
+) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{shared_server.port}") as channel:
+        from google.protobuf.descriptor_pool import DescriptorPool
+
+        pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        health = pool.FindServiceByName("grpc.health.v1.Health")
+        if "List" not in health.methods_by_name:
+            pytest.skip("this grpcio-health-checking's Health has no List")
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = stub.List(health_pb2.HealthListRequest(), timeout=10)
+        checked = {
+            name: stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+            for name in answer.statuses
+        }
+    listed = {name: status.status for name, status in answer.statuses.items()}
+    assert "" in listed and len(listed) > 1
+    assert set(listed.values()) == {health_pb2.HealthCheckResponse.SERVING}
+    assert listed == checked
