@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+
+if __name__ == "__main__":
+    # gRPC's C core logs a TLS handshake failure at INFO on stderr, a line of its own before
+    # the probe's one line. It reads GRPC_VERBOSITY once, when grpc is first imported (below).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -135,6 +136,24 @@ def test_a_client_key_of_another_pair_is_one_usage_line(
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.splitlines()
     assert "got the key of another pair" in line and "--tls-key" in line, line
+
+
+def test_a_tls_probe_of_a_plaintext_server_prints_one_line(
+    health_server: tuple[str, health.HealthServicer], tmp_path: Path
+) -> None:
+    """gRPC's C core printed its own "Handshake failed" line at INFO before the probe's."""
+    target, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    pki = make_pki(tmp_path)
+    # The probe's own default is under test: not one the environment sets.
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    done = subprocess.run(
+        [sys.executable, "-m", "serve.health", target, "--tls-ca", str(pki.ca)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("UNREACHABLE: ") and "TLS flags" in line, line
 
 
 def test_module_entry_point(health_server: tuple[str, health.HealthServicer]) -> None:
