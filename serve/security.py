@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hmac
 import logging
 import re
@@ -17,8 +18,10 @@ _log = logging.getLogger(__name__)
 Reject = Callable[[str, object], None]
 
 # Probes and tooling must work without a token: kubelet's gRPC probe cannot send metadata.
+# Health List is not a probe and would name every model, so it needs the token.
 EXEMPT_PREFIXES = (
-    "/grpc.health.v1.Health/",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
@@ -68,7 +71,9 @@ def check_certificates(path: Path, flag: str, hint: str) -> None:
 
 # gRPC refuses a bad certificate, key or CA only when binding, as if the port were refused; so
 # they are checked here first, with the same PEM parser (OpenSSL) behind Python's ssl module.
-def _check_pair(cert: Path, key: Path, key_pem: bytes, cert_flag: str, key_flag: str) -> None:
+def _check_pair(
+    cert: Path, key: Path, cert_pem: bytes, key_pem: bytes, cert_flag: str, key_flag: str
+) -> None:
     check_certificates(cert, cert_flag, f"pass the certificate (chain) to {cert_flag}")
     if b"ENCRYPTED" in key_pem:
         raise ValueError(
@@ -79,15 +84,24 @@ def _check_pair(cert: Path, key: Path, key_pem: bytes, cert_flag: str, key_flag:
         # A password callback, so OpenSSL never prompts on the terminal.
         _context().load_cert_chain(cert, key, password=lambda: b"")
     except ssl.SSLError as e:
-        if "KEY_VALUES_MISMATCH" in str(e):
+        if "KEY_VALUES_MISMATCH" not in str(e):
             raise ValueError(
-                f"expected the private key of the certificate {str(cert)!r}, got the key of "
-                f"another pair in {str(key)!r}; pass the key made with that certificate to "
-                f"{key_flag}"
+                f"expected a valid PEM private key in {str(key)!r}, got one OpenSSL cannot load "
+                f"({_openssl_reason(e)}); pass the certificate's unencrypted key to {key_flag}"
+            ) from e
+        if cert_pem.count(b"-----BEGIN CERTIFICATE-----") > 1:
+            # OpenSSL pairs the key with the file's first certificate: a chain written CA first
+            # (cat ca.pem server.pem) is refused although its key is the right one.
+            raise ValueError(
+                f"expected the private key of the first certificate in {cert_flag} "
+                f"{str(cert)!r}, got the key of another pair in {str(key)!r}; put the "
+                "certificate made with that key first in the file (then its intermediates), "
+                f"or pass the key of the first certificate to {key_flag}"
             ) from e
         raise ValueError(
-            f"expected a valid PEM private key in {str(key)!r}, got one OpenSSL cannot load "
-            f"({_openssl_reason(e)}); pass the certificate's unencrypted key to {key_flag}"
+            f"expected the private key of the certificate {str(cert)!r}, got the key of "
+            f"another pair in {str(key)!r}; pass the key made with that certificate to "
+            f"{key_flag}"
         ) from e
 
 
@@ -120,7 +134,7 @@ def key_pair(
             f"expected a PEM private key in {str(key)!r}, got something else; "
             f"pass the unencrypted key (-----BEGIN ... PRIVATE KEY-----) to {key_flag}"
         )
-    _check_pair(cert, key, key_pem, cert_flag, key_flag)
+    _check_pair(cert, key, cert_pem, key_pem, cert_flag, key_flag)
     return key_pem, cert_pem
 
 
@@ -155,11 +169,21 @@ def server_credentials(
     )
 
 
+# What Notepad and PowerShell write before the text: UTF-8's mark, UTF-16's either way round.
+_BYTE_ORDER_MARKS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
 def read_token(token_file: Path, flag: str = "--auth-token-file") -> str:
     """The bearer token in ``token_file`` (given as ``flag``), stripped of surrounding
     whitespace; ValueError unless it is one word of printable ASCII, all that gRPC metadata
     and a ``Bearer`` header can carry. Server and client read their token files with this."""
     raw = read_file(token_file, "bearer token", flag)
+    if raw.startswith(_BYTE_ORDER_MARKS):
+        raise ValueError(
+            f"expected a token of printable ASCII in {flag} {str(token_file)!r}, got a "
+            "non-ASCII byte at offset 0, a byte order mark (the file was saved as UTF-16 or as "
+            "UTF-8 with BOM, as Windows PowerShell's > does); save the token as plain ASCII"
+        )
     try:
         token = raw.decode("ascii").strip()
     except UnicodeDecodeError as e:
@@ -167,6 +191,12 @@ def read_token(token_file: Path, flag: str = "--auth-token-file") -> str:
             f"expected a token of printable ASCII in {flag} {str(token_file)!r}, got a "
             f"non-ASCII byte at offset {e.start}; gRPC metadata carries ASCII only"
         ) from e
+    scheme, space, rest = token.partition(" ")
+    if space and scheme.lower() == "bearer" and rest.strip():
+        raise ValueError(
+            f"expected the token alone in {flag} {str(token_file)!r}, got it after 'Bearer '; "
+            "leave out 'Bearer ': it is added to the token when it is sent"
+        )
     for offset, char in enumerate(token):
         if not "!" <= char <= "~":
             raise ValueError(

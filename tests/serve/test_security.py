@@ -152,6 +152,23 @@ def test_bad_token_files_are_refused(tmp_path: Path, text: str) -> None:
         read_token(path)
 
 
+@pytest.mark.parametrize(
+    ("content", "advice"),
+    [
+        ("s3cret\r\n".encode("utf-16"), "byte order mark"),  # PowerShell 5's `echo s3cret > f`
+        ("\ufeffs3cret\r\n".encode(), "byte order mark"),  # Notepad's "UTF-8 with BOM"
+        (b"Bearer s3cret\n", "leave out 'Bearer '"),  # the header's value, not the token
+    ],
+)
+def test_token_file_mistakes_are_named(tmp_path: Path, content: bytes, advice: str) -> None:
+    """These used to be "a non-ASCII byte at offset 0" and "' ' at offset 6"."""
+    path = tmp_path / "token"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=advice) as refused:
+        read_token(path, "--token-file")
+    assert "--token-file" in str(refused.value) and "s3cret" not in str(refused.value)
+
+
 def test_missing_token_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--auth-token-file"):
         auth_interceptor(tmp_path / "nope")
@@ -434,6 +451,13 @@ def test_server_with_token(start_server, classifier_path: Path, tmp_path: Path, 
             metadata(kserve_pb2.ServerMetadataRequest().SerializeToString(), timeout=15)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "authorization: Bearer <token>" in (info.value.details() or "")
+        # Health List is no probe, and would name every model to anyone.
+        listing = health_pb2_grpc.HealthStub(channel).List
+        with pytest.raises(grpc.RpcError) as info:
+            listing(health_pb2.HealthListRequest(), timeout=15)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        listed = listing(health_pb2.HealthListRequest(), metadata=right, timeout=15)
+        assert set(listed.statuses) == {"", "tiny"}
     counts = request_counts(bg.server.metrics.render().decode())
     assert counts[("tiny", "unauthenticated")] == 2
     assert counts[("_unknown", "unauthenticated")] == 1
@@ -485,3 +509,19 @@ def test_plaintext_connections_to_a_tls_port_do_not_flood_the_log(
         output = server.output()
     lines = output.splitlines()
     assert lines and all(json.loads(line)["msg"] for line in lines), lines
+
+
+def test_a_chain_written_ca_first_says_to_put_the_certificate_first(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """OpenSSL pairs the key with a chain file's first certificate; with the CA written first,
+    the message used to call the right key "the key of another pair"."""
+    reversed_chain = tmp_path / "chain.pem"
+    reversed_chain.write_bytes(pki.ca.read_bytes() + pki.server_cert.read_bytes())
+    with pytest.raises(ValueError, match="first certificate") as refused:
+        server_credentials(reversed_chain, pki.server_key, None)
+    assert "put the certificate made with that key first" in str(refused.value)
+    assert "--tls-cert" in str(refused.value) and "--tls-key" in str(refused.value)
+    # One certificate of another pair keeps its own message.
+    with pytest.raises(ValueError, match="pass the key made with that certificate"):
+        server_credentials(pki.ca, pki.server_key, None)
