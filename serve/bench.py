@@ -17,6 +17,11 @@ import signal
 import sys
 import time
 
+if __name__ == "__main__":
+    # As the server and the probe do: gRPC's C core would print its own "Handshake failed"
+    # line before ours. It reads GRPC_VERBOSITY once, when grpc is first imported (below).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import grpc
 
 from serve import benchreport

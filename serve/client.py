@@ -8,12 +8,18 @@ KServe v2 ``ModelInfer`` method, or ``ModelStreamInfer`` for many requests on on
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+
+if __name__ == "__main__":
+    # As the server and the probe do: gRPC's C core would print its own "Handshake failed"
+    # line before ours. It reads GRPC_VERBOSITY once, when grpc is first imported (below).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 import numpy as np

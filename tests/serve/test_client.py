@@ -167,6 +167,26 @@ def test_a_plaintext_client_of_a_tls_server_is_told_about_ca(
         assert c.infer("tiny", batch).shape == (1, 5)
 
 
+@pytest.mark.parametrize("command", ["serve.client", "serve.bench"])
+def test_a_tls_command_against_a_plaintext_server_prints_one_line(
+    shared_server: BackgroundServer, tmp_path: Path, command: str
+) -> None:
+    """gRPC's C core printed its own "Handshake failed" line at INFO before ours."""
+    pki = make_pki(tmp_path)
+    image = _write_png(tmp_path / "a.png", 0)
+    args = {"serve.client": [str(image)], "serve.bench": ["-c", "1", "--seconds", "1"]}[command]
+    # The commands' own default is under test: not one the environment sets.
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    done = subprocess.run(
+        [sys.executable, "-m", command, f"127.0.0.1:{shared_server.port}", "--model", "tiny",
+         "--ca", str(pki.ca), *args],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: ") and "--ca" in line, line
+
+
 def test_an_answer_above_the_clients_limit_is_blamed_on_the_client(
     start_server: Callable[..., BackgroundServer],
     make_classifier: Callable[..., Path],
