@@ -30,9 +30,12 @@ def _decode_input(model: Model, request: pb.ModelInferRequest) -> np.ndarray:
     info = model.info
     if len(request.inputs) != 1 or request.inputs[0].name != info.input_name:
         names = [t.name for t in request.inputs]
+        fix = "name the tensor as ModelMetadata lists it"
+        if _repeated(names, info.input_name):
+            fix = f"send {info.input_name!r} once"
         raise invalid(
             f"expected exactly one input named {info.input_name!r} for model {info.name}, "
-            f"got {shown(names)}; name the tensor as ModelMetadata lists it"
+            f"got {shown(names)}; {fix}"
         )
     tensor = request.inputs[0]
     if tensor.datatype != "FP32":
@@ -42,6 +45,14 @@ def _decode_input(model: Model, request: pb.ModelInferRequest) -> np.ndarray:
         )
     shape = tuple(tensor.shape)
     what = f"input {shown(tensor.name)}"
+    # Triton reads typed values from the field of the tensor's datatype only; values in
+    # another field used to be reported as no data at all.
+    stray = [f.name for f, _ in tensor.contents.ListFields() if f.name != "fp32_contents"]
+    if stray:
+        raise invalid(
+            f"expected the values of {what}, datatype FP32, in raw_input_contents or "
+            f"contents.fp32_contents, got contents.{stray[0]}; send them as float32"
+        )
     typed = len(tensor.contents.fp32_contents)
     has_typed = typed > 0
     if request.raw_input_contents:
@@ -63,6 +74,11 @@ def _decode_input(model: Model, request: pb.ModelInferRequest) -> np.ndarray:
     return tensors.from_values(info, shape, tensor.contents.fp32_contents, what)
 
 
+def _repeated(names: list[str], name: str) -> bool:
+    """True when ``names`` is the one right ``name`` given more than once."""
+    return len(names) > 1 and set(names) == {name}
+
+
 def _requested_classes(model: Model, request: pb.ModelInferRequest) -> int | None:
     """The classification count k asked for (None: plain logits); checks output names."""
     info = model.info
@@ -70,9 +86,12 @@ def _requested_classes(model: Model, request: pb.ModelInferRequest) -> int | Non
         return None
     if len(request.outputs) != 1 or request.outputs[0].name != info.output_name:
         names = [o.name for o in request.outputs]
+        fix = "ask for it by that name or ask for none"
+        if _repeated(names, info.output_name):
+            fix = f"ask for {info.output_name!r} once"
         raise invalid(
             f"expected the requested output to be {info.output_name!r} for model {info.name}, "
-            f"got {shown(names)}; ask for it by that name or ask for none"
+            f"got {shown(names)}; {fix}"
         )
     params = request.outputs[0].parameters
     if _SHARED_MEMORY in params:
