@@ -13,15 +13,22 @@ from serve.model_info import ModelInfo
 
 def check_rows(info: ModelInfo, shape: tuple[int, ...], what: str) -> int:
     """The row count of a tensor of ``shape`` [N, *sample_shape]; INVALID_ARGUMENT if it differs."""
-    expected = [-1, *info.sample_shape]
-    if len(shape) != len(expected) or tuple(shape[1:]) != info.sample_shape or shape[0] < 0:
+    if len(shape) != len(info.sample_shape) + 1 or tuple(shape[1:]) != info.sample_shape:
+        dims = "".join(f", {d}" for d in info.sample_shape)
+        fix = "send [rows, *dims] (ModelMetadata lists rows as -1)"
+        if tuple(shape) == info.sample_shape:
+            fix = f"add the row axis first: [1{dims}] for one sample"
         raise invalid(
-            f"expected {what} of shape {expected} for model {info.name}, got {shown(list(shape))}; "
-            "send [batch, *dims] as ModelMetadata lists"
+            f"expected {what} of shape [rows{dims}] for model {info.name}, got "
+            f"{shown(list(shape))}; {fix}"
         )
-    if shape[0] == 0:
+    # ModelMetadata's -1 is copied into requests (tritonclient users build shapes from it);
+    # echoing the expected shape with its -1 back to them said nothing.
+    if shape[0] < 1:
+        why = ": ModelMetadata's -1 means any count, not a value to send" if shape[0] < 0 else ""
         raise invalid(
-            f"expected at least one row in {what}, got shape {shown(list(shape))}; send 1 or more"
+            f"expected at least one row in {what}, got shape {shown(list(shape))}; send the "
+            f"number of rows, 1 or more, as the first dim{why}"
         )
     return shape[0]
 
@@ -54,7 +61,8 @@ def from_values(info: ModelInfo, shape: tuple[int, ...], values: object, what: s
 def top_k(logits: np.ndarray, k: int) -> np.ndarray:
     """Indices [N, k] of the k largest values per row, best first (ties: lower index first)."""
     k = min(k, logits.shape[1])
-    if k == 1:
+    # argmax ranks NaN first and argsort last: a row with a NaN got another best class at k=1.
+    if k == 1 and not np.isnan(logits).any():
         return np.argmax(logits, axis=1)[:, None]
     return np.argsort(-logits, axis=1, kind="stable")[:, :k]
 
