@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from concurrent.futures import Executor
 
 import grpc
@@ -13,7 +14,7 @@ from grpc import aio
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
 from serve import images, tensors
-from serve.errors import check_answer_size, invalid, shown
+from serve.errors import ServeError, check_answer_size, invalid, shown
 from serve.model_info import ModelInfo
 from serve.state import VERSION, Model, ServingState
 from serve.wire import Undecodable, deserializer, require_parsed
@@ -41,15 +42,35 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             if not parsed.images:
                 raise invalid("expected at least one image in ClassifyRequest.images, got none")
             model.batcher.check_rows(len(parsed.images))  # before decoding any of them
-            rows = await asyncio.get_running_loop().run_in_executor(
-                self._decoder, _decode_all, model, parsed, self.state.max_image_pixels
-            )
+            rows = await self._rows(model, parsed)
             logits = await model.batcher.infer(rows, self.state.deadline(context))
             return _encode(
                 model, logits, parsed.top_k or DEFAULT_TOP_K, self.state.max_message_bytes
             )
 
         return await self.state.run(context, request.model, work)
+
+    async def _rows(self, model: Model, request: pb.ClassifyRequest) -> np.ndarray:
+        """The request's images as float32 rows, decoded on a decoder thread. Tensors alone
+        are only copied: on the loop's default executor, so that they never wait behind other
+        calls' images for a decoder thread (nor hold the loop: 65 536 take 0.2 s)."""
+        abandoned = threading.Event()
+        encoded = any(image.WhichOneof("source") == "encoded" for image in request.images)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._decoder if encoded else None,
+                _decode_all,
+                model,
+                request,
+                self.state.max_image_pixels,
+                abandoned,
+            )
+        except asyncio.CancelledError:
+            # gRPC cancels the call when the client goes away or its deadline passes; the
+            # worker thread cannot be cancelled, so it stops at its next image instead of
+            # decoding the rest (up to a thousand large images) for nobody.
+            abandoned.set()
+            raise
 
 
 def handler(servicer: ClassifierServicer) -> grpc.GenericRpcHandler:
@@ -63,12 +84,16 @@ def handler(servicer: ClassifierServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler("classifier.v1.Classifier", {"Classify": classify})
 
 
-def _decode_all(model: Model, request: pb.ClassifyRequest, max_pixels: int) -> np.ndarray:
+def _decode_all(
+    model: Model, request: pb.ClassifyRequest, max_pixels: int, abandoned: threading.Event
+) -> np.ndarray:
     info = model.info
     _check_decoded_size(info, request)
     out = np.empty((len(request.images), *info.sample_shape), dtype=np.float32)
     count = math.prod(info.sample_shape)
     for i, image in enumerate(request.images):
+        if abandoned.is_set():
+            raise ServeError(grpc.StatusCode.CANCELLED, "the call was cancelled while decoding")
         source = image.WhichOneof("source")
         if source == "encoded":
             out[i] = images.decode(info, image.encoded, i, max_pixels)
