@@ -84,6 +84,16 @@ def _parse_classes(text: str, path: Path) -> int:
     return count
 
 
+def _encodable(names: list[object]) -> bool:
+    """True when every name can be sent as UTF-8, as gRPC strings must be."""
+    try:
+        for name in names:
+            str(name).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _channel_stats(
     meta: dict[str, str], key: str, default: float, sample: list[int], path: Path
 ) -> tuple[float, ...]:
@@ -208,10 +218,15 @@ def read_model_info(name: str, path: Path) -> ModelInfo:
             given = json.loads(meta["labels"])
         except ValueError:
             given = None
-        if isinstance(given, list) and len(given) == num_classes:
+        if isinstance(given, list) and len(given) == num_classes and _encodable(given):
             labels = tuple(str(v) for v in given)
         else:
-            got = f"{len(given)} names" if isinstance(given, list) else "not a JSON list"
+            if not isinstance(given, list):
+                got = "not a JSON list"
+            elif len(given) != num_classes:
+                got = f"{len(given)} names"
+            else:  # JSON's \ud800 escapes decode to text no answer can carry
+                got = "a name that is not valid Unicode (a lone surrogate escape)"
             _log.warning(
                 "model %s: expected metadata labels as a JSON list of %d names, one per class, "
                 "got %s; using class_i",

@@ -68,7 +68,7 @@ def top_k(logits: np.ndarray, k: int) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64; rows with NaN stay NaN, +Inf wins its row."""
+    """Row-wise softmax in float64; a row with NaN or +Inf comes out NaN, as torch.softmax."""
     values = logits.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         shifted = values - np.max(values, axis=1, keepdims=True)

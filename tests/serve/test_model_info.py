@@ -42,6 +42,10 @@ def test_bad_labels_fall_back_and_bad_stats_are_refused(
     assert read_model_info("a", path).labels == ("class_0", "class_1")
     # It said "not a JSON list of 2 strings" for a list of the wrong length.
     assert "list of 2 names, one per class, got 1 names" in caplog.text
+    # A lone surrogate escape made every Classify answer INTERNAL (UnicodeEncodeError).
+    path = make_classifier(tmp_path / "s.onnx", classes=2, metadata={"labels": '["a", "\\ud800"]'})
+    assert read_model_info("s", path).labels == ("class_0", "class_1")
+    assert "not valid Unicode" in caplog.text
     path = make_classifier(tmp_path / "b.onnx", metadata={"std": "[1, 0, 1]"})
     with pytest.raises(ValueError, match="std"):
         read_model_info("b", path)
