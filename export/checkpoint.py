@@ -136,14 +136,30 @@ def _torch_load(path: Path, trust_pickle: bool) -> object:
                 "--trust-pickle"
             ) from e
         raise _not_a_checkpoint(path) from e
-    except (AttributeError, ModuleNotFoundError, ImportError) as e:
+    except AttributeError as e:
+        found = re.search(r"Can't get attribute '(\w+)' on <module '(?:[\w.]+\.)?__main__'", str(e))
+        if found is None:
+            raise _not_importable(path, e) from e
+        # torch.save(model) in a training script pickles its classes as __main__.Name, which
+        # only that script, run as the main program, can load again.
+        name = found.group(1)
         raise UsageError(
-            f"expected the classes pickled in {path} to be importable, got {e}; run from the "
-            "project that defines the model, or save model.state_dict() instead"
+            f"expected the classes pickled in {path} to be importable, got __main__.{name}, a "
+            "class of the script that saved it; there, save model.state_dict() instead, move "
+            f"{name} into an importable module and export with --arch module.path:{name}"
         ) from e
+    except (ModuleNotFoundError, ImportError) as e:
+        raise _not_importable(path, e) from e
     except Exception as e:
         # Garbage makes the unpickler fail in many ways (IndexError, KeyError, struct.error..).
         raise _not_a_checkpoint(path) from e
+
+
+def _not_importable(path: Path, error: Exception) -> UsageError:
+    return UsageError(
+        f"expected the classes pickled in {path} to be importable, got {error}; run from the "
+        "project that defines the model, or save model.state_dict() instead"
+    )
 
 
 def _unreadable(path: Path, error: OSError) -> UsageError:

@@ -83,8 +83,16 @@ def check_unchanged(model: nn.Module, before: Frozen) -> None:
     """Fail when exporting mutated the model (e.g. a forward pass that updates buffers)."""
     after = fingerprint(model)
     if after != before.fingerprint:
+        # torch.jit.trace records BatchNorm's training flag as a constant: a module traced in
+        # train mode updates its statistics whatever eval() says.
+        fix = (
+            "if it was traced in train mode (torch.jit.trace before model.eval()), trace it "
+            "again after model.eval(), or export its state_dict instead"
+            if isinstance(model, torch.jit.ScriptModule)
+            else "make forward side-effect free"
+        )
         raise CheckFailed(
             "expected export to leave parameters and buffers unchanged, got a different "
             "fingerprint after export; the model's forward modifies its own state "
-            "(training-mode statistics or in-place updates), make forward side-effect free"
+            f"(training-mode statistics or in-place updates): {fix}"
         )

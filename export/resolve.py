@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import inspect
 import io
@@ -19,6 +20,7 @@ from export.zoo import ArchSpec, architectures
 
 # BatchNorm's step counter is absent from old checkpoints and plays no part in eval mode.
 IGNORED_SUFFIXES = ("num_batches_tracked",)
+RUNNING_STATS = ("running_mean", "running_var")
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ def resolve(checkpoint: Checkpoint, arch: str | None, *, trust_pickle: bool = Fa
     closest: dict[str, Fit] = {}
     for fit in sorted(fits, key=lambda f: f.errors):
         closest.setdefault(fit.arch, fit)
+    _refuse_missing_running_stats(next(iter(closest.values()), None), checkpoint)
     described = "\n  ".join(f.describe() for f in list(closest.values())[:3])
     if name is not None:
         raise UsageError(
@@ -120,6 +123,22 @@ def _fit(spec: ArchSpec, state_dict: Mapping[str, Tensor]) -> tuple[Fit, dict[st
     with torch.device("meta"):
         expected = spec.build(num_classes=num_classes, in_channels=in_channels).state_dict()
     return compare(spec.name, expected, weights), weights
+
+
+def _refuse_missing_running_stats(fit: Fit | None, checkpoint: Checkpoint) -> None:
+    """The network fits but for BatchNorm running statistics: the model was trained with
+    track_running_stats=False, and "pass the right --arch" would send the user astray."""
+    if fit is None or fit.unexpected or fit.mismatched or not fit.missing:
+        return
+    if all(key.endswith(RUNNING_STATS) for key in fit.missing):
+        layers = sorted({key.rsplit(".", 1)[0] for key in fit.missing})
+        raise UsageError(
+            f"expected BatchNorm running statistics in {checkpoint.path} for {fit.arch}, got "
+            f"none for {len(layers)} layer(s) ({', '.join(layers[:3])}"
+            f"{', ...' if len(layers) > 3 else ''}): trained with track_running_stats=False, "
+            "eval() would still use batch statistics; train with track_running_stats=True (or "
+            "recompute the statistics) and save again"
+        )
 
 
 def compare(arch: str, expected: Mapping[str, Tensor], actual: Mapping[str, Tensor]) -> Fit:
@@ -174,13 +193,27 @@ def _build_factory(target: str, checkpoint: Checkpoint, source: str) -> Resolved
     params = _parameters(factory)
     guesses = _guess_sizes(checkpoint.state_dict)
     kwargs = {k: v for k, v in guesses.items() if k in params and v is not None}
+    call = f"{target}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+    printed = io.StringIO()  # held back, as at import: a usage text would read as ours
     try:
-        model = factory(**kwargs)
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            model = factory(**kwargs)
+    except SystemExit as e:
+        # A factory that parses the command line (args = parser.parse_args()) reads ours, fails
+        # and exits: without this the export would end with its exit code and usage text.
+        said = printed.getvalue().strip().splitlines()
+        raise UsageError(
+            f"expected {call} to build a model, got SystemExit (code {e.code})"
+            + (f" after it printed {said[-1][:200]!r}" if said else "")
+            + "; the factory exited, e.g. it parses the command line: give it parameters with "
+            "defaults instead"
+        ) from e
     except Exception as e:
         raise UsageError(
-            f"expected {target}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) to build a "
-            f"model, got {type(e).__name__}: {e}; fix the factory or its defaults"
+            f"expected {call} to build a model, got {type(e).__name__}: {e}; fix the factory or "
+            "its defaults"
         ) from e
+    sys.stderr.write(printed.getvalue())
     if not isinstance(model, nn.Module):
         raise UsageError(
             f"expected {target} to return a torch.nn.Module, got {type(model).__name__}; "
@@ -195,6 +228,7 @@ def _build_factory(target: str, checkpoint: Checkpoint, source: str) -> Resolved
          for variant in key_variants(checkpoint.state_dict)),
         key=lambda pair: pair[0].errors,
     )  # fmt: skip
+    _refuse_missing_running_stats(best[0], checkpoint)
     if not best[0].exact:
         raise UsageError(
             f"expected weights that fit {target}, got {best[0].describe()}; check that the "
@@ -240,7 +274,15 @@ def _import_factory(target: str, source: str) -> Callable[..., object]:
             f"{type(e).__name__}: {first_line(e)}; fix the error in that module"
         ) from e
     sys.stderr.write(printed.getvalue())
-    factory = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        names = [n for n in dir(module) if callable(getattr(module, n, None))]
+        close = difflib.get_close_matches(attr, names, n=3)
+        raise UsageError(
+            f"expected a callable {attr!r} in module {module_name} (for {target} from {source}), "
+            f"got no such name there{'; closest: ' + ', '.join(close) if close else ''}; pass "
+            "--arch module.path:function_or_class with a name the module defines"
+        )
+    factory = getattr(module, attr)
     if not callable(factory):
         raise UsageError(
             f"expected a callable {attr!r} in module {module_name} (for {target} from {source}), "

@@ -87,6 +87,22 @@ def test_torchscript_archive(small_ckpt, tmp_path: Path) -> None:
     assert export_ok(path).arch == "resnet18-cifar"
 
 
+def test_torchscript_traced_in_train_mode(run_main, small_ckpt, tmp_path: Path) -> None:
+    # torch.jit.trace keeps BatchNorm's training flag as a constant: eval() cannot undo it, so
+    # the message must say to trace again after eval(), not to rewrite forward.
+    _, state = small_ckpt
+    model = resnet18_cifar(num_classes=4, in_channels=3)
+    model.load_state_dict(state)
+    path = tmp_path / "traced.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model.train(), torch.randn(2, 3, 32, 32)).save(str(path))
+    done = run_main(path, "-o", tmp_path / "traced.onnx")
+    assert done.returncode == 1, done.stderr
+    assert "trace it again after model.eval()" in done.stderr, done.stderr
+    assert not (tmp_path / "traced.onnx").exists()
+
+
 def test_missing_num_batches_tracked_is_fine(small_ckpt, tmp_path: Path) -> None:
     _, state = small_ckpt
     path = tmp_path / "old.ckpt"

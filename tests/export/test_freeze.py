@@ -65,3 +65,23 @@ def test_batchnorm_without_running_stats_is_refused(run_main, tmp_path: Path) ->
 def test_no_running_stats_raises_usage_error() -> None:
     with pytest.raises(UsageError, match="track_running_stats=False"):
         freeze(user_models.NoRunningStats())
+
+
+@pytest.mark.parametrize("arch", [None, "resnet18-cifar", "user_models:tiny_net"])
+def test_checkpoint_without_running_stats_is_named(run_main, tmp_path: Path, arch) -> None:
+    # A zoo (or user) network trained with track_running_stats=False saves no statistics; the
+    # arch is right, so the message must name the statistics, not tell the user to change it.
+    if arch == "user_models:tiny_net":
+        state = user_models.NoRunningStats().state_dict()
+        options = ["--arch", arch, "--input-shape", "3,8,8"]
+    else:
+        state = resnet18_cifar(num_classes=4, in_channels=3).state_dict()
+        options = ["--arch", arch] if arch else []
+    path = tmp_path / "nostats.ckpt"
+    torch.save({k: v for k, v in state.items() if ".running_" not in k}, path)
+    done = run_main(path, *options, "-o", tmp_path / "out.onnx", extra_path=HERE)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: expected BatchNorm running statistics"), done.stderr
+    assert "track_running_stats=True" in done.stderr
+    assert "--arch" not in done.stderr
+    assert not (tmp_path / "out.onnx").exists()

@@ -81,6 +81,25 @@ def test_user_factory_via_cli(run_cli, tmp_path: Path) -> None:
     assert "exported user_models:tiny_net" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("factory", "said"),
+    [("tiny_net_from_command_line", "the following arguments are required: --data"),
+     ("tiny_net_that_exits", "SystemExit (code 1)")],
+    ids=["parses-argv", "sys-exit"],
+)  # fmt: skip
+def test_user_factory_that_exits(run_main, tmp_path: Path, factory: str, said: str) -> None:
+    # Exit 2 with our one-line message: not the factory's exit code (1 would read as a failed
+    # check), nor its usage text, which would read as this command's.
+    path = tmp_path / "user.ckpt"
+    torch.save(user_models.trained_state(user_models.TinyNet()), path)
+    done = run_main(path, "--arch", f"user_models:{factory}", "--input-shape", "3,8,8",
+                    extra_path=HERE)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: expected user_models:"), done.stderr
+    assert said in done.stderr and "usage:" not in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
 def test_user_factory_needs_input_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(HERE))
     path = tmp_path / "user.ckpt"

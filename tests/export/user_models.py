@@ -5,6 +5,9 @@ Not a test module: tests put this directory on the path (or PYTHONPATH for the C
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -121,6 +124,19 @@ class MaskedLogits(TinyNet):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.maximum(super().forward(x), self.floor)
+
+
+def tiny_net_from_command_line() -> TinyNet:
+    """A training script's factory that reads its options from the command line (ours, here)."""
+    parser = argparse.ArgumentParser(prog="train.py")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--classes", type=int, default=5)
+    return TinyNet(num_classes=parser.parse_args().classes)
+
+
+def tiny_net_that_exits() -> TinyNet:
+    """A factory that gives up with sys.exit(1) (which would read as a failed check)."""
+    sys.exit(1)
 
 
 def tiny_net_half(num_classes: int, in_channels: int) -> TinyNet:
