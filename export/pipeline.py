@@ -245,14 +245,19 @@ def _labels(path: Path | None, num_classes: int) -> list[str]:
     if path is None:
         return [f"class_{i}" for i in range(num_classes)]
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (Windows Notepad writes one) would else start label 0.
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         raise UsageError(
             f"expected a readable UTF-8 labels file, got {path} ({reason}); pass --labels a "
             "text file with one label per line, in class-index order"
         ) from e
-    labels = [line.strip() for line in lines]
+    document = _json_document("\n".join(lines))
+    if document is not None:
+        labels = _json_labels(document, path)
+    else:
+        labels = [line.strip() for line in lines]
     while labels and not labels[-1]:
         labels.pop()
     if not all(labels):
@@ -269,6 +274,47 @@ def _labels(path: Path | None, num_classes: int) -> list[str]:
             f"{len(labels)}; write one label per class in class-index order"
         )
     return labels
+
+
+def _json_document(text: str) -> list | dict | None:
+    """`text` parsed, when it is a JSON list or object; None for plain text."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return None
+    return document if isinstance(document, (list, dict)) else None
+
+
+def _json_labels(document: list | dict, path: Path) -> list[str]:
+    """Labels from a JSON list of names, or from TorchServe's index_to_name.json: an object
+    from "0", "1", ... to a name or to [id, name] (its ImageNet file). Read line by line
+    they came out as '["cat",' or '"0": "cat",'."""
+    if isinstance(document, dict):
+        indices = [int(key) if key.isdecimal() else -1 for key in document]
+        if sorted(indices) != list(range(len(document))):
+            raise UsageError(
+                f"expected the keys of the JSON object in {path} to be the class indices "
+                '"0", "1", ... (TorchServe\'s index_to_name.json), got '
+                f"{sorted(document)[:3]}...; or write one label per line, in class-index order"
+            )
+        values = [document[str(i)] for i in range(len(document))]
+        document = [v[-1] if isinstance(v, list) and v else v for v in values]
+    for name in document:
+        # A lone surrogate escape ("\\ud800") parses, but no ONNX file or answer can carry it.
+        if not isinstance(name, str) or not _is_utf8(name):
+            raise UsageError(
+                f"expected JSON strings of valid Unicode as labels in {path}, got {name!r}; "
+                "write each class's name as a string, or one label per line as plain text"
+            )
+    return [name.strip() for name in document]
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _stats(

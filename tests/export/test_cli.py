@@ -6,9 +6,11 @@ where an uncaught exception would fail the test just as a traceback would.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,20 @@ def test_pickled_module_needs_trust_pickle(run_cli, tmp_path: Path) -> None:
     assert (tmp_path / "whole.onnx").is_file()
 
 
+def test_pickled_module_of_a_training_script(run_cli, tmp_path: Path) -> None:
+    # torch.save(model) in a script pickles the class as __main__.Net: no import can find it
+    # again, so "run from the project that defines the model" would not help; say what will.
+    script = tmp_path / "train.py"
+    lines = ["import torch", "class Net(torch.nn.Linear): pass", "torch.save(Net(12, 3), 'w.pt')"]
+    script.write_text("\n".join(lines) + "\n")
+    subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True, timeout=120)
+    done = run_cli(tmp_path / "w.pt", "--trust-pickle", "--input-shape", "1,1,12")
+    assert_usage_error(done, "__main__.Net, a class of the script that saved it",
+                       "save model.state_dict()", "--arch module.path:Net")  # fmt: skip
+    assert done.stderr.count("\n") == 1
+    assert no_onnx_in(tmp_path)
+
+
 def test_keys_that_fit_no_architecture(run_main, tmp_path: Path) -> None:
     state = {"encoder.weight": torch.randn(8, 4), "decoder.weight": torch.randn(4, 8)}
     path = tmp_path / "odd.ckpt"
@@ -96,6 +112,14 @@ def test_unknown_arch_name(run_main, small_ckpt) -> None:
 def test_factory_that_does_not_import(run_main, small_ckpt) -> None:
     path, _ = small_ckpt
     assert_usage_error(run_main(path, "--arch", "no_such_module:build"), "importable", "PYTHONPATH")
+
+
+def test_factory_name_the_module_lacks(run_main, small_ckpt) -> None:
+    # Not "got NoneType": the name is absent, and the closest names the module has are given.
+    path, _ = small_ckpt
+    done = run_main(path, "--arch", "user_models:tiny_nte", extra_path=HERE)
+    assert_usage_error(done, "got no such name there; closest: tiny_net")
+    assert "NoneType" not in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -145,6 +169,59 @@ def test_labels_count_must_match(run_main, small_ckpt, tmp_path: Path) -> None:
     # Four lines for four classes, one blank: three labels, and the blank line is named.
     labels.write_text("cat\n\ndog\nemu\n")
     assert_usage_error(run_main(path, "--labels", labels), "got 3 and a blank line 2; remove it")
+
+
+def test_labels_file_with_a_byte_order_mark(run_main, small_ckpt, tmp_path: Path) -> None:
+    # Windows Notepad saves UTF-8 with a BOM; it must not become part of the first label.
+    path, _ = small_ckpt
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes("cat\r\ndog\r\nemu\r\nfox\r\n".encode("utf-8-sig"))
+    out = tmp_path / "bom.onnx"
+    done = run_main(path, "--labels", labels, "-o", out)
+    assert done.returncode == 0, done.stderr
+    props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert json.loads(props["labels"]) == ["cat", "dog", "emu", "fox"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '["cat", "dog", "emu", "fox"]\n',
+        '{\n  "0": "cat",\n  "1": "dog",\n  "3": "fox",\n  "2": "emu"\n}\n',
+        '{"0": ["n1", "cat"], "1": ["n2", "dog"], "2": ["n3", "emu"], "3": ["n4", "fox"]}',
+    ],
+    ids=["list", "index_to_name", "imagenet_index_to_name"],
+)
+def test_labels_written_as_json(run_main, small_ckpt, tmp_path: Path, text) -> None:
+    """Read line by line, a JSON list or TorchServe's index_to_name.json gave labels such as
+    '["cat",' or '"0": "cat",' (and exit 0 when the line count happened to fit)."""
+    path, _ = small_ckpt
+    labels = tmp_path / "labels.json"
+    labels.write_text(text)
+    out = tmp_path / "out.onnx"
+    done = run_main(path, "--labels", labels, "-o", out)
+    assert done.returncode == 0, done.stderr
+    props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert json.loads(props["labels"]) == ["cat", "dog", "emu", "fox"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"1": "cat", "2": "dog", "3": "emu", "4": "fox"}', "class indices"),
+        ('["cat", "dog", 3, "fox"]', "got 3"),
+        ('["cat", "dog", "\\ud800", "fox"]', "valid Unicode"),
+        ('["cat", "dog", "emu"]', "got 3"),
+    ],
+    ids=["keys", "number", "surrogate", "count"],
+)
+def test_bad_json_labels_are_named(run_main, small_ckpt, tmp_path: Path, text, expected) -> None:
+    path, _ = small_ckpt
+    labels = tmp_path / "labels.json"
+    labels.write_text(text)
+    done = run_main(path, "--labels", labels, "-o", tmp_path / "out.onnx")
+    assert_usage_error(done, str(labels), expected)
+    assert no_onnx_in(tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["missing", "directory", "binary"])
