@@ -162,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         # a log collector reading --log-format json must be able to parse it.
         _log.error("%s", e)
         return 2 if isinstance(e, ValueError) else 1
+    from serve.batcher import batches_running  # imported by serve() already
+
+    if batches_running():  # a batch ran past --grace: exiting normally would abort the process
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

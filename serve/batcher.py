@@ -27,7 +27,7 @@ import numpy as np
 
 from serve.affinity import pin_current_thread
 from serve.errors import ServeError, unavailable
-from serve.runtime import Runtime
+from serve.runtime import ORT_ERRORS, Runtime, device_failed, ort_reason, out_of_memory
 
 if TYPE_CHECKING:
     from serve.metrics import Metrics
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 # Put once per instance thread by ``Batcher.close``: the thread ends when it takes one.
 _STOP = None
+_THREAD_PREFIX = "ort-"  # instance threads are named ort-<model>-<i>
 
 
 @dataclass(eq=False)
@@ -74,6 +75,10 @@ def request_times(pieces: list[Pending]) -> tuple[float, float, float]:
         sum(p.collate_s for p in pieces),
         sum(p.compute_s for p in pieces),
     )
+
+
+# One run's answers: its requests, their logits or their error, compute and collate seconds.
+_Result = tuple[list[Pending], np.ndarray | None, ServeError | None, float, float]
 
 
 # Set by the servicer's request task when DEBUG logging is on; ``Batcher.infer`` fills it.
@@ -152,6 +157,12 @@ class Batcher:
         self._metrics = metrics
         self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        # With a batch window, one instance collects at a time: instances waiting side by side
+        # split the requests of one window between them (two half batches, each after the full
+        # delay). Without a window a free instance takes whatever is queued at once.
+        self._collecting: contextlib.AbstractContextManager[object] = (
+            threading.Lock() if max_queue_delay_s > 0 else contextlib.nullcontext()
+        )
         self._open = False
         fixed = runtime.info.fixed_batch
         self._piece = (
@@ -166,7 +177,10 @@ class Batcher:
             self._metrics.watch_queue(self.name, self._queue.qsize)
         self._threads = [
             threading.Thread(
-                target=self._work, args=(loop,), name=f"ort-{self.name}-{i}", daemon=True
+                target=self._work,
+                args=(loop,),
+                name=f"{_THREAD_PREFIX}{self.name}-{i}",
+                daemon=True,
             )
             for i in range(self._instances)
         ]
@@ -209,9 +223,11 @@ class Batcher:
         self.check_rows(len(rows))
         waiting = self._queue.qsize()
         if count > self._max_queue - waiting:
+            # A split request takes a place per piece: "3 of 4 waiting" alone reads as room.
+            pieces = f" for the {count} pieces of {self._piece} rows" if count > 1 else ""
             raise ServeError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"expected room in the queue of model {self.name}, got {waiting} of "
+                f"expected room in the queue of model {self.name}{pieces}, got {waiting} of "
                 f"{self._max_queue} requests waiting; retry with backoff or raise --max-queue-size",
             )
         now = loop.time()
@@ -267,6 +283,14 @@ class Batcher:
                 thread.join(max(0.0, until - time.monotonic()))
 
         await asyncio.to_thread(join)
+        running = sum(thread.is_alive() for thread in threads)
+        if running:
+            _log.warning(
+                "model %s: %d batch%s still running when the grace period ended; not waited for",
+                self.name,
+                running,
+                "" if running == 1 else "es",
+            )
 
     def _work(self, loop: asyncio.AbstractEventLoop) -> None:
         """One instance: collect, run, hand results to the loop; until a stop mark."""
@@ -277,7 +301,8 @@ class Batcher:
         buffer = np.empty((0, *self.runtime.info.sample_shape), dtype=np.float32)
         stop = False
         while not stop:
-            batch, held, stop = collect(self._queue, held, self.runtime.max_batch, self._delay)
+            with self._collecting:
+                batch, held, stop = collect(self._queue, held, self.runtime.max_batch, self._delay)
             if not batch:  # only withdrawn requests were taken: the queue shrank without a batch
                 continue
             try:
@@ -291,8 +316,13 @@ class Batcher:
     def _run(
         self, loop: asyncio.AbstractEventLoop, batch: list[Pending], buffer: np.ndarray
     ) -> np.ndarray:
-        """Drop expired requests, collate the rest into ``buffer`` (grown if needed), run,
-        and post every answer to the loop; returns the buffer for the next batch."""
+        """Drop expired requests, run the rest, and post every answer to the loop in one call;
+        returns the buffer for the next batch.
+
+        One request's values can make the model fail for its whole batch (an index out of
+        range, a shape computed from the input): then the batch's halves run again, down to
+        single requests, so that only the requests that fail on their own get the error.
+        """
         now = loop.time()
         live: list[Pending] = []
         expired: list[Pending] = []
@@ -307,52 +337,88 @@ class Batcher:
         if self._metrics is not None:
             for pending in live:
                 self._metrics.queued(self.name, now - pending.enqueued)
-        logits: np.ndarray | None = None
-        error: ServeError | None = None
-        seconds = collate_s = 0.0
-        if live:
-            collating = time.perf_counter()
-            rows = sum(len(p.rows) for p in live)
-            size = self.runtime.batch_size(rows)
-            if len(live) == 1 and size == rows:
-                inputs = live[0].rows
-            else:
-                if len(buffer) < size:
-                    buffer = np.empty((size, *buffer.shape[1:]), dtype=np.float32)
-                inputs = buffer[:size]
-                np.concatenate([p.rows for p in live], out=inputs[:rows])
-                inputs[rows:] = 0
-            started = time.perf_counter()
-            collate_s = started - collating
-            try:
-                logits = self.runtime.run(inputs)
-            except Exception as e:
-                _log.exception("model %s failed on a batch of %d rows", self.name, rows)
-                error = ServeError(grpc.StatusCode.INTERNAL, f"model {self.name} failed: {e}")
-            seconds = time.perf_counter() - started
-            if logits is not None and logits.shape[0] != size:
-                error = ServeError(
-                    grpc.StatusCode.INTERNAL,
-                    f"expected {size} output rows from model {self.name}, got {logits.shape[0]}",
-                )
-            if error is None and self._metrics is not None:
-                self._metrics.batch(self.name, rows, seconds, collate_s)
+        results: list[_Result] = []
+        groups = [live] if live else []
+        while groups:
+            group = groups.pop()
+            result, failure, buffer = self._compute(group, buffer)
+            if failure is not None and len(group) > 1:
+                half = len(group) // 2
+                groups += [group[half:], group[:half]]
+                continue
+            if failure is not None:
+                result = (group, None, self._failed(group[0], failure), 0.0, 0.0)
+            results.append(result)
         # RuntimeError: the loop is closed, so nobody waits for these answers any more.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(
-                self._answer, live, expired, logits, error, seconds, collate_s
-            )
+            loop.call_soon_threadsafe(self._answer, expired, results)
         return buffer
 
-    def _answer(
-        self,
-        live: list[Pending],
-        expired: list[Pending],
-        logits: np.ndarray | None,
-        error: ServeError | None,
-        seconds: float,
-        collate_s: float,
-    ) -> None:
+    def _compute(
+        self, group: list[Pending], buffer: np.ndarray
+    ) -> tuple[_Result, Exception | None, np.ndarray]:
+        """Collate ``group`` into ``buffer`` (grown if needed) and run it. Returns its result,
+        the ONNX Runtime error when the model failed on these inputs (the result is then
+        unset), and the buffer."""
+        collating = time.perf_counter()
+        rows = sum(len(p.rows) for p in group)
+        size = self.runtime.batch_size(rows)
+        if len(group) == 1 and size == rows:
+            inputs = group[0].rows
+        else:
+            if len(buffer) < size:
+                buffer = np.empty((size, *buffer.shape[1:]), dtype=np.float32)
+            inputs = buffer[:size]
+            np.concatenate([p.rows for p in group], out=inputs[:rows])
+            inputs[rows:] = 0
+        started = time.perf_counter()
+        collate_s = started - collating
+        logits: np.ndarray | None = None
+        error: ServeError | None = None
+        try:
+            logits = self.runtime.run(inputs)
+        except ORT_ERRORS as e:
+            if not device_failed(e):
+                return (group, None, None, 0.0, 0.0), e, buffer
+            _log.error("model %s: the device failed on a batch of %d rows: %s",
+                       self.name, rows, ort_reason(e))  # fmt: skip
+            error = ServeError(
+                grpc.StatusCode.INTERNAL,
+                f"expected model {self.name} to run on its device, got {ort_reason(e)}; retry "
+                "on another replica (the device of this one needs attention)",
+            )
+        except Exception as e:
+            _log.exception("model %s failed on a batch of %d rows", self.name, rows)
+            error = ServeError(grpc.StatusCode.INTERNAL, f"model {self.name} failed: {e}")
+        seconds = time.perf_counter() - started
+        if logits is not None and logits.shape[0] != size:
+            error = ServeError(
+                grpc.StatusCode.INTERNAL,
+                f"expected {size} output rows from model {self.name}, got {logits.shape[0]}",
+            )
+        if error is None and self._metrics is not None:
+            self._metrics.batch(self.name, rows, seconds, collate_s)
+        return (group, logits, error, seconds, collate_s), None, buffer
+
+    def _failed(self, pending: Pending, error: Exception) -> ServeError:
+        """The status of one request the model failed on when run alone."""
+        reason = f"{type(error).__name__}: {ort_reason(error)}"
+        _log.warning("model %s failed on a request of %d rows: %s",
+                     self.name, len(pending.rows), reason)  # fmt: skip
+        if out_of_memory(error):
+            return ServeError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"expected memory to run model {self.name} on {len(pending.rows)} rows, got "
+                f"{reason}; retry with backoff or send fewer rows",
+            )
+        # Warm-up ran every batch size, so what the model refuses here is these values.
+        return ServeError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"expected input values model {self.name} can compute, got ONNX Runtime failing on "
+            f"this request's rows ({reason}); check the values sent",
+        )
+
+    def _answer(self, expired: list[Pending], results: list[_Result]) -> None:
         """On the loop: set every future of one batch."""
         for pending in expired:
             if not pending.future.done():
@@ -364,20 +430,30 @@ class Batcher:
                         f"for model {self.name}; raise the client deadline or add capacity",
                     )
                 )
-        if not live:
-            return
-        if error is not None or logits is None:
-            _fail(live, error or ServeError(grpc.StatusCode.INTERNAL, "no output"))
-            return
-        self.batch_rows[sum(len(p.rows) for p in live)] += 1
-        offset = 0
-        for pending in live:
-            count = len(pending.rows)
-            if not pending.future.done():
-                pending.compute_s = seconds
-                pending.collate_s = collate_s
-                pending.future.set_result(logits[offset : offset + count])
-            offset += count
+        for live, logits, error, seconds, collate_s in results:
+            if error is not None or logits is None:
+                _fail(live, error or ServeError(grpc.StatusCode.INTERNAL, "no output"))
+                continue
+            self.batch_rows[sum(len(p.rows) for p in live)] += 1
+            offset = 0
+            for pending in live:
+                count = len(pending.rows)
+                if not pending.future.done():
+                    pending.compute_s = seconds
+                    pending.collate_s = collate_s
+                    pending.future.set_result(logits[offset : offset + count])
+                offset += count
+
+
+def batches_running() -> bool:
+    """True while an instance thread of this process is still running a batch that a
+    ``Batcher.close`` stopped waiting for. ONNX Runtime aborts the process at exit
+    ("terminate called without an active exception") while one of its runs is in progress,
+    so a process ending then must end with ``os._exit``."""
+    return any(
+        thread.name.startswith(_THREAD_PREFIX) and thread.is_alive()
+        for thread in threading.enumerate()
+    )
 
 
 def _joined(pieces: list[asyncio.Future], loop: asyncio.AbstractEventLoop) -> asyncio.Future:

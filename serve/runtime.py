@@ -117,9 +117,19 @@ def _load_hint(path: Path, reason: str) -> str:
     return "re-export it with `python -m export` or check it with onnx.checker.check_model"
 
 
+def device_failed(error: Exception) -> bool:
+    """True when ``error``, raised by ONNX Runtime, means the execution provider failed."""
+    return type(error).__name__ in _DEVICE_ERRORS or bool(_DEVICE_FAILURE.search(str(error)))
+
+
+def out_of_memory(error: Exception) -> bool:
+    """True when ``error``, raised by ONNX Runtime, says an allocation failed."""
+    return bool(_OUT_OF_MEMORY.search(str(error)))
+
+
 def _raise_if_device_failed(path: Path, error: Exception) -> None:
     """RuntimeError when ``error`` means the execution provider failed, not the model."""
-    if type(error).__name__ in _DEVICE_ERRORS or _DEVICE_FAILURE.search(str(error)):
+    if device_failed(error):
         raise RuntimeError(
             f"expected onnxruntime to run {path} on its execution provider, got "
             f"{type(error).__name__}: {ort_reason(error)}; check the GPU driver and CUDA "

@@ -276,7 +276,7 @@ class Server:
             if self._server is not None:
                 await self._server.stop(max(0.0, until - loop.time()))
             for model in self.state.models.values():
-                await model.batcher.close()
+                await model.batcher.close(max(0.0, until - loop.time()))
             self.metrics.close()
         finally:
             # The loop thread outlives the server (tests, embedding apps): give it back its

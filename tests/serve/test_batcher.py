@@ -182,6 +182,33 @@ def test_batcher_refuses_a_request_the_queue_could_never_hold(
     asyncio.run(scenario())
 
 
+def test_a_full_queue_says_a_split_request_needs_a_place_per_piece(classifier_path: Path) -> None:
+    info = read_model_info("tiny", classifier_path)
+    runtime = Runtime(info, device="cpu", max_batch_size=2, intra_op_threads=1)
+    rows = np.zeros((3, *info.sample_shape), dtype=np.float32)
+
+    async def scenario() -> None:
+        # No instance threads: whatever is queued stays queued.
+        batcher = Batcher(runtime, max_queue_size=3, max_queue_delay_s=0, instances=0)
+        batcher.start()
+        try:
+            waiting, _ = batcher.submit(rows, None)  # two pieces
+            with pytest.raises(ServeError) as caught:
+                batcher.submit(rows, None)
+            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # "2 of 3 requests waiting" alone read as room for this one.
+            assert caught.value.message.startswith(
+                "expected room in the queue of model tiny for the 2 pieces of --max-batch-size "
+                "2 rows, got 2 of 3 requests waiting;"
+            )
+            batcher.submit(rows[:1], None)  # one piece fits
+            waiting.cancel()
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario())
+
+
 def test_expired_deadline_is_dropped_before_compute(classifier_path: Path) -> None:
     info = read_model_info("tiny", classifier_path)
     runtime = Runtime(info, device="cpu", max_batch_size=4, intra_op_threads=1)
@@ -236,4 +263,3 @@ def test_a_bug_in_one_batch_fails_it_and_the_instance_keeps_serving(
             await batcher.close()
 
     assert asyncio.run(scenario()).shape == (1, info.num_classes)
-

@@ -226,3 +226,75 @@ def test_an_open_health_watch_does_not_hold_the_shutdown(
         log = server.output()
     assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING]
     assert "Traceback" not in log and "Exception" not in log, log
+
+
+def _spinning_model(path: Path) -> Path:
+    """Input [batch, 4] → logits [batch, 3]; every run also spins a Loop as many steps as the
+    batch's largest value (about a microsecond each): zeros, as at warm-up, take no time."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, []),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, []),
+        ],
+        [numpy_helper.from_array(np.array(0.0, np.float32), "one")],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["input"], ["top"], keepdims=0),
+            helper.make_node("Cast", ["top"], ["trips"], to=TensorProto.INT64),
+            helper.make_node("Loop", ["trips", "", "zero"], ["spent"], body=body),
+            helper.make_node("MatMul", ["input", "w"], ["raw"]),
+            helper.make_node("Add", ["raw", "spent"], ["logits"]),
+        ],
+        "spin",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        [
+            numpy_helper.from_array(np.ones((4, 3), np.float32), "w"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return path
+
+
+def test_a_batch_running_past_the_grace_period_does_not_hold_or_abort_the_exit(
+    tmp_path: Path,
+) -> None:
+    """The server used to wait 10 s more for the batch, then exit while ONNX Runtime still
+    ran it: "terminate called without an active exception", SIGABRT instead of exit 0."""
+    model = _spinning_model(tmp_path / "spin.onnx")
+    port = free_port()
+    args = [str(model), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+            "--device", "cpu", "--intra-op-threads", "1", "--max-batch-size", "4",
+            "--grace", "1"]  # fmt: skip
+    spin = np.zeros((1, 4), np.float32)
+    spin[0, 0] = 1e9  # a Loop of minutes
+
+    async def scenario(server: ServeProcess) -> object:
+        async with aio.insecure_channel(server.target) as channel:
+            call = asyncio.ensure_future(_infer(channel, infer_payload("spin", spin)))
+            await asyncio.sleep(0.5)  # queued and taken by the free instance within ms
+            server.terminate()
+            return await call
+
+    with ServeProcess(args, port, tmp_path / "serve.log") as server:
+        answer = asyncio.run(scenario(server))
+        code = server.wait(60)
+        log = server.output()
+    assert code == 0, log
+    assert answer == grpc.StatusCode.UNAVAILABLE
+    assert "1 batch still running when the grace period ended" in log, log
+    assert "terminate called" not in log and "Traceback" not in log, log

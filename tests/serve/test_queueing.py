@@ -69,6 +69,27 @@ def test_a_bad_request_in_a_batch_window_harms_no_good_one(
     assert max(batches) > 1  # the good requests shared a batch
 
 
+def test_instances_share_one_batch_window_instead_of_splitting_it(
+    start_server: Callable[..., BackgroundServer], classifier_path: Path, reference: Reference
+) -> None:
+    # Two idle instances used to wait side by side, each taking some of the window's
+    # requests: two half batches, both after the whole delay.
+    server = start_server(instances=2, max_queue_delay_us=2_000_000)
+    inputs = [_rows(1, 40 + i) for i in range(16)]
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        infer = _stub(channel)
+        for window in (inputs[:8], inputs[8:]):
+            calls = []
+            for x in window:  # one by one, as separate clients arrive
+                calls.append(infer.future(_request(x), timeout=60))
+                time.sleep(0.05)
+            for call, x in zip(calls, window, strict=True):
+                np.testing.assert_allclose(
+                    _logits(call.result()), reference(classifier_path, x), atol=1e-5
+                )
+    assert server.server.models["tiny"].batcher.batch_rows == {8: 2}
+
+
 def test_deadline_passing_while_queued_is_dropped_before_compute(
     start_server: Callable[..., BackgroundServer], classifier_path: Path, reference: Reference
 ) -> None:
