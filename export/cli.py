@@ -12,6 +12,7 @@ from export.errors import ExportError, strip_ansi
 from export.onnx_export import EXPORTERS, MAX_OPSET, MIN_OPSET
 from export.pipeline import ExportResult, export_checkpoint
 from export.zoo import architectures
+from serve.cli_help import DefaultsFormatter
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a trained PyTorch classifier checkpoint to a parity-checked ONNX file.",
         epilog="exit codes: 0 exported and checked; 1 a graph or parity check failed (no .onnx "
         "left at the output path); 2 bad input or usage",
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument(
         "checkpoint", type=_path, help="checkpoint (.ckpt/.pt/.pth, .safetensors, TorchScript)"
@@ -55,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input-shape", type=_text, metavar="C,H,W", help="input shape without the batch axis"
     )
-    p.add_argument("--labels", type=_path, metavar="FILE", help="class labels, one per line")
+    p.add_argument(
+        "--labels",
+        type=_path,
+        metavar="FILE",
+        help="class labels: one per line, or JSON (a list, or TorchServe's index_to_name.json)",
+    )
     p.add_argument(
         "--mean", type=_text, metavar="M[,M...]", help="per-channel mean for preprocessing"
     )
@@ -65,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--opset", type=int, default=MIN_OPSET, help=f"ONNX opset ({MIN_OPSET} to {MAX_OPSET})"
     )
-    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
-    p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
+    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance")
+    p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance")
     p.add_argument("--sample", type=_path, metavar="FILE.npy", help="extra inputs for parity")
     p.add_argument(
         "--exporter",

@@ -12,31 +12,36 @@ import sys
 from pathlib import Path
 
 from serve import logs
+from serve.cli_help import DefaultsFormatter
 from serve.config import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_MESSAGE_BYTES, DEVICES, ServerConfig
 
 _log = logging.getLogger("serve")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m serve``."""
     p = argparse.ArgumentParser(
         prog="python -m serve",
+        formatter_class=DefaultsFormatter,
         description="Serve ONNX image classifiers over gRPC (KServe v2 / Triton protocol, "
         "classifier.v1.Classifier, health, reflection) with dynamic batching.",
     )
     p.add_argument("models", nargs="*", type=Path, metavar="MODEL.onnx", help="models to serve")
     p.add_argument("--model-repository", type=Path, metavar="DIR",
                    help="folder with one subfolder per model: NAME/model.onnx or NAME/1/model.onnx")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="0.0.0.0", help="address both ports bind")
     p.add_argument("--port", type=int, default=8001, help="gRPC port; 0 picks a free one")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics; 0 = off")
-    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-batch-size", type=int, default=64,
+                   help="rows a batch may hold; larger requests are split")
     p.add_argument("--max-queue-delay-us", type=int, default=0,
-                   help="how long a batch may wait for more requests (default: no waiting)")
+                   help="how long a batch may wait for more requests; 0 = no waiting")
     p.add_argument("--max-queue-size", type=int, default=1024,
                    help="queued requests per model before RESOURCE_EXHAUSTED")
     p.add_argument("--instances", type=int, default=1, help="batches run concurrently per model")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to drain on SIGTERM/SIGINT")
-    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                   help="largest request or answer message")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000,
                    help="larger encoded images are refused before decoding")
     p.add_argument("--keepalive-time", type=float, default=DEFAULT_KEEPALIVE_S, metavar="S",
@@ -47,17 +52,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "across replicas); 0 = never")
     p.add_argument("--max-connection-age-grace", type=float, metavar="S",
                    help="then close the connection S seconds later, ending the calls still "
-                   "on it (open streams); default: wait for them")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+                   "on it (open streams); unset: wait for them")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto: CUDA when a GPU is usable, else CPU")
     p.add_argument("--intra-op-threads", type=int, default=0,
-                   help="0 = one per core the process may use (cpuset, CPU quota)")
-    p.add_argument("--tls-cert", type=Path)
-    p.add_argument("--tls-key", type=Path)
+                   help="ONNX Runtime threads per instance; 0 = one per core the process may "
+                   "use (cpuset, CPU quota)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve TLS")
+    p.add_argument("--tls-key", type=Path, help="its unencrypted PEM private key")
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
     p.add_argument("--auth-token-file", type=Path, help="require 'authorization: Bearer TOKEN'")
-    p.add_argument("--log-level", default="info", choices=logs.LEVELS, type=str.lower)
-    p.add_argument("--log-format", default="text", choices=logs.FORMATS)
-    return p.parse_args(argv)
+    p.add_argument("--log-level", default="info", choices=logs.LEVELS, type=str.lower,
+                   help="least severe level logged")
+    p.add_argument("--log-format", default="text", choices=logs.FORMATS,
+                   help="json: one object per line, for log collectors")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:

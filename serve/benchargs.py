@@ -18,6 +18,7 @@ import grpc
 
 from serve import benchreport
 from serve.benchenv import ModelFileError, check_model_file
+from serve.cli_help import DefaultsFormatter
 from serve.loadgen import Load, check_payload
 from serve.loadsend import Metadata
 from serve.security import (
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ONNX Runtime on the same model file.",
         epilog="exit codes: 0 every call answered; 1 some calls failed (see the errors column) "
         "or the server could not be reached; 2 usage",
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument("target", nargs="?", metavar="HOST:PORT", help="a running server")
     p.add_argument("--model", help="model name (default with --spawn: the file's stem)")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from serve.cli_help import DefaultsFormatter
 from serve.client import MAX_TOP_K, Client, ClientError
 from serve.security import (
     check_certificates,
@@ -38,19 +39,28 @@ _IMAGE_INDEX = re.compile(r"\bimage (\d+)\b")  # how the server's messages name 
 _TOO_MANY = ("rows per request", "encoded images per call")
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m serve.client``."""
     parser = argparse.ArgumentParser(
-        prog="python -m serve.client", description="Classify images with a running server."
+        prog="python -m serve.client",
+        description="Classify images with a running server.",
+        formatter_class=DefaultsFormatter,
     )
-    parser.add_argument("target", metavar="HOST:PORT")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("target", metavar="HOST:PORT", help="the server's gRPC address")
+    parser.add_argument("--model", required=True, help="the model's name on the server")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                        help="PNG/JPEG files; - reads one from stdin")
+    parser.add_argument("--top-k", type=int, default=5, help="labels printed per image")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     parser.add_argument("--token-file", type=Path, help="bearer token (servers with auth)")
     parser.add_argument("--ca", type=Path, help="PEM CA certificate: connect with TLS")
     parser.add_argument("--cert", type=Path, help="client certificate (PEM) for mutual TLS")
     parser.add_argument("--key", type=Path, help="client private key (PEM) for mutual TLS")
+    return parser
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         check_target(args.target)

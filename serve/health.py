@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serve.cli_help import DefaultsFormatter
 from serve.security import check_certificates, key_pair, read_file
 from serve.targets import check_target
 
@@ -132,10 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m serve.health",
         description="Check a server's gRPC health: exit 0 when SERVING, 1 otherwise.",
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("target", metavar="HOST:PORT", help="the server's gRPC address")
     parser.add_argument("--model", default="", help="check one model instead of the server")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
     parser.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server's certificate")
     parser.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
     parser.add_argument("--tls-key", type=Path, help="client private key (PEM) for mutual TLS")

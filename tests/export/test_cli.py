@@ -21,6 +21,7 @@ import user_models
 from safetensors.torch import save_file
 
 from export import ExportConfig, UsageError
+from export.cli import build_parser
 
 HERE = Path(__file__).resolve().parent
 
@@ -540,3 +541,10 @@ def test_summary_gives_the_opset_in_the_file(
     assert done.returncode == 0, done.stderr
     assert "opset        18 (legacy exporter)" in done.stdout
     assert "asked for --opset 19, the exporter wrote opset 18" in done.stderr
+
+
+def test_help_shows_the_defaults() -> None:
+    text = " ".join(build_parser().format_help().split())
+    assert "ONNX opset (18 to 23) (default: 18)" in text
+    assert "absolute tolerance (default: 0.0001)" in text
+    assert "(default: None)" not in text
