@@ -1,7 +1,9 @@
-"""End-to-end demo (`make demo`): train on digits → export with the real CLI → compare accuracy.
+"""End-to-end demo (`make demo`): train on digits → export with the real CLI → compare accuracy
+→ serve with `python -m serve` → classify the held-out digits over gRPC → stop with SIGTERM.
 
-Each step is one function taking and returning plain values, so later steps (start the server,
-classify over gRPC, stop it) can be added to `main` without touching the others.
+Each step is one function taking and returning plain values. Everything lands in `demo-out/`:
+the checkpoint, `resnet18.onnx` with its parity report, `serve.log`, and `digit0.png` ..
+`digit9.png` (one held-out image of each digit) for trying `python -m serve.client` by hand.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ def step_train(out_dir: Path, split: train_digits.Split) -> Trained:
 
 
 def step_export(trained: Trained) -> Path:
-    print(f"2. python -m export {trained.checkpoint.relative_to(ROOT)}", flush=True)
-    command = [sys.executable, "-m", "export", str(trained.checkpoint),
-               "--labels", str(trained.labels)]  # fmt: skip
+    checkpoint, labels = trained.checkpoint.relative_to(ROOT), trained.labels.relative_to(ROOT)
+    print(f"2. python -m export {checkpoint} --labels {labels}", flush=True)
+    command = [sys.executable, "-m", "export", str(checkpoint), "--labels", str(labels)]
     result = subprocess.run(command, cwd=ROOT, check=False)
     if result.returncode != 0:
         raise SystemExit(f"export failed with exit code {result.returncode}")
@@ -74,13 +76,12 @@ def step_serve_and_classify(trained: Trained, onnx_path: Path, split: train_digi
 
     port = free_port()
     target = f"127.0.0.1:{port}"
-    print(f"4. python -m serve {onnx_path.relative_to(ROOT)} --port {port}", flush=True)
+    flags = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
+    print(f"4. python -m serve {onnx_path.relative_to(ROOT)} {' '.join(flags)}", flush=True)
     log = (OUT_DIR / "serve.log").open("wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "serve", str(onnx_path), "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", "0"],
-        cwd=ROOT, stdout=log, stderr=log,
-    )  # fmt: skip
+        [sys.executable, "-m", "serve", str(onnx_path), *flags], cwd=ROOT, stdout=log, stderr=log
+    )
     try:
         with Client(target, timeout=60) as client:
             client.wait_ready(onnx_path.stem, timeout=120)
@@ -111,6 +112,19 @@ def step_serve_and_classify(trained: Trained, onnx_path: Path, split: train_digi
         raise SystemExit(f"expected the server to exit 0 after SIGTERM, got {code}")
 
 
+def step_write_pngs(out_dir: Path, split: train_digits.Split) -> list[Path]:
+    """`digit<d>.png` for d = 0..9: the first held-out image of each digit, as the server
+    would receive a file (32×32 RGB), so README's client commands have something to send."""
+    pixels = train_digits.to_uint8_images(split.test_images)
+    paths = []
+    for digit in range(len(train_digits.LABELS)):
+        first = int(np.flatnonzero(split.test_labels == digit)[0])
+        path = out_dir / f"digit{digit}.png"
+        path.write_bytes(_png(pixels[first]))
+        paths.append(path)
+    return paths
+
+
 def _png(pixels: np.ndarray) -> bytes:
     import io
 
@@ -127,6 +141,12 @@ def main() -> int:
     onnx_path = step_export(trained)
     step_report(trained, onnx_path, step_onnx_accuracy(onnx_path, split))
     step_serve_and_classify(trained, onnx_path, split)
+    pngs = step_write_pngs(OUT_DIR, split)
+    print(f"6. wrote {pngs[0].relative_to(ROOT)} .. {pngs[-1].name} (a held-out image of each "
+          "digit); by hand:")  # fmt: skip
+    print(f"   python -m serve {onnx_path.relative_to(ROOT)}")
+    print(f"   python -m serve.client localhost:8001 --model {onnx_path.stem} "
+          f"{pngs[0].relative_to(ROOT)} {pngs[1].relative_to(ROOT)} --top-k 3")  # fmt: skip
     return 0
 
 

@@ -1,6 +1,6 @@
 """Train the zoo's `resnet18-cifar` on scikit-learn's bundled digits and save a checkpoint.
 
-    python examples/train_digits.py [OUT_DIR] [--seconds S]
+    python examples/train_digits.py [OUT_DIR] [--epochs N] [--seconds S]   # OUT_DIR: demo-out
 
 The 8×8 digits (pixel values 0..16) are scaled to [0, 1], upscaled to 32×32 and repeated over
 3 channels, which is what the exported model's metadata describes (mean 0, std 1 per channel),
