@@ -290,8 +290,8 @@ def _json_labels(document: list | dict, path: Path) -> list[str]:
     from "0", "1", ... to a name or to [id, name] (its ImageNet file). Read line by line
     they came out as '["cat",' or '"0": "cat",'."""
     if isinstance(document, dict):
-        indices = [int(key) if key.isdecimal() else -1 for key in document]
-        if sorted(indices) != list(range(len(document))):
+        # Compared as text: "01" or "00" read as an index by int() matched no str(i) below.
+        if set(document) != {str(i) for i in range(len(document))}:
             raise UsageError(
                 f"expected the keys of the JSON object in {path} to be the class indices "
                 '"0", "1", ... (TorchServe\'s index_to_name.json), got '
@@ -299,12 +299,17 @@ def _json_labels(document: list | dict, path: Path) -> list[str]:
             )
         values = [document[str(i)] for i in range(len(document))]
         document = [v[-1] if isinstance(v, list) and v else v for v in values]
-    for name in document:
+    for index, name in enumerate(document):
         # A lone surrogate escape ("\\ud800") parses, but no ONNX file or answer can carry it.
         if not isinstance(name, str) or not _is_utf8(name):
             raise UsageError(
                 f"expected JSON strings of valid Unicode as labels in {path}, got {name!r}; "
                 "write each class's name as a string, or one label per line as plain text"
+            )
+        if not name.strip():  # not "a blank line": the file's lines are not its labels
+            raise UsageError(
+                f"expected a non-empty label for every class in {path}, got {name!r} for class "
+                f"{index}; write that class's name there"
             )
     return [name.strip() for name in document]
 

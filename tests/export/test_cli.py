@@ -213,8 +213,12 @@ def test_labels_written_as_json(run_main, small_ckpt, tmp_path: Path, text) -> N
         ('["cat", "dog", 3, "fox"]', "got 3"),
         ('["cat", "dog", "\\ud800", "fox"]', "valid Unicode"),
         ('["cat", "dog", "emu"]', "got 3"),
+        # int("01") is 1: the keys passed as indices, then "1" was looked up (KeyError).
+        ('{"0": "cat", "01": "dog", "2": "emu", "3": "fox"}', "class indices"),
+        # Not "a blank line 2" of a file written on one line.
+        ('["cat", " ", "emu", "fox"]', "got ' ' for class 1"),
     ],
-    ids=["keys", "number", "surrogate", "count"],
+    ids=["keys", "number", "surrogate", "count", "padded_key", "empty"],
 )
 def test_bad_json_labels_are_named(run_main, small_ckpt, tmp_path: Path, text, expected) -> None:
     path, _ = small_ckpt
