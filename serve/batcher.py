@@ -157,12 +157,15 @@ class Batcher:
         self._metrics = metrics
         self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        # With a batch window, one instance collects at a time: instances waiting side by side
+        # One instance collects at a time: with a batch window, instances waiting side by side
         # split the requests of one window between them (two half batches, each after the full
-        # delay). Without a window a free instance takes whatever is queued at once.
-        self._collecting: contextlib.AbstractContextManager[object] = (
-            threading.Lock() if max_queue_delay_s > 0 else contextlib.nullcontext()
-        )
+        # delay). The request that did not fit the last batch is shared under the same lock:
+        # held by the instance that took it, it waited behind a collector blocked on an empty
+        # queue until its deadline. Without a window this changes nothing: the collector takes
+        # whatever is queued at once.
+        self._collecting = threading.Lock()
+        self._held: Pending | None = None
+        self._busy: set[int] = set()  # idents of the instance threads inside a batch
         self._open = False
         fixed = runtime.info.fixed_batch
         self._piece = (
@@ -283,7 +286,8 @@ class Batcher:
                 thread.join(max(0.0, until - time.monotonic()))
 
         await asyncio.to_thread(join)
-        running = sum(thread.is_alive() for thread in threads)
+        # An idle instance still alive has only not yet taken its stop mark (a grace of ~0).
+        running = sum(thread.is_alive() and thread.ident in self._busy for thread in threads)
         if running:
             _log.warning(
                 "model %s: %d batch%s still running when the grace period ended; not waited for",
@@ -295,16 +299,19 @@ class Batcher:
     def _work(self, loop: asyncio.AbstractEventLoop) -> None:
         """One instance: collect, run, hand results to the loop; until a stop mark."""
         pin_current_thread(self.runtime.caller_cpus)
-        held: Pending | None = None
         # This instance's batch buffer, reused while big enough: a fresh multi-megabyte array
         # per batch costs page faults that slowed 224×224 batches by ~6% (docs/benchmarks.md).
         buffer = np.empty((0, *self.runtime.info.sample_shape), dtype=np.float32)
         stop = False
+        me = threading.get_ident()
         while not stop:
             with self._collecting:
-                batch, held, stop = collect(self._queue, held, self.runtime.max_batch, self._delay)
+                batch, self._held, stop = collect(
+                    self._queue, self._held, self.runtime.max_batch, self._delay
+                )
             if not batch:  # only withdrawn requests were taken: the queue shrank without a batch
                 continue
+            self._busy.add(me)
             try:
                 buffer = self._run(loop, batch, buffer)
             except Exception as e:  # a bug: fail this batch, keep the instance serving
@@ -312,6 +319,8 @@ class Batcher:
                 error = ServeError(grpc.StatusCode.INTERNAL, f"model {self.name} failed: {e}")
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(_fail, batch, error)
+            finally:
+                self._busy.discard(me)
 
     def _run(
         self, loop: asyncio.AbstractEventLoop, batch: list[Pending], buffer: np.ndarray

@@ -141,6 +141,24 @@ def test_batcher_splits_pads_and_reassembles(classifier_path: Path) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_idle_instances_closed_at_once_are_not_reported_as_running_batches(
+    classifier_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no time left (--grace 0, or spent by gRPC's stop), idle instance threads that had
+    not yet taken their stop mark were logged as batches "still running"."""
+    info = read_model_info("tiny", classifier_path)
+    runtime = Runtime(info, device="cpu", max_batch_size=4, intra_op_threads=1)
+
+    async def scenario() -> None:
+        for _ in range(20):
+            batcher = Batcher(runtime, max_queue_size=16, max_queue_delay_s=0, instances=4)
+            batcher.start()
+            await batcher.close(0.0)
+
+    asyncio.run(scenario())
+    assert "still running" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("fixed", "piece"),
     [(None, "--max-batch-size 2"), (2, "the model's fixed batch 2")],

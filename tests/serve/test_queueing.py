@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from protos import kserve_pb2
 from serve.background import BackgroundServer
+from tests.serve.test_drain import _spinning_model
 
 Reference = Callable[[Path, np.ndarray], np.ndarray]
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -88,6 +89,29 @@ def test_instances_share_one_batch_window_instead_of_splitting_it(
                     _logits(call.result()), reference(classifier_path, x), atol=1e-5
                 )
     assert server.server.models["tiny"].batcher.batch_rows == {8: 2}
+
+
+def test_the_request_that_overflows_a_window_runs_on_the_next_free_instance(
+    start_server: Callable[..., BackgroundServer], tmp_path: Path
+) -> None:
+    # 3 + 3 rows overflow a batch of 4. The second request was held by the instance that ran
+    # the first while the other one, holding the collect lock, waited on the empty queue: it
+    # was answered DEADLINE_EXCEEDED after its whole deadline. The first batch spins a while,
+    # so that the other instance is surely waiting on the queue when it ends.
+    model = _spinning_model(tmp_path / "spin.onnx")
+    server = start_server(
+        models=(model,), instances=2, max_batch_size=4, max_queue_delay_us=1_000_000
+    )
+    rng = np.random.default_rng(60)
+    inputs = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(2)]
+    inputs[0][0, 0] = 300_000  # Loop steps of about a microsecond
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        infer = _stub(channel)
+        calls = [infer.future(_request(x, "spin"), timeout=15) for x in inputs]
+        for call, x in zip(calls, inputs, strict=True):
+            logits = _logits(call.result())
+            np.testing.assert_allclose(logits, np.repeat(x.sum(1, keepdims=True), 3, 1))
+    assert server.server.models["spin"].batcher.batch_rows == {3: 2}
 
 
 def test_deadline_passing_while_queued_is_dropped_before_compute(
