@@ -188,6 +188,13 @@ def _as_float32(tensor: Tensor) -> Tensor:
     return tensor.float() if tensor.is_floating_point() else tensor
 
 
+def _exit_status(e: SystemExit) -> str:
+    """A SystemExit as the process would have ended: its exit code, and its message if any."""
+    if e.code is None or isinstance(e.code, int):
+        return f"code {e.code or 0}"
+    return f"code 1: {str(e.code)[:200]!r}"
+
+
 def _build_factory(target: str, checkpoint: Checkpoint, source: str) -> Resolved:
     factory = _import_factory(target, source)
     params = _parameters(factory)
@@ -203,7 +210,7 @@ def _build_factory(target: str, checkpoint: Checkpoint, source: str) -> Resolved
         # and exits: without this the export would end with its exit code and usage text.
         said = printed.getvalue().strip().splitlines()
         raise UsageError(
-            f"expected {call} to build a model, got SystemExit (code {e.code})"
+            f"expected {call} to build a model, got SystemExit ({_exit_status(e)})"
             + (f" after it printed {said[-1][:200]!r}" if said else "")
             + "; the factory exited, e.g. it parses the command line: give it parameters with "
             "defaults instead"
@@ -256,11 +263,10 @@ def _import_factory(target: str, source: str) -> Callable[..., object]:
     except SystemExit as e:
         # A training script's sys.exit() or argparse error, run at import: without this the
         # export would end with the script's exit code, and usage text that is not ours.
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         raise UsageError(
             f"expected module {module_name} (for {target} from {source}) to import, got "
-            f"SystemExit: importing {module_name} exited (code {code}); guard its script code "
-            "with if __name__ == '__main__':"
+            f"SystemExit: importing {module_name} exited ({_exit_status(e)}); guard its script "
+            "code with if __name__ == '__main__':"
         ) from e
     except ImportError as e:
         raise UsageError(

@@ -84,8 +84,9 @@ def test_user_factory_via_cli(run_cli, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("factory", "said"),
     [("tiny_net_from_command_line", "the following arguments are required: --data"),
-     ("tiny_net_that_exits", "SystemExit (code 1)")],
-    ids=["parses-argv", "sys-exit"],
+     ("tiny_net_that_exits", "SystemExit (code 1)"),
+     ("tiny_net_that_exits_saying_why", "SystemExit (code 1: 'no data folder')")],
+    ids=["parses-argv", "sys-exit", "sys-exit-message"],
 )  # fmt: skip
 def test_user_factory_that_exits(run_main, tmp_path: Path, factory: str, said: str) -> None:
     # Exit 2 with our one-line message: not the factory's exit code (1 would read as a failed
