@@ -126,11 +126,9 @@ def test_grace_running_out_still_exits_cleanly(classifier_path: Path, tmp_path: 
     assert "grace period over" in server.output()
 
 
-def _slow_model(path: Path, iterations: int) -> Path:
-    """A classifier [batch,3,8,8] → [batch,5] whose every run also spins a Loop of
-    ``iterations`` empty steps (about a microsecond each): a warm-up that takes seconds."""
-    one = numpy_helper.from_array(np.array(0.0, np.float32), "one")
-    body = helper.make_graph(
+def _empty_loop_body() -> onnx.GraphProto:
+    """The body of a Loop that only counts: each step adds 1 to a float, about a microsecond."""
+    return helper.make_graph(
         [
             helper.make_node("Add", ["v_in", "one"], ["v_out"]),
             helper.make_node("Identity", ["cond_in"], ["cond_out"]),
@@ -145,8 +143,14 @@ def _slow_model(path: Path, iterations: int) -> Path:
             helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
             helper.make_tensor_value_info("v_out", TensorProto.FLOAT, []),
         ],
-        [one],
+        [numpy_helper.from_array(np.array(0.0, np.float32), "one")],
     )
+
+
+def _slow_model(path: Path, iterations: int) -> Path:
+    """A classifier [batch,3,8,8] → [batch,5] whose every run also spins a Loop of
+    ``iterations`` empty steps (about a microsecond each): a warm-up that takes seconds."""
+    body = _empty_loop_body()
     weights = np.random.default_rng(0).normal(size=(192, 5)).astype(np.float32)
     graph = helper.make_graph(
         [
@@ -231,23 +235,7 @@ def test_an_open_health_watch_does_not_hold_the_shutdown(
 def _spinning_model(path: Path) -> Path:
     """Input [batch, 4] → logits [batch, 3]; every run also spins a Loop as many steps as the
     batch's largest value (about a microsecond each): zeros, as at warm-up, take no time."""
-    body = helper.make_graph(
-        [
-            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-        ],
-        "body",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, []),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, []),
-        ],
-        [numpy_helper.from_array(np.array(0.0, np.float32), "one")],
-    )
+    body = _empty_loop_body()
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMax", ["input"], ["top"], keepdims=0),
