@@ -8,9 +8,12 @@ KServe v2 ``ModelInfer`` method, or ``ModelStreamInfer`` for many requests on on
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -48,10 +51,17 @@ class ClientError(Exception):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self) -> tuple[type[ClientError], tuple[grpc.StatusCode, str]]:
+        # Exception pickles ``args`` alone, and (message,) cannot rebuild one: a ClientError
+        # raised in a ProcessPoolExecutor worker broke the whole pool.
+        return type(self), (self.code, str(self))
+
 
 class Client:
     """A blocking client of one server. Use as a context manager or call ``close()``.
 
+    One Client may be shared by threads: their calls and streams run concurrently on its one
+    gRPC channel. ``timeout`` is the deadline of each call in seconds (None: no deadline).
     ``root_certificates`` (PEM CA) connects with TLS; ``private_key`` and ``certificate_chain``
     (PEM) add a client certificate, for servers started with ``--tls-client-ca``; ``token`` is
     sent as ``authorization: Bearer``.
@@ -74,8 +84,9 @@ class Client:
                 "pass the client certificate's PEM chain and its key"
             )
         self.target = target
-        self.timeout = timeout
+        self.timeout = _seconds(timeout, "timeout")
         self._tls = root_certificates is not None or private_key is not None
+        token = _token(token)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -124,28 +135,54 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def wait_ready(self, model: str | None = None, timeout: float = 30.0) -> None:
-        """Block until the server (and ``model``) is ready; ClientError after ``timeout``."""
-        try:
-            options = {"timeout": timeout, "wait_for_ready": True, "metadata": self._metadata}
-            if model is None:
-                ready = self._server_ready(kserve_pb2.ServerReadyRequest(), **options).ready
-            else:
-                ready = self._model_ready(kserve_pb2.ModelReadyRequest(name=model), **options).ready
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise self._error(e) from e
-            raise ClientError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"expected a server at {self.target}, got no answer within {timeout:g} s; "
-                "check the address and that `python -m serve` is running",
-            ) from e
-        if not ready:
-            raise ClientError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"expected {model or 'the server'} to be ready at {self.target}, got not ready; "
-                "wait for start-up to finish or check the model name",
+    def wait_ready(self, model: str | None = None, timeout: float | None = 30.0) -> None:
+        """Block until the server (and ``model``) is ready, also while the server is still
+        loading its models; ClientError after ``timeout`` seconds (None: no limit), and at once
+        (NOT_FOUND) for a model that the ready server does not serve."""
+        seconds = _seconds(timeout, "timeout")
+        deadline = None if seconds is None else time.monotonic() + seconds
+        answered = False
+        while True:
+            # The server binds its port before it loads: until then ServerReady says false.
+            try:
+                server = self._ready(None, deadline)
+                if server and (model is None or self._ready(model, deadline)):
+                    return
+                if server:  # ready without the model: its NOT_FOUND names the models it serves
+                    request = kserve_pb2.ModelMetadataRequest(name=model)
+                    self._metadata_rpc(request, timeout=_left(deadline), metadata=self._metadata)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise self._error(e) from e
+                raise self._not_ready(model, seconds, answered) from e
+            answered = True
+            left = _left(deadline)
+            if left is not None and left <= 0:
+                raise self._not_ready(model, seconds, answered)
+            time.sleep(0.1 if left is None else min(0.1, left))
+
+    def _ready(self, model: str | None, deadline: float | None) -> bool:
+        """One ServerReady (``model`` None) or ModelReady call, waiting for a connection."""
+        options = {"timeout": _left(deadline), "wait_for_ready": True, "metadata": self._metadata}
+        if model is None:
+            return self._server_ready(kserve_pb2.ServerReadyRequest(), **options).ready
+        return self._model_ready(kserve_pb2.ModelReadyRequest(name=model), **options).ready
+
+    def _not_ready(self, model: str | None, seconds: float | None, answered: bool) -> ClientError:
+        within = "the timeout" if seconds is None else f"{seconds:g} s"
+        if not answered:
+            # gRPC's wait for a connection hides why it failed: a TLS mismatch too.
+            message = (
+                f"expected a server at {self.target}, got no answer within {within}; check the "
+                f"address, that `python -m serve` is running, {_tls_hint(self._tls)}"
             )
+        else:
+            message = (
+                f"expected {model or 'the server'} to be ready at {self.target} within {within}, "
+                "got not ready (still loading its models, or draining); raise the timeout or "
+                "check the server's log"
+            )
+        return ClientError(grpc.StatusCode.UNAVAILABLE, message)
 
     def model_metadata(self, model: str) -> kserve_pb2.ModelMetadataResponse:
         """The KServe ModelMetadata of ``model``: tensor names, datatypes and shapes."""
@@ -162,6 +199,11 @@ class Client:
         outside 0..2**32-1 and TypeError for an image that is
         neither (a path, an integer array such as raw uint8 pixels).
         """
+        _require_many(images, "images", "image", "[image]")
+        try:
+            top_k = operator.index(top_k)
+        except TypeError:
+            raise TypeError(f"expected top_k as an int, got {top_k!r}; pass e.g. 5") from None
         if not 0 <= top_k <= MAX_TOP_K:
             raise ValueError(f"expected 0 <= top_k <= {MAX_TOP_K}, got {top_k}; pass e.g. 5")
         request = classifier_pb2.ClassifyRequest(model=model, top_k=top_k)
@@ -176,13 +218,22 @@ class Client:
         self, model: str, paths: Sequence[str | Path], top_k: int = 5
     ) -> list[list[Prediction]]:
         """Top-k predictions for image files (PNG, JPEG, ...)."""
+        _require_many(paths, "paths", "path", "[path]")
         return self.classify(model, [Path(p).read_bytes() for p in paths], top_k)
 
     def classify_arrays(
         self, model: str, batch: np.ndarray, top_k: int = 5
     ) -> list[list[Prediction]]:
         """Top-k predictions for preprocessed float images [N, C, H, W] (one image: image[None])."""
-        return self.classify(model, list(np.asarray(batch)), top_k)
+        batch = np.asarray(batch)
+        if batch.ndim != 4:
+            # Each image of a [C, H, W] array would be one channel, refused by the server
+            # with a message about images without a batch axis.
+            raise ValueError(
+                f"expected a batch of images [N, C, H, W], got shape {list(batch.shape)}; "
+                "pass one image [C, H, W] as image[None]"
+            )
+        return self.classify(model, list(batch), top_k)
 
     def infer(self, model: str, batch: np.ndarray, input_name: str = "input") -> np.ndarray:
         """Raw logits [N, K] for a float32 batch [N, ...] through KServe ModelInfer."""
@@ -209,6 +260,8 @@ class Client:
         """
         if window < 1:
             raise ValueError(f"expected window >= 1, got {window}")
+        timeout = _seconds(timeout, "timeout")
+        source = iter(batches)  # here, not on gRPC's thread: "'int' object is not iterable"
         slots = threading.Semaphore(window)
         ended = threading.Event()
         sent = 0
@@ -219,14 +272,13 @@ class Client:
             # exception here would reach the caller only as gRPC's "Exception iterating
             # requests!": it is kept for the caller, and the stream is half-closed.
             nonlocal sent
-            source = iter(batches)
             while True:
                 while not slots.acquire(timeout=0.1):
                     if ended.is_set():
                         return
                 try:
-                    batch = next(source, None)  # taken only once a slot is free
-                    if batch is None or ended.is_set():
+                    batch = next(source, _END)  # taken only once a slot is free
+                    if batch is _END or ended.is_set():
                         return
                     request = _infer_request(model, batch, input_name, str(sent))
                 except Exception as e:
@@ -236,16 +288,27 @@ class Client:
                 sent += 1
 
         call = self._stream(requests(), timeout=timeout, metadata=self._metadata)
-        answered: dict[int, np.ndarray] = {}
+        answered: dict[int, np.ndarray | ClientError] = {}
         following = 0
         try:
             for response in call:
                 slots.release()
+                number = response.infer_response.id
                 if response.error_message:
-                    raise _stream_error(response)
-                answered[int(response.infer_response.id)] = _logits(response.infer_response)
+                    if not number.isdecimal():  # not one of ours: nothing to wait for
+                        raise _stream_error(response)
+                    # Raised in its turn: answers to earlier requests may still be on their
+                    # way (a request refused on arrival is answered before queued ones). No
+                    # more batches are taken meanwhile.
+                    answered[int(number)] = _stream_error(response)
+                    ended.set()
+                else:
+                    answered[int(number)] = _logits(response.infer_response)
                 while following in answered:
-                    yield answered.pop(following)
+                    answer = answered.pop(following)
+                    if isinstance(answer, ClientError):
+                        raise answer
+                    yield answer
                     following += 1
             if failed:
                 raise failed[0]
@@ -260,6 +323,54 @@ class Client:
         finally:
             ended.set()
             call.cancel()
+
+
+_END = object()  # the end of ``batches``, which may hold a None by mistake
+
+
+def _seconds(value: float | None, name: str) -> float | None:
+    """``value`` as seconds > 0, or None (no deadline); ValueError for anything else, which gRPC
+    takes as a deadline already past (inf, nan, 0, negative) or a TypeError of its own."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(
+            f"expected {name} > 0 seconds, or None for no deadline, got {value!r}; pass e.g. 30"
+        )
+    return seconds
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _token(token: str | None) -> str | None:
+    """``token`` without surrounding whitespace (a file's newline); ValueError unless it is one
+    word of printable ASCII, which gRPC would refuse as INTERNAL "Invalid metadata"."""
+    if token is None:
+        return None
+    token = token.strip()
+    for offset, char in enumerate(token):
+        if not "!" <= char <= "~":
+            raise ValueError(
+                f"expected token as one word of printable ASCII, got {char!r} at offset "
+                f"{offset}; pass the server's token alone ('Bearer ' is added when it is sent)"
+            )
+    return token
+
+
+def _require_many(items: object, name: str, one: str, example: str) -> None:
+    """TypeError for a lone path or buffer passed where a sequence of them is expected: it
+    would be iterated character by character (the path '/' for classify_files)."""
+    if isinstance(items, str | bytes | bytearray | memoryview | PathLike):
+        raise TypeError(
+            f"expected {name} as a list, got a single {one} ({type(items).__name__}); "
+            f"pass {example}"
+        )
 
 
 def _image(image: bytes | np.ndarray, index: int) -> classifier_pb2.Image:
@@ -314,6 +425,15 @@ def _stream_error(response: kserve_pb2.ModelStreamInferResponse) -> ClientError:
     return ClientError(code, f"request {request}: {response.error_message}")
 
 
+def _tls_hint(tls: bool) -> str:
+    if tls:
+        return (
+            "that --ca is the CA that signed its certificate, and that --cert and --key are "
+            "given if it requires client certificates (mutual TLS)"
+        )
+    return "and pass --ca CA.pem (root_certificates= in Python) if it serves TLS"
+
+
 def _client_error(target: str, error: grpc.RpcError, tls: bool = False) -> ClientError:
     """``error`` as one message: the server's own, or for the failures gRPC words itself
     (unreachable, too large, too slow) what to do about them."""
@@ -326,15 +446,9 @@ def _client_error(target: str, error: grpc.RpcError, tls: bool = False) -> Clien
             "shut down; retry, on another replica"
         )
     elif code == grpc.StatusCode.UNAVAILABLE and "shutting down" not in details:
-        tls_hint = (
-            "that --ca is the CA that signed its certificate, and that --cert and --key are "
-            "given if it requires client certificates (mutual TLS)"
-            if tls
-            else "and pass --ca CA.pem (root_certificates= in Python) if it serves TLS"
-        )
         message = (
             f"cannot reach a ready server at {target} ({details}); check the address, that "
-            f"`python -m serve` is running, {tls_hint}"
+            f"`python -m serve` is running, {_tls_hint(tls)}"
         )
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         side = "this client's" if "CLIENT:" in details else "the server's"
@@ -343,7 +457,8 @@ def _client_error(target: str, error: grpc.RpcError, tls: bool = False) -> Clien
             "fewer or smaller images per call, or raise the limit (the server's "
             "--max-message-bytes, the client's max_message_bytes)"
         )
-    elif code == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED and "Deadline Exceeded" in details:
+        # gRPC's words: "Deadline Exceeded", on a stream "Stream removed (Deadline Exceeded)".
         message = (
             f"DEADLINE_EXCEEDED: no answer from {target} within the deadline; raise --timeout "
             "(timeout= in Python) or send fewer images per call"
