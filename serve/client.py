@@ -83,6 +83,11 @@ class Client:
                 "expected private_key and certificate_chain together (mutual TLS), got one; "
                 "pass the client certificate's PEM chain and its key"
             )
+        if not isinstance(target, str) or not target.strip():
+            # gRPC logs its own lines, then fails the first call with UNKNOWN.
+            raise ValueError(
+                f"expected target as HOST:PORT, got {target!r}; pass e.g. localhost:8001"
+            )
         self.target = target
         self.timeout = _seconds(timeout, "timeout")
         self._tls = root_certificates is not None or private_key is not None

@@ -139,6 +139,13 @@ def test_timeouts_that_grpc_takes_as_past_are_refused(
         assert client.infer("tiny", GOOD).shape == (1, 5)
 
 
+@pytest.mark.parametrize("target", ["", "  ", None])
+def test_an_empty_target_is_refused(target: object) -> None:
+    """gRPC logged its own lines, then failed the first call with UNKNOWN."""
+    with pytest.raises(ValueError, match="expected target as HOST:PORT"):
+        Client(target)  # type: ignore[arg-type]
+
+
 def test_token_is_stripped_and_checked(
     start_server: Callable[..., BackgroundServer], tmp_path: Path
 ) -> None:
