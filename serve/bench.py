@@ -48,8 +48,25 @@ class Terminated(KeyboardInterrupt):
     servers: Python's default for SIGTERM exits at once and left them running."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+class OnSigterm:
+    """The SIGTERM handler: SIGTERM ends the run as Ctrl-C does, and ``received`` says which.
+
+    Inside ``asyncio.run`` that is asyncio's own SIGINT handler, which cancels the running task
+    so that every ``finally`` ends its gRPC calls. An exception raised wherever the loop was
+    (inside one of grpc.aio's callbacks, say) could leave a call that nobody ends, and the run
+    hung instead of stopping (once in CI, SIGTERM mid-run).
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received = True
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if callable(on_sigint) and on_sigint is not signal.default_int_handler:
+            on_sigint(signal.SIGINT, frame)  # asyncio.Runner's: cancels its main task
+            return
+        raise Terminated
 
 
 async def _run_settings(
@@ -291,12 +308,13 @@ _HINTS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    config, args = parse(argv)
+def main(argv: list[str] | None = None, sigterm: OnSigterm | None = None) -> int:
     try:
+        config, args = parse(argv)  # reads the model file: a signal may come meanwhile
         result = run(config)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; any spawned server is stopped by now
-        signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        by_sigterm = isinstance(e, Terminated) or (sigterm is not None and sigterm.received)
+        signum = signal.SIGTERM if by_sigterm else signal.SIGINT
         print(f"error: stopped by {signum.name} before the report was complete; nothing "
               "measured is printed", file=sys.stderr)  # fmt: skip
         return 128 + signum
@@ -339,5 +357,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _terminate)
-    sys.exit(main())
+    on_sigterm = OnSigterm()
+    signal.signal(signal.SIGTERM, on_sigterm)
+    sys.exit(main(sigterm=on_sigterm))

@@ -506,6 +506,37 @@ def test_a_signal_mid_run_stops_the_spawned_server_and_says_so(
     assert not Path(f"/proc/{server_pid}").exists()
 
 
+def test_a_sigterm_before_the_run_begins_is_one_line() -> None:
+    # The bench checks its arguments and reads the model file before its try: a SIGTERM then
+    # ended in a traceback (seen under load). The check is slowed down so the signal lands in it.
+    script = (
+        "import signal, sys, time\n"
+        "from serve import bench\n"
+        "parse = bench.parse\n"
+        "def slow(argv):\n"
+        "    print('parsing', flush=True)\n"
+        "    time.sleep(30)\n"
+        "    return parse(argv)\n"
+        "bench.parse = slow\n"
+        "on_sigterm = bench.OnSigterm()\n"
+        "signal.signal(signal.SIGTERM, on_sigterm)\n"
+        "sys.exit(bench.main(['127.0.0.1:1', '--model', 'm'], sigterm=on_sigterm))\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    try:
+        assert run.stdout is not None and run.stdout.readline() == "parsing\n"
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 128 + signal.SIGTERM, err
+    assert err.splitlines() == [
+        "error: stopped by SIGTERM before the report was complete; nothing measured is printed"
+    ]
+
+
 def _token(tmp_path: Path) -> Path:
     token = tmp_path / "token"
     token.write_text("secret\n")
