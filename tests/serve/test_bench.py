@@ -492,6 +492,7 @@ def test_a_signal_mid_run_stops_the_spawned_server_and_says_so(
         # Ctrl-C reaches Python only where SIGINT is not ignored, as it may be under a runner.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
+    server_pid = None
     try:
         server_pid = _spawned_server_under_load(bench_run, classifier_path.stem)
         bench_run.send_signal(signum)
@@ -499,6 +500,8 @@ def test_a_signal_mid_run_stops_the_spawned_server_and_says_so(
     finally:
         if bench_run.poll() is None:
             bench_run.kill()
+            if server_pid is not None:  # a bench that hung leaves its server: stop it too
+                os.kill(server_pid, signal.SIGKILL)
     assert bench_run.returncode == 128 + signum, err
     assert f"error: stopped by {signum.name} before the report" in err
     assert "Traceback" not in err
