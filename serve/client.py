@@ -205,6 +205,13 @@ class Client:
         neither (a path, an integer array such as raw uint8 pixels).
         """
         _require_many(images, "images", "image", "[image]")
+        if isinstance(images, np.ndarray) and images.ndim != 4:
+            # Iterated, one [C, H, W] image is sent as C images of [H, W], which the server
+            # refuses asking for "one preprocessed image of that shape": what was sent.
+            raise TypeError(
+                f"expected images as a list, or an array [N, C, H, W], got an array of shape "
+                f"{list(images.shape)}; pass one image [C, H, W] as [image]"
+            )
         try:
             top_k = operator.index(top_k)
         except TypeError:
@@ -331,11 +338,15 @@ class Client:
 
 
 _END = object()  # the end of ``batches``, which may hold a None by mistake
+# gRPC counts a deadline in int64 nanoseconds since 1970 and takes one past 2262 as already
+# passed: a timeout of 1e10 s failed every call at once with DEADLINE_EXCEEDED.
+_MAX_SECONDS = 1e9  # about 31 years
 
 
 def _seconds(value: float | None, name: str) -> float | None:
-    """``value`` as seconds > 0, or None (no deadline); ValueError for anything else, which gRPC
-    takes as a deadline already past (inf, nan, 0, negative) or a TypeError of its own."""
+    """``value`` as seconds > 0 (at most ``_MAX_SECONDS``), or None (no deadline); ValueError
+    for anything else, which gRPC takes as a deadline already past (inf, nan, 0, negative) or a
+    TypeError of its own."""
     if value is None:
         return None
     try:
@@ -346,7 +357,7 @@ def _seconds(value: float | None, name: str) -> float | None:
         raise ValueError(
             f"expected {name} > 0 seconds, or None for no deadline, got {value!r}; pass e.g. 30"
         )
-    return seconds
+    return min(seconds, _MAX_SECONDS)
 
 
 def _left(deadline: float | None) -> float | None:

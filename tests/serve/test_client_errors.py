@@ -203,3 +203,27 @@ def test_client_error_survives_pickling(shared_server: BackgroundServer) -> None
         client.infer("nope", GOOD)
     copy = pickle.loads(pickle.dumps(caught.value))
     assert (copy.code, str(copy)) == (grpc.StatusCode.NOT_FOUND, str(caught.value))
+
+
+def test_a_timeout_beyond_grpcs_deadlines_is_no_deadline_in_effect(
+    shared_server: BackgroundServer,
+) -> None:
+    """gRPC takes a deadline past 2262 as already passed: timeout=1e10 failed every call at
+    once with DEADLINE_EXCEEDED "raise --timeout", and wait_ready said "got no answer"."""
+    target = f"127.0.0.1:{shared_server.port}"
+    with Client(target, timeout=1e10) as client:
+        client.wait_ready("tiny", timeout=1e10)
+        assert client.infer("tiny", GOOD).shape == (1, 5)
+        assert [a.shape for a in client.infer_stream("tiny", [GOOD], timeout=1e12)] == [(1, 5)]
+
+
+def test_classify_refuses_one_image_array_where_a_list_is_expected(
+    shared_server: BackgroundServer,
+) -> None:
+    """Its channels were sent as images; the server asked for "one preprocessed image of that
+    shape, without a batch axis", which is what the caller had passed."""
+    with Client(f"127.0.0.1:{shared_server.port}") as client:
+        with pytest.raises(TypeError, match=r"got an array of shape \[3, 8, 8\]; pass one image"):
+            client.classify("tiny", GOOD[0])
+        assert len(client.classify("tiny", [GOOD[0]], top_k=1)[0]) == 1
+        assert len(client.classify("tiny", GOOD, top_k=1)) == 1  # [N, C, H, W] still works
