@@ -340,11 +340,11 @@ class Client:
 _END = object()  # the end of ``batches``, which may hold a None by mistake
 # gRPC counts a deadline in int64 nanoseconds since 1970 and takes one past 2262 as already
 # passed: a timeout of 1e10 s failed every call at once with DEADLINE_EXCEEDED.
-_MAX_SECONDS = 1e9  # about 31 years
+MAX_DEADLINE_S = 1e9  # about 31 years
 
 
 def _seconds(value: float | None, name: str) -> float | None:
-    """``value`` as seconds > 0 (at most ``_MAX_SECONDS``), or None (no deadline); ValueError
+    """``value`` as seconds > 0 (at most ``MAX_DEADLINE_S``), or None (no deadline); ValueError
     for anything else, which gRPC takes as a deadline already past (inf, nan, 0, negative) or a
     TypeError of its own."""
     if value is None:
@@ -357,7 +357,7 @@ def _seconds(value: float | None, name: str) -> float | None:
         raise ValueError(
             f"expected {name} > 0 seconds, or None for no deadline, got {value!r}; pass e.g. 30"
         )
-    return min(seconds, _MAX_SECONDS)
+    return min(seconds, MAX_DEADLINE_S)
 
 
 def _left(deadline: float | None) -> float | None:

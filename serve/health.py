@@ -9,7 +9,6 @@ probe instead.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -26,6 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serve.cli_help import DefaultsFormatter
+from serve.client import MAX_DEADLINE_S
 from serve.security import check_certificates, key_pair, read_file
 from serve.targets import check_target
 
@@ -48,9 +48,10 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         check_target(self.target)
-        if not 0 < self.timeout < math.inf:  # NaN fails too
+        if not 0 < self.timeout <= MAX_DEADLINE_S:  # NaN fails too
             raise ValueError(
-                f"expected a finite --timeout > 0 seconds, got {self.timeout}; pass e.g. 5"
+                f"expected --timeout > 0 seconds, at most {MAX_DEADLINE_S:g} (gRPC's deadlines "
+                f"end in 2262), got {self.timeout}; pass e.g. 5"
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(

@@ -21,6 +21,7 @@ import numpy as np
 from grpc import aio
 
 from protos import kserve_pb2
+from serve.client import MAX_DEADLINE_S
 from serve.loadsend import INFER, STREAM_INFER, Metadata, StreamSender, unary_sender
 
 METADATA = "/inference.GRPCInferenceService/ModelMetadata"
@@ -54,9 +55,10 @@ class Load:
                 f"expected --seconds > 0 and --warmup >= 0, got {self.seconds} and "
                 f"{self.warmup}; pass e.g. --seconds 10 --warmup 2"
             )
-        if not 0 < self.timeout < math.inf:
+        if not 0 < self.timeout <= MAX_DEADLINE_S:
             raise ValueError(
-                f"expected --timeout > 0 seconds per call, got {self.timeout}; pass e.g. 30"
+                f"expected --timeout > 0 seconds per call, at most {MAX_DEADLINE_S:g} (gRPC's "
+                f"deadlines end in 2262), got {self.timeout}; pass e.g. 30"
             )
 
     @property

@@ -187,6 +187,7 @@ def _junk(tmp_path: Path) -> Path:
         (["--timeout", "0"], "--timeout > 0"),
         (["--timeout", "-1"], "--timeout > 0"),
         (["--timeout", "nan"], "--timeout > 0"),
+        (["--timeout", "1e10"], "at most 1e+09"),  # every call failed at once
         (["--warmup", "nan"], "--warmup >= 0"),
         (["--seconds", "inf"], "--seconds > 0"),
         (["--rate", "inf"], "--rate > 0"),
