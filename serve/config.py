@@ -8,7 +8,8 @@ from pathlib import Path
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_KEEPALIVE_S = 60.0
-# gRPC takes connection times as int32 milliseconds.
+# gRPC takes connection times as int32 milliseconds; --grace is capped there too, since an
+# infinite one overflowed the thread joins of the shutdown after a clean drain.
 MAX_CONNECTION_SECONDS = (2**31 - 1) // 1000
 
 
@@ -72,8 +73,7 @@ class ServerConfig:
         _check_range("--intra-op-threads", self.intra_op_threads, 0, 1024)
         _check_range("--max-message-bytes", self.max_message_bytes, 1024, 2**31 - 1)
         _check_range("--max-image-pixels", self.max_image_pixels, 1, 2**31 - 1)
-        if not self.grace >= 0:
-            raise ValueError(f"expected --grace >= 0 seconds, got {self.grace}; pass e.g. 30")
+        _check_seconds("--grace", self.grace, 0, example=30)
         _check_seconds("--keepalive-time", self.keepalive_time, 0.1, off=0, example=60)
         _check_seconds("--max-connection-age", self.max_connection_age, 0.1, off=0, example=600)
         if self.max_connection_age_grace is not None:

@@ -104,6 +104,14 @@ def _from_repository(root: Path) -> dict[str, Path]:
 def find_models(config: ServerConfig) -> dict[str, Path]:
     """Model name → ONNX path, in a stable order. Raises ValueError saying what to fix."""
     found = _find(config)
+    for path in found.values():
+        try:
+            str(path).encode()
+        except UnicodeEncodeError as e:  # a name from a latin-1 archive, say
+            raise ValueError(
+                f"expected a UTF-8 path, got {str(path)!r}; rename it (ONNX Runtime opens "
+                "models by UTF-8 paths, and model names are UTF-8)"
+            ) from e
     if UNKNOWN_MODEL in found:
         raise ValueError(
             f"expected model names other than {UNKNOWN_MODEL!r}, which the metrics use for "

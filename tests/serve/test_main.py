@@ -116,6 +116,9 @@ def test_usage_errors_are_one_clear_line(
         "bad batch": (["x.onnx", "--max-batch-size", "0"], "--max-batch-size"),
         "empty repository": (["--model-repository", str(tmp_path / "empty")], "at least one model"),
         "bad metadata": ([str(null_dim)], "input_shape of " + str(null_dim)),  # was a TypeError
+        # Path("") is the current folder: every subfolder of it was taken for a model.
+        "empty repository path": (["--model-repository", ""], "expected a path, got an empty"),
+        "empty model path": ([""], "expected a path, got an empty string"),
         # Read as given, not refused by argparse's case-sensitive choices.
         "upper-case level": ([str(tmp_path / "nope.onnx"), "--log-level", "DEBUG"], "not a file"),
     }
@@ -130,7 +133,18 @@ def test_usage_errors_are_one_clear_line(
 
 @pytest.mark.parametrize(
     ("flags", "fragment"),
-    [(["--max-batch-size", "0"], "--max-batch-size"), (["--grace", "nan"], "--grace")],
+    [
+        (["--max-batch-size", "0"], "--max-batch-size"),
+        (["--grace", "nan"], "--grace"),
+        # Accepted, then the shutdown after a clean drain crashed with a traceback, exit 1
+        # (OverflowError from a thread join).
+        (["--grace", "inf"], "--grace between 0 and"),
+        (["--grace", "1e10"], "--grace between 0 and"),
+        # argparse's own refusals were its usage block and a line of text, not JSON.
+        (["--max-batch-size", "x"], "argument --max-batch-size: invalid int value"),
+        (["--max-batch-size", "x", "--log-format=json"], "python -m serve --help"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
 )
 def test_usage_errors_are_json_lines_with_log_format_json(
     flags: list[str], fragment: str
@@ -140,6 +154,83 @@ def test_usage_errors_are_json_lines_with_log_format_json(
     (line,) = done.stderr.strip().splitlines()
     entry = json.loads(line)  # a log collector parses it like every other line
     assert entry["level"] == "error" and fragment in entry["msg"], entry
+
+
+def test_a_model_path_that_is_not_utf8_is_one_line_exit_2(
+    make_classifier: Callable[..., Path], tmp_path: Path
+) -> None:
+    # ONNX Runtime's constructor refused the path with a TypeError traceback, exit 1. The
+    # name is the bytes b"caf\xe9" (Latin-1), as Python reads them from the file system.
+    latin1 = make_classifier(tmp_path / "caf\udce9.onnx")
+    repo = tmp_path / "repo"
+    (repo / "caf\udce9").mkdir(parents=True)
+    make_classifier(repo / "caf\udce9" / "model.onnx")
+    for args in ([str(latin1)], ["--model-repository", str(repo)]):
+        done = _run(*_args(0, *args), "--log-format", "json")
+        assert done.returncode == 2, done.stderr
+        entry = json.loads(done.stderr.strip().splitlines()[-1])
+        assert entry["msg"].startswith("expected a UTF-8 path, got "), entry
+        assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_unexpected_error_is_one_json_line_with_its_traceback() -> None:
+    # A bug (here one put in on purpose) was Python's bare traceback: some twenty lines that
+    # are not JSON. A process of its own, as `python -m serve` runs.
+    code = (
+        "import sys\n"
+        "import serve.__main__ as cli\n"
+        "async def serve(config):\n"
+        "    raise TypeError('a bug')\n"
+        "cli.serve = serve\n"
+        "sys.exit(cli.main(['x.onnx', '--log-format', 'json']))\n"
+    )
+    root = Path(__file__).parents[2]  # `-c` imports serve from the working directory
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root
+    )
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "critical" and "a bug: please report it" in entry["msg"], entry
+    assert entry["exc"].endswith("TypeError: a bug"), entry
+
+
+def test_the_fatal_line_shows_under_log_level_critical(tmp_path: Path) -> None:
+    # It was logged at error level and filtered out: exit 2 with nothing on stderr.
+    done = _run(str(tmp_path / "nope.onnx"), "--port", "0", "--metrics-port", "0",
+                "--log-level", "critical")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert " CRITICAL serve: " in line and "nope.onnx' (not a file)" in line, line
+
+
+def test_a_grace_at_its_limit_still_shuts_down_cleanly(
+    classifier_path: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    args = [*_args(port, str(classifier_path)), "--grace", "2147483"]
+    with ServeProcess(args, port, tmp_path / "log") as proc:
+        proc.terminate()
+        assert proc.wait(60) == 0, proc.output()
+    assert "stopped" in proc.output() and "Traceback" not in proc.output()
+
+
+def test_more_intra_op_threads_than_cpus_is_warned_about(tmp_path: Path) -> None:
+    # ONNX Runtime started them all silently: 100 threads on 2 CPUs ran a batch 1.7x slower.
+    args = [str(tmp_path / "nope.onnx"), "--port", "0", "--metrics-port", "0",
+            "--intra-op-threads", "2"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+    )
+    assert done.returncode == 2, done.stderr
+    warning, error = done.stderr.strip().splitlines()
+    assert " WARNING serve: --intra-op-threads 2 is more than the 1 CPU this process" in warning
+    assert "pass at most 1, or 0 for one per core" in warning
+    assert "not a file" in error
 
 
 def test_a_busy_port_is_reported(classifier_path: Path, tmp_path: Path) -> None:
