@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connection-age-grace", type=float, metavar="S",
                    help="then close the connection S seconds later, ending the calls still "
                    "on it (open streams); unset: wait for them")
-    p.add_argument("--device", choices=DEVICES, default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto", type=str.lower,
                    help="auto: CUDA when a GPU is usable, else CPU")
     p.add_argument("--intra-op-threads", type=int, default=0,
                    help="ONNX Runtime threads per model (one session, shared by its instances); "
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-token-file", type=_path, help="require 'authorization: Bearer TOKEN'")
     p.add_argument("--log-level", default="info", choices=logs.LEVELS, type=str.lower,
                    help="least severe level logged")
-    p.add_argument("--log-format", default="text", choices=logs.FORMATS,
+    p.add_argument("--log-format", default="text", choices=logs.FORMATS, type=str.lower,
                    help="json: one object per line, for log collectors")
     return p
 
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    parser.json_errors = _log_format(argv) == "json"
+    parser.json_errors = (_log_format(argv) or "").lower() == "json"
     return parser.parse_args(argv)
 
 

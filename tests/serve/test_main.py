@@ -121,6 +121,9 @@ def test_usage_errors_are_one_clear_line(
         "empty model path": ([""], "expected a path, got an empty string"),
         # Read as given, not refused by argparse's case-sensitive choices.
         "upper-case level": ([str(tmp_path / "nope.onnx"), "--log-level", "DEBUG"], "not a file"),
+        "upper-case device and format": (
+            [str(tmp_path / "nope.onnx"), "--device", "CPU", "--log-format", "JSON"], "not a file"
+        ),
     }
     (tmp_path / "junk.onnx").write_bytes(b"definitely not protobuf")
     (tmp_path / "empty").mkdir()
