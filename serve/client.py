@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from protos import classifier_pb2, classifier_pb2_grpc, kserve_pb2
-from serve.config import DEFAULT_MAX_MESSAGE_BYTES
+from serve.config import DEFAULT_MAX_MESSAGE_BYTES, MAX_DEADLINE_S
 
 _KSERVE = "/inference.GRPCInferenceService/"
 MAX_TOP_K = 2**32 - 1  # ClassifyRequest.top_k is a uint32
@@ -338,9 +338,6 @@ class Client:
 
 
 _END = object()  # the end of ``batches``, which may hold a None by mistake
-# gRPC counts a deadline in int64 nanoseconds since 1970 and takes one past 2262 as already
-# passed: a timeout of 1e10 s failed every call at once with DEADLINE_EXCEEDED.
-MAX_DEADLINE_S = 1e9  # about 31 years
 
 
 def _seconds(value: float | None, name: str) -> float | None:

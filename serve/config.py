@@ -11,6 +11,9 @@ DEFAULT_KEEPALIVE_S = 60.0
 # gRPC takes connection times as int32 milliseconds; --grace is capped there too, since an
 # infinite one overflowed the thread joins of the shutdown after a clean drain.
 MAX_CONNECTION_SECONDS = (2**31 - 1) // 1000
+# gRPC counts a deadline in int64 nanoseconds since 1970 and takes one past 2262 as already
+# passed: a client timeout of 1e10 s failed every call at once with DEADLINE_EXCEEDED.
+MAX_DEADLINE_S = 1e9  # about 31 years
 
 
 @dataclass(frozen=True)

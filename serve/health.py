@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serve.cli_help import DefaultsFormatter
-from serve.client import MAX_DEADLINE_S
+from serve.config import MAX_DEADLINE_S
 from serve.security import check_certificates, key_pair, read_file
 from serve.targets import check_target
 

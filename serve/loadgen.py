@@ -21,7 +21,7 @@ import numpy as np
 from grpc import aio
 
 from protos import kserve_pb2
-from serve.client import MAX_DEADLINE_S
+from serve.config import MAX_DEADLINE_S
 from serve.loadsend import INFER, STREAM_INFER, Metadata, StreamSender, unary_sender
 
 METADATA = "/inference.GRPCInferenceService/ModelMetadata"
