@@ -29,6 +29,7 @@ import numpy as np
 
 from protos import classifier_pb2, classifier_pb2_grpc, kserve_pb2
 from serve.config import DEFAULT_MAX_MESSAGE_BYTES, MAX_DEADLINE_S
+from serve.security import first_unsendable
 
 _KSERVE = "/inference.GRPCInferenceService/"
 MAX_TOP_K = 2**32 - 1  # ClassifyRequest.top_k is a uint32
@@ -367,12 +368,13 @@ def _token(token: str | None) -> str | None:
     if token is None:
         return None
     token = token.strip()
-    for offset, char in enumerate(token):
-        if not "!" <= char <= "~":
-            raise ValueError(
-                f"expected token as one word of printable ASCII, got {char!r} at offset "
-                f"{offset}; pass the server's token alone ('Bearer ' is added when it is sent)"
-            )
+    found = first_unsendable(token)
+    if found is not None:
+        offset, char = found
+        raise ValueError(
+            f"expected token as one word of printable ASCII, got {char!r} at offset "
+            f"{offset}; pass the server's token alone ('Bearer ' is added when it is sent)"
+        )
     return token
 
 

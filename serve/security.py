@@ -197,14 +197,24 @@ def read_token(token_file: Path, flag: str = "--auth-token-file") -> str:
             f"expected the token alone in {flag} {str(token_file)!r}, got it after 'Bearer '; "
             "leave out 'Bearer ': it is added to the token when it is sent"
         )
+    found = first_unsendable(token)
+    if found is not None:
+        offset, char = found
+        raise ValueError(
+            f"expected one token of printable ASCII without spaces in {flag} "
+            f"{str(token_file)!r}, got {char!r} at offset {offset}; put a single token on "
+            "one line"
+        )
+    return token
+
+
+def first_unsendable(token: str) -> tuple[int, str] | None:
+    """The offset and character of the first character in ``token`` that a ``Bearer`` header
+    cannot carry (anything but printable ASCII without spaces); None when there is none."""
     for offset, char in enumerate(token):
         if not "!" <= char <= "~":
-            raise ValueError(
-                f"expected one token of printable ASCII without spaces in {flag} "
-                f"{str(token_file)!r}, got {char!r} at offset {offset}; put a single token on "
-                "one line"
-            )
-    return token
+            return offset, char
+    return None
 
 
 def check_bearer(metadata: object, token: str) -> str | None:
