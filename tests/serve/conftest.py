@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,8 +15,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import serve.server as server_module
 from serve.background import BackgroundServer
-from serve.benchenv import free_port  # noqa: F401  (shared by the tests through this module)
+from serve.benchenv import free_port
 from serve.config import ServerConfig
 
 
@@ -171,3 +174,28 @@ def make_reshape_model(path: Path, *, shape: list[int], declared_classes: int) -
     model.ir_version = 9
     onnx.save(model, str(path))
     return path
+
+
+@contextlib.contextmanager
+def server_held_loading(
+    config: ServerConfig, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[BackgroundServer, threading.Event]]:
+    """A server on a free port starting on a thread, its models held in loading (port bound,
+    not ready) until the yielded event is set; released, joined and closed on exit."""
+    release = threading.Event()
+    load = server_module._load
+
+    def held_load(*args: object) -> object:
+        release.wait(60)
+        return load(*args)
+
+    monkeypatch.setattr(server_module, "_load", held_load)
+    background = BackgroundServer(replace(config, port=free_port()))
+    starting = threading.Thread(target=background.start)
+    starting.start()
+    try:
+        yield background, release
+    finally:
+        release.set()
+        starting.join(60)
+        background.close()

@@ -5,18 +5,16 @@ from __future__ import annotations
 import pickle
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-import serve.server as server_module
 from serve.background import BackgroundServer
 from serve.client import Client, ClientError
 from serve.config import ServerConfig
-from tests.serve.conftest import free_port
+from tests.serve.conftest import server_held_loading
 from tests.serve.pki import make_pki
 
 GOOD = np.zeros((1, 3, 8, 8), np.float32)
@@ -27,37 +25,24 @@ def test_wait_ready_waits_while_the_server_loads(
 ) -> None:
     """The port is bound before the models load, and ServerReady says false meanwhile:
     wait_ready raised "got not ready" at once instead of waiting."""
-    release = threading.Event()
-    load = server_module._load
-
-    def held_load(*args: object) -> object:
-        release.wait(60)
-        return load(*args)
-
-    monkeypatch.setattr(server_module, "_load", held_load)
-    background = BackgroundServer(replace(base_config, port=free_port()))
-    starting = threading.Thread(target=background.start)
-    starting.start()
-    try:
-        with Client(f"127.0.0.1:{background.config.port}") as client:
-            for _ in range(30):  # until the port is bound; then loading until released
-                with pytest.raises(ClientError) as caught:
-                    client.wait_ready("tiny", timeout=1)
-                if "got no answer" not in str(caught.value):
-                    break
-            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-            assert "got not ready (still loading its models" in str(caught.value)
-            threading.Timer(0.5, release.set).start()
-            client.wait_ready("tiny", timeout=60)
-            client.wait_ready()
-            with pytest.raises(ClientError) as caught:  # once ready: at once, not after 60 s
-                client.wait_ready("nope", timeout=60)
-            assert caught.value.code == grpc.StatusCode.NOT_FOUND
-            assert "[tiny]" in str(caught.value)
-    finally:
-        release.set()
-        starting.join(60)
-        background.close()
+    with (
+        server_held_loading(base_config, monkeypatch) as (background, release),
+        Client(f"127.0.0.1:{background.config.port}") as client,
+    ):
+        for _ in range(30):  # until the port is bound; then loading until released
+            with pytest.raises(ClientError) as caught:
+                client.wait_ready("tiny", timeout=1)
+            if "got no answer" not in str(caught.value):
+                break
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "got not ready (still loading its models" in str(caught.value)
+        threading.Timer(0.5, release.set).start()
+        client.wait_ready("tiny", timeout=60)
+        client.wait_ready()
+        with pytest.raises(ClientError) as caught:  # once ready: at once, not after 60 s
+            client.wait_ready("nope", timeout=60)
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
+        assert "[tiny]" in str(caught.value)
 
 
 def test_wait_ready_on_a_tls_server_without_root_certificates_says_so(

@@ -6,11 +6,9 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -18,11 +16,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from serve import server as server_module
-from serve.background import BackgroundServer
 from serve.config import ServerConfig
 from serve.health import ProbeConfig, main, probe
-from tests.serve.conftest import free_port
+from tests.serve.conftest import free_port, server_held_loading
 from tests.serve.pki import make_pki
 from tests.serve.procs import ServeProcess
 from tests.serve.v2 import INFER, infer_payload
@@ -213,26 +209,11 @@ def test_a_model_still_loading_is_not_serving_by_name(
 ) -> None:
     # Probed by name while loading, a model used to be unknown to health: NOT_FOUND, which
     # the probe words as "check the model name".
-    release = threading.Event()
-    load = server_module._load
-
-    def slow_load(*args: object) -> object:
-        release.wait(30)
-        return load(*args)
-
-    monkeypatch.setattr(server_module, "_load", slow_load)
-    background = BackgroundServer(replace(base_config, port=free_port()))
-    target = f"127.0.0.1:{background.config.port}"
-    starting = threading.Thread(target=background.start)
-    starting.start()
-    try:
+    with server_held_loading(base_config, monkeypatch) as (background, _):
+        target = f"127.0.0.1:{background.config.port}"
         answer = (1, "")
         until = time.monotonic() + 30
         while "UNREACHABLE" in answer[1] or not answer[1]:
             assert time.monotonic() < until, answer
             answer = probe(ProbeConfig(target, service="tiny", timeout=2))
         assert answer == (1, f"NOT_SERVING: model 'tiny' at {target}")
-    finally:
-        release.set()
-        starting.join(60)
-        background.close()
