@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -180,6 +181,11 @@ async def serve(config: ServerConfig) -> None:
                 await starting
             return
         starting.result()  # a load that failed raises here
+        # Process-wide too. What is alive now (modules, models, gRPC) lives as long as the
+        # process: the collector stops re-scanning it. Under unary load its full collections
+        # had held the event loop 15-45 ms every few seconds (docs/benchmarks.md).
+        gc.collect()
+        gc.freeze()
         waiter = asyncio.create_task(server.wait())
         await asyncio.wait({waiter, signalled}, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
