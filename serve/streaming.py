@@ -5,7 +5,8 @@ requests a client pipelines on one stream, and requests on many streams, batch t
 answer is written when its batch finishes, so answers can come back in another order than the
 requests: clients match them by ``id``. A request that fails gets a ``ModelStreamInferResponse``
 whose ``error_message`` starts with the status name ("INVALID_ARGUMENT: ...") and whose
-``infer_response`` carries the request's ``id`` and ``model_name``; the stream stays open.
+``infer_response`` carries the request's ``id`` and ``model_name`` (left out, and said so, only
+when with them the answer would be above --max-message-bytes); the stream stays open.
 
 At most ``WINDOW`` requests of one stream are held unanswered or answered but not yet written,
 and answers of at most ``WINDOW_BYTES`` wait to be written: beyond either the server stops
@@ -61,14 +62,30 @@ def _final(response: pb.ModelStreamInferResponse) -> pb.ModelStreamInferResponse
 
 
 def _error(
-    request: pb.ModelInferRequest | Undecodable, error: ServeError
+    request: pb.ModelInferRequest | Undecodable, error: ServeError, limit: int
 ) -> pb.ModelStreamInferResponse:
-    return _final(
+    """The error answer to ``request``, within gRPC's send limit of ``limit`` bytes."""
+    message = f"{error.code.name}: {error.message}"
+    answer = _final(
         pb.ModelStreamInferResponse(
-            error_message=f"{error.code.name}: {error.message}",
+            error_message=message,
             infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
         )
     )
+    # gRPC refuses an answer above its limit by ending the stream, with every request on it:
+    # a request within the limit whose id (or model name) nearly fills it had an error answer,
+    # the echo plus the message, above it. UTF-8 takes at most 4 bytes a character; the
+    # answer's other fields well under 64.
+    text = len(message) + len(request.id) + len(request.model_name)
+    if 4 * text + 64 <= limit or answer.ByteSize() <= limit:
+        return answer
+    message = (
+        f"{message} (this request's id, {len(request.id)} characters, and model name are "
+        f"left out: with them this answer would be above --max-message-bytes {limit}; "
+        "send shorter ids)"
+    )
+    fitting = message.encode()[: limit - 64].decode(errors="ignore")
+    return _final(pb.ModelStreamInferResponse(error_message=fitting))
 
 
 def _internal(error: BaseException) -> ServeError:
@@ -179,7 +196,7 @@ class Stream:
                 _log.exception("stream request to model %s failed", request.model_name)
                 e = _internal(e)
             state.finish(request.model_name, e.code, started, trace)
-            self._outbox.put_nowait(_error(request, e))
+            self._outbox.put_nowait(_error(request, e, state.max_message_bytes))
             return
         self._admitted.add(future)
         future.add_done_callback(
@@ -221,7 +238,7 @@ class Stream:
             if not isinstance(error, ServeError):
                 _log.error("stream request to model %s failed", model.info.name, exc_info=error)
                 error = _internal(error)
-            answer = _error(request, error)
+            answer = _error(request, error, self.state.max_message_bytes)
         code = grpc.StatusCode.OK if error is None else error.code
         self.state.finish(request.model_name, code, started, trace)
         self._unwritten += _output_bytes(answer)
