@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from onnx import external_data_helper
 
 _log = logging.getLogger(__name__)
 # How a Git LFS pointer file (a checkout whose models were never fetched) begins.
@@ -127,8 +128,18 @@ def _load(path: Path) -> onnx.ModelProto:
     try:
         with path.open("rb") as f:
             head = f.read(len(_LFS_POINTER))
-        model = None if head == _LFS_POINTER else onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError, OSError, ... for a bad file
+        # As ONNX Runtime reads it: onnx.load would read .onnxtxt or .json files as text formats.
+        model = (
+            None
+            if head == _LFS_POINTER
+            else onnx.load(str(path), format="protobuf", load_external_data=False)
+        )
+    except OSError as e:  # "pass a file written by export" would not help an unreadable one
+        raise ValueError(
+            f"expected to read the ONNX model at {path}, got {e.strerror or e}; make it readable "
+            "by the user the server runs as"
+        ) from e
+    except Exception as e:  # onnx raises DecodeError, ... for a bad file
         raise ValueError(
             f"expected a readable ONNX model at {path}, got {type(e).__name__}: {e}; "
             "pass a file written by `python -m export`"
@@ -148,12 +159,37 @@ def _load(path: Path) -> onnx.ModelProto:
     return model
 
 
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """ValueError when a weights file the model names is missing or unreadable: ONNX Runtime
+    finds out only when it opens the model, after the models before it have been warmed up."""
+    checked: set[str] = set()
+    for tensor in model.graph.initializer:
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location = external_data_helper.ExternalDataInfo(tensor).location
+        # An absolute path or one outside the model's folder: ONNX Runtime refuses it in words.
+        if location in checked or Path(location).is_absolute() or ".." in Path(location).parts:
+            continue
+        checked.add(location)
+        try:
+            with (path.parent / location).open("rb"):
+                pass
+        except OSError as e:
+            raise ValueError(
+                f"expected the external data file {path.parent / location} of {path} (weights "
+                f"of {tensor.name!r} and maybe others), got {e.strerror or e}; copy it beside the "
+                "model as it was saved, readable by the user the server runs as, or re-export "
+                "the model as one file"
+            ) from e
+
+
 def read_model_info(name: str, path: Path) -> ModelInfo:
     """Read and check the graph interface and metadata of the ONNX file at ``path``.
 
     Raises ValueError naming what is wrong with the model and what to do about it.
     """
     model = _load(path)
+    _check_external_data(model, path)
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     outputs = list(model.graph.output)

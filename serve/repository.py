@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
@@ -103,7 +104,17 @@ def _from_repository(root: Path) -> dict[str, Path]:
 
 def find_models(config: ServerConfig) -> dict[str, Path]:
     """Model name → ONNX path, in a stable order. Raises ValueError saying what to fix."""
-    found = _find(config)
+    try:
+        found = _find(config)
+    except OSError as e:  # a folder without r or x: Path.is_file raises EACCES, not False
+        fix = (
+            "make it and the folders above it readable by the user the server runs as"
+            if e.errno in (errno.EACCES, errno.EPERM)
+            else "check the path"
+        )
+        raise ValueError(
+            f"expected to read {e.filename or 'the model paths'}, got {e.strerror or e}; {fix}"
+        ) from e
     for path in found.values():
         try:
             str(path).encode()
@@ -125,6 +136,11 @@ def _find(config: ServerConfig) -> dict[str, Path]:
         return _from_repository(config.model_repository)
     found: dict[str, Path] = {}
     for path in config.models:
+        if path.is_dir():  # a Triton user's model folder, or a repository
+            raise ValueError(
+                f"expected an ONNX file, got the folder {str(path)!r}; pass the .onnx file in "
+                "it, or a folder of model folders as --model-repository DIR"
+            )
         if not path.is_file():
             raise ValueError(
                 f"expected an ONNX file, got {str(path)!r} (not a file); check the path"

@@ -210,3 +210,29 @@ def test_channels_last_input_is_named_when_its_channel_stats_do_not_fit(tmp_path
     onnx.save(model, str(path))
     with pytest.raises(ValueError, match=r"looks channels-last .* export the model with channels"):
         read_model_info("nhwc", path)
+
+
+def test_external_data_files_are_checked_with_the_graph(make_classifier: Make, tmp_path: Path):
+    # Found by ONNX Runtime only when it opened the model, after the models before it warmed up.
+    model = onnx.load(str(make_classifier(tmp_path / "m.onnx")))
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="w.bin", size_threshold=0)
+    assert read_model_info("m", path).num_classes == 5
+    (tmp_path / "sub" / "w.bin").rename(tmp_path / "w.bin")
+    with pytest.raises(ValueError, match=r"external data file .*w\.bin of .*m\.onnx \(weights"):
+        read_model_info("m", path)
+
+
+@pytest.mark.parametrize("suffix", [".onnxtxt", ".textproto", ".json"])
+def test_model_files_are_read_as_onnx_runtime_reads_them(
+    make_classifier: Make, tmp_path: Path, suffix: str
+) -> None:
+    # onnx.load picks text formats by suffix, which ONNX Runtime cannot read: such a file passed
+    # the check and was refused only after the models before it had been warmed up.
+    path = tmp_path / f"m{suffix}"
+    onnx.save(onnx.load(str(make_classifier(tmp_path / "m.onnx"))), str(path))
+    with pytest.raises(ValueError, match=r"expected a readable ONNX model at .* got DecodeError"):
+        read_model_info("m", path)
+    (tmp_path / "m.onnx").rename(path)  # binary ONNX under any name is still served
+    assert read_model_info("m", path).num_classes == 5
