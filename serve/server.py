@@ -73,13 +73,18 @@ def _connection_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
-def _load(info: ModelInfo, config: ServerConfig, stop: threading.Event) -> Runtime:
-    runtime = Runtime(
+def _open(info: ModelInfo, config: ServerConfig) -> Runtime:
+    return Runtime(
         info,
         device=config.device,
         max_batch_size=config.max_batch_size,
         intra_op_threads=config.intra_op_threads,
     )
+
+
+def _load(runtime: Runtime, stop: threading.Event) -> Runtime:
+    """Warm ``runtime`` up (every batch bucket) and log it loaded."""
+    info = runtime.info
     if not runtime.warm_up(stop):
         return runtime  # stopping: start() was cancelled and nobody reads this
     _log.info(
@@ -157,8 +162,11 @@ class Server:
         # Before loading, so a taken metrics port stops the server before any warm-up.
         self.metrics.serve_http(self.config.host, self.config.metrics_port)
         _log.info("listening on %s", _address(self.config.host, self.port))
-        for info in infos:
-            runtime = await asyncio.to_thread(_load, info, self.config, self._stopping)
+        # Every session before any warm-up: a model ONNX Runtime refuses (an opset or operator
+        # it lacks) stops the server before the others' warm-up (minutes on a GPU), not after.
+        opened = [await asyncio.to_thread(_open, info, self.config) for info in infos]
+        for runtime in opened:
+            runtime = await asyncio.to_thread(_load, runtime, self._stopping)
             batcher = Batcher(
                 runtime,
                 max_queue_size=self.config.max_queue_size,
@@ -167,7 +175,7 @@ class Server:
                 metrics=self.metrics,
             )
             batcher.start()
-            self.state.models[info.name] = Model(runtime.info, batcher)
+            self.state.models[runtime.info.name] = Model(runtime.info, batcher)
         self._pin_loop()
         self.state.ready = True
         for name in self.state.models:

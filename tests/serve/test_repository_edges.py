@@ -108,3 +108,20 @@ def test_missing_external_data_stops_the_server_before_any_warm_up(
     assert f"expected the external data file {tmp_path / 'big.onnx.data'}" in done.stderr
     assert "No such file or directory; copy it beside the model" in done.stderr
     assert "listening on" not in done.stderr and "loaded from" not in done.stderr
+
+
+def test_a_model_onnx_runtime_refuses_stops_the_server_before_any_warm_up(
+    make_classifier: Make, tmp_path: Path
+) -> None:
+    # The graph reads fine; only ONNX Runtime knows it lacks opset 99, when it opens the
+    # session. That came after the models before it had warmed up (minutes on a GPU).
+    good = make_classifier(tmp_path / "good.onnx")
+    model = onnx.load(str(make_classifier(tmp_path / "new.onnx")))
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 99
+    onnx.save(model, str(tmp_path / "new.onnx"))
+    done = _serve(str(good), str(tmp_path / "new.onnx"))
+    assert done.returncode == 2, done.stderr
+    assert "new.onnx" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "loaded from" not in done.stderr, done.stderr
