@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -36,6 +36,40 @@ _ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # model's ``fail``, as its ``nv_inference_request_failure`` reasons do (rejected, canceled,
 # backend, timeout, other). Prometheus still counts them under the model's name.
 _REFUSED = frozenset({"not_found", "unauthenticated", "unavailable"})
+_PATH = "/metrics"
+_NOT_FOUND = f"404 Not Found: this port serves Prometheus metrics at {_PATH} only\n".encode()
+
+_WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _metrics_only(app: _WSGIApp) -> _WSGIApp:
+    """prometheus_client's WSGI ``app``, at ``/metrics`` only and answering HEAD too.
+
+    Its default answered every path with the metrics, so an HTTP probe pointed at this port
+    by mistake (Triton's ``/v2/health/ready`` lives on an HTTP port this server has not)
+    passed while the models loaded and while the server drained; HEAD (``curl -I``, uptime
+    checks) got 405, though HTTP asks every server to answer HEAD where it answers GET."""
+
+    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        head = environ["REQUEST_METHOD"] == "HEAD"
+        if environ.get("PATH_INFO") != _PATH:
+            length = str(len(_NOT_FOUND))
+            start_response(
+                "404 Not Found",
+                [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", length)],
+            )
+            return [] if head else [_NOT_FOUND]
+        if not head:
+            return app(environ, start_response)
+        answered: list[tuple[str, list[tuple[str, str]]]] = []
+        body = b"".join(
+            app({**environ, "REQUEST_METHOD": "GET"}, lambda *a: answered.append(a[:2]))
+        )
+        status, headers = answered[0]
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return []
+
+    return serve
 
 
 class _Registry(CollectorRegistry):
@@ -198,6 +232,7 @@ class Metrics:
                 f"expected a free metrics port, got {host}:{port} unavailable ({e.strerror}); "
                 "pass another --metrics-port, or 0 to disable metrics"
             ) from e
+        self._http.set_app(_metrics_only(self._http.get_app()))
 
     @property
     def http_port(self) -> int | None:

@@ -103,6 +103,38 @@ def test_http_endpoint_serves_and_closes() -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
 
 
+def test_http_endpoint_answers_at_metrics_only_and_to_head() -> None:
+    # Every path used to answer with the metrics, so an HTTP readiness probe pointed at this
+    # port by mistake (Triton's /v2/health/ready) passed while loading and draining; HEAD
+    # got 405.
+    m = Metrics()
+    m.model_ready("m", False)
+    port = free_port()
+    m.serve_http("127.0.0.1", port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for path in ("/", "/v2/health/ready", "/metrics/", "/metricsx", "/favicon.ico"):
+            for method in ("GET", "HEAD"):
+                request = urllib.request.Request(base + path, method=method)
+                with pytest.raises(urllib.error.HTTPError) as missing:
+                    urllib.request.urlopen(request, timeout=10)
+                assert missing.value.code == 404, (method, path)
+                body = missing.value.read()
+                assert body == b"" if method == "HEAD" else b"at /metrics only" in body, body
+        head = urllib.request.Request(f"{base}/metrics", method="HEAD")
+        with urllib.request.urlopen(head, timeout=10) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/plain")
+            length = int(r.headers["Content-Length"])
+            assert r.read() == b""
+        with urllib.request.urlopen(f"{base}/metrics?x=1", timeout=10) as r:
+            text = r.read()
+        assert len(text) == length
+        assert _samples(text.decode())[("serve_model_ready", (("model", "m"),))] == 0
+    finally:
+        m.close()
+
+
 def test_port_zero_disables_http() -> None:
     m = Metrics()
     m.serve_http("127.0.0.1", 0)
@@ -356,3 +388,52 @@ def test_queue_depth_reads_zero_once_queued_requests_are_withdrawn_or_expire(
     assert counts[("tiny", "success")] == 1
     assert counts[("tiny", "cancelled")] == 1
     assert counts[("tiny", "deadline")] == 1
+
+
+def test_queue_depth_counts_the_request_that_did_not_fit_the_last_batch(
+    start_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Taken from the queue and held back for the next batch, that request waits like the
+    # others, but the gauge (qsize) no longer counted it: under steady load it read one low.
+    bg = start_server()
+    assert bg.server is not None
+    batcher = bg.server.models["tiny"].batcher
+    runs: list[int] = []
+    gate = threading.Semaphore(0)
+    run = batcher.runtime.run
+
+    def held_run(batch: np.ndarray) -> np.ndarray:
+        runs.append(len(batch))
+        gate.acquire(timeout=30)
+        return run(batch)
+
+    monkeypatch.setattr(batcher.runtime, "run", held_run)
+
+    def depth() -> float:
+        return samples(bg.server.metrics.render().decode(), "serve_queue_depth", "tiny")
+
+    def wait_for(condition) -> None:
+        until = time.monotonic() + 10
+        while not condition() and time.monotonic() < until:
+            time.sleep(0.01)
+        assert condition()
+
+    one, five = np.zeros((1, 3, 8, 8), np.float32), np.zeros((5, 3, 8, 8), np.float32)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
+            infer = channel.unary_unary(INFER)
+            first = infer.future(infer_payload("tiny", one), timeout=60)
+            wait_for(lambda: len(runs) == 1)
+            later = [infer.future(infer_payload("tiny", five), timeout=60) for _ in range(2)]
+            wait_for(lambda: depth() == 2)
+            gate.release()  # the first ends; 5 + 5 rows exceed the max batch of 8
+            wait_for(lambda: len(runs) == 2)
+            assert depth() == 1  # the second five-row request still waits
+            for _ in range(2):
+                gate.release()
+            assert [f.exception(timeout=30) for f in (first, *later)] == [None] * 3
+    finally:
+        for _ in range(3):
+            gate.release()
+    assert depth() == 0
+    assert len(runs) == 3  # one request per batch: the held one ran alone
