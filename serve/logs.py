@@ -41,12 +41,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+# Control characters in a text line's message, escaped: a newline in a value a client sent
+# (a model name, logged at debug level) started a line of its own, which a reader or a log
+# collector took for another event (a forged "ERROR" line). A traceback keeps its lines.
+_ESCAPED = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != ord("\t")} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+}
+
+
+class _TextFormatter(logging.Formatter):
+    """One line per record (its traceback, if any, below it), in UTC."""
+
+    converter = time.gmtime
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_ESCAPED)
+
+
 def _text_formatter() -> logging.Formatter:
-    formatter = logging.Formatter(
+    return _TextFormatter(
         "%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
     )
-    formatter.converter = time.gmtime
-    return formatter
 
 
 def _ours_at_debug(record: logging.LogRecord) -> bool:

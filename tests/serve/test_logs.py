@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ from serve.client import Client
 from serve.logs import configure
 from tests.serve.conftest import free_port
 from tests.serve.procs import ServeProcess
+from tests.serve.v2 import INFER, infer_payload
 
 
 @pytest.fixture
@@ -113,6 +115,10 @@ def test_bad_choices_are_refused(level: str, fmt: str, match: str) -> None:
 # --- a real server's stderr -------------------------------------------------------------------
 
 
+# A model name a client sent, made to look like a second log line of its own.
+FORGED = "tiny\n2000-01-01T00:00:00.000Z ERROR   serve.server: forged by a client"
+
+
 def _serve_and_stop(model: Path, tmp_path: Path, fmt: str) -> str:
     port = free_port()
     args = [str(model), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
@@ -121,6 +127,9 @@ def _serve_and_stop(model: Path, tmp_path: Path, fmt: str) -> str:
         with Client(server.target) as client:
             shape = list(client.model_metadata("tiny").inputs[0].shape)[1:]
             client.infer("tiny", np.zeros((3, *shape), np.float32))
+        with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as e:
+            channel.unary_unary(INFER)(infer_payload(FORGED, np.zeros((1, 3, 8, 8))), timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
         server.terminate()
         assert server.wait(60) == 0, server.output()
         return server.output()
@@ -141,6 +150,7 @@ def test_server_logs_json_lines(classifier_path: Path, tmp_path: Path) -> None:
     )
     debug = [e["msg"] for e in entries if e["level"] == "debug"]
     assert sum(bool(request.match(m)) for m in debug) == 1, debug
+    assert any(m.startswith(f"request id=2 model={FORGED} status=NOT_FOUND") for m in debug)
 
 
 def test_server_logs_text_lines(classifier_path: Path, tmp_path: Path) -> None:
@@ -149,3 +159,8 @@ def test_server_logs_text_lines(classifier_path: Path, tmp_path: Path) -> None:
     ours = [x for x in output.splitlines() if " serve" in x]
     assert ours and all(line.match(x) for x in ours), ours
     assert any("ready: serving tiny" in x for x in ours)
+    # The client's newline is escaped: its name stays inside the request's one line.
+    (forged,) = [x for x in output.splitlines() if "forged by a client" in x]
+    escaped = FORGED.replace("\n", "\\n")
+    assert " DEBUG   serve.state: request id=2 model=" in forged, forged
+    assert f"model={escaped} status=NOT_FOUND" in forged, forged
