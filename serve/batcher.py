@@ -177,7 +177,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         self._open = True
         if self._metrics is not None:
-            self._metrics.watch_queue(self.name, self._queue.qsize)
+            self._metrics.watch_queue(self.name, lambda: self.depth)
         self._threads = [
             threading.Thread(
                 target=self._work,
@@ -192,8 +192,9 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        """Queued requests (slices of split requests count one each)."""
-        return self._queue.qsize()
+        """Queued requests (slices of split requests count one each), the one held back for
+        the next batch included."""
+        return self._queue.qsize() + (self._held is not None)
 
     def check_rows(self, rows: int) -> None:
         """INVALID_ARGUMENT unless one request of ``rows`` rows could ever be queued (split
