@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -97,6 +98,31 @@ def _load(runtime: Runtime, stop: threading.Event) -> Runtime:
         list(runtime.buckets),
     )
     return runtime
+
+
+def _bind_refusal(host: str, port: int) -> OSError | None:
+    """Why no address of ``host`` can listen on ``port``; None when one can (or for port 0).
+
+    gRPC finds out too, but prints a line of its own first, outside --log-format json."""
+    if not port:
+        return None
+    try:
+        found = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as e:  # an unresolvable name
+        return e
+    refusal: OSError | None = None
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as e:
+                refusal = e
+            else:
+                return None
+    return refusal
 
 
 def _address(host: str, port: int) -> str:
@@ -231,6 +257,12 @@ class Server:
 
     def _bind(self, server: aio.Server) -> int:
         address = _address(self.config.host, self.config.port)
+        refusal = _bind_refusal(self.config.host, self.config.port)
+        if refusal is not None:
+            raise OSError(
+                f"expected to bind gRPC on {address}, got {refusal.strerror or refusal}; pass "
+                "another --port or --host"
+            ) from refusal
         credentials = security.server_credentials(
             self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca
         )

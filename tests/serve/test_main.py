@@ -414,3 +414,28 @@ def test_closed_stdio_is_not_reused_for_sockets(classifier_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_taken_port_or_unknown_host_is_one_line_in_the_log_format(
+    classifier_path: Path, log_format: str
+) -> None:
+    # gRPC's C core printed its own "E1123 ... add_port.cc ... Failed to add port" line first:
+    # two messages, one of them not JSON.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            (_args(port, str(classifier_path)), "Address already in use"),
+            ([str(classifier_path), "--host", "no-such-host.invalid", "--port", str(port),
+              "--metrics-port", "0", "--device", "cpu"], "no-such-host.invalid"),
+        ]  # fmt: skip
+        for args, said in cases:
+            done = _run(*args, "--log-format", log_format)
+            assert done.returncode == 1, done.stderr
+            (line,) = done.stderr.strip().splitlines()
+            if log_format == "json":
+                line = json.loads(line)["msg"]
+            assert "expected to bind gRPC on " in line and said in line, line
+            assert line.endswith("pass another --port or --host"), line
