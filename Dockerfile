@@ -4,9 +4,10 @@
 #   docker build -t classifier-serve .                  # serving: ONNX Runtime GPU, no torch
 #   docker build --target export -t classifier-export . # export: torch CPU build, python -m export
 #
-# The serving image takes its CUDA and cuDNN libraries from pip (the `cuda` extra), so any
-# host with an NVIDIA driver and the container toolkit runs it on the GPU; without a GPU it
-# falls back to the CPU provider and says so in one log line.
+# The serving image takes its CUDA and cuDNN libraries from pip (the `cuda` extra), so a host
+# with the NVIDIA container toolkit and a driver new enough for the CUDA major version of the
+# onnxruntime-gpu wheel (1.31: CUDA 13, driver 580 or newer) runs it on the GPU; without a usable
+# GPU, `--device auto` falls back to the CPU provider and says so in one log line.
 
 ARG PYTHON_VERSION=3.11
 
@@ -33,9 +34,14 @@ FROM python:${PYTHON_VERSION}-slim AS serve
 # the GPUs a container was given. Baked in as `all`, a container that asked for no GPU (a
 # CPU-only pod, `docker run` without --gpus) on a host whose default runtime is nvidia's would
 # see, and use, every GPU of the host, those given to other pods included.
+# ORT_DISABLE_TELEMETRY: onnxruntime-gpu (1.31) otherwise starts Microsoft's 1DS telemetry and
+# persists a device id and an SQLite file under $HOME/.cache. The user's home does not exist (and
+# the root filesystem is read-only in deploy/kubernetes), so every start printed a coloured,
+# non-JSON warning line ("Failed to persist telemetry device ID") into the JSON log stream.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=builder /opt/venv /opt/venv
 RUN groupadd --system --gid 10001 serve \
@@ -55,9 +61,12 @@ CMD ["--model-repository", "/models"]
 FROM python:${PYTHON_VERSION}-slim AS export
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# ORT_DISABLE_TELEMETRY: as in the serving stage (parity checks run ONNX Runtime, and
+# `docker run --user "$(id -u)"` gives a user with no home either).
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1
 COPY --from=builder /wheels /wheels
 # torch first from its CPU index, so the [export] extra finds it satisfied and no CUDA build
 # (several GB) is pulled in. DL3013: the second install is our own wheel, a file, not a name.

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from serve.__main__ import build_config, parse_args
+from serve.affinity import plan_threads, worker_count
 from serve.config import ServerConfig
 from serve.health import build_parser as health_parser
 
@@ -87,6 +88,27 @@ def _ports(container: dict[str, Any]) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in container["ports"]}
 
 
+def _cpus(quantity: str | int | float) -> float:
+    """A Kubernetes CPU quantity ("2", "1.5", "500m") in CPUs."""
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _serving_containers() -> dict[str, dict[str, Any]]:
+    """The server's container as each manifest runs it. KServe appends the InferenceService's
+    `args` to the runtime's and merges its `resources` into the runtime's, key by key."""
+    deployment = _container(_one("Deployment")["spec"]["template"]["spec"])
+    runtime = _container(_one("ServingRuntime")["spec"])
+    model = _one("InferenceService")["spec"]["predictor"]["model"]
+    resources = {
+        kind: {**runtime.get("resources", {}).get(kind, {}),
+               **model.get("resources", {}).get(kind, {})}
+        for kind in ("requests", "limits")
+    }
+    kserve = {**runtime, "args": runtime["args"] + model.get("args", []), "resources": resources}
+    return {"Deployment": deployment, "InferenceService": kserve}
+
+
 # --- the Dockerfile -------------------------------------------------------------------------
 
 
@@ -114,6 +136,15 @@ def test_serving_image_claims_no_gpu_itself() -> None:
     where nvidia's runtime is the default."""
     env = " ".join(rest for ins, rest in _dockerfile()["serve"] if ins == "ENV")
     assert "NVIDIA_VISIBLE_DEVICES" not in env
+
+
+@pytest.mark.parametrize("stage", ["serve", "export"])
+def test_images_turn_onnxruntime_telemetry_off(stage: str) -> None:
+    """onnxruntime-gpu 1.31 starts Microsoft's telemetry and keeps a device id under $HOME,
+    which neither image's user can write: a coloured warning line at every start, in the
+    middle of `--log-format json` output (tests/deploy/test_container_run.py runs it)."""
+    env = " ".join(rest for ins, rest in _dockerfile()[stage] if ins == "ENV").split()
+    assert "ORT_DISABLE_TELEMETRY=1" in env
 
 
 def test_dockerfile_serving_install_has_no_torch() -> None:
@@ -286,3 +317,35 @@ def test_kserve_runtime_annotates_its_pods_for_metrics() -> None:
     assert not any(
         key.startswith("prometheus.") for key in runtime["metadata"].get("annotations", {})
     )
+
+
+@pytest.mark.parametrize("manifest", ["Deployment", "InferenceService"])
+def test_a_pod_given_a_gpu_refuses_the_cpu_fallback(manifest: str) -> None:
+    """With `--device auto` a node whose driver is too old for the wheel's CUDA (onnxruntime-gpu
+    1.31 needs CUDA 13: driver 580+) served on the CPU provider, one log line, while holding
+    the GPU; `--device cuda` makes such a pod fail, saying why."""
+    container = _serving_containers()[manifest]
+    assert container["resources"]["limits"].get("nvidia.com/gpu")
+    assert _server_config(container["args"]).device == "cuda"
+
+
+@pytest.mark.parametrize("manifest", ["Deployment", "InferenceService"])
+def test_server_threads_fit_the_pods_cpu(manifest: str) -> None:
+    """The server sizes ONNX Runtime's intra-op pool and its image decoders by the cgroup CPU
+    quota, which only a CPU limit sets. Without one, on a 96-CPU GPU node, ORT got 96 pinned
+    threads and Classify 32 decoders (each up to ~250 MB while it decodes a large photo: past
+    the 8 GiB memory limit together) for a pod that asked for 2 CPUs."""
+    resources = _serving_containers()[manifest]["resources"]
+    requested = _cpus(resources["requests"]["cpu"])
+    limit = resources["limits"].get("cpu")
+    quota = None if limit is None else _cpus(limit)
+    node = frozenset(range(96))
+    plan = plan_threads(node, len(node), {cpu: frozenset({cpu}) for cpu in node}, quota)
+    assert 1 <= plan.threads <= max(1, requested), plan  # 0 is ORT's default: every core
+    assert worker_count(node, len(node), quota) <= max(1, requested)
+
+
+def test_pod_mounts_no_service_account_token() -> None:
+    """The server never calls the Kubernetes API; a mounted token only helps an attacker."""
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    assert pod.get("automountServiceAccountToken") is False
