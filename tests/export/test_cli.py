@@ -542,3 +542,18 @@ def test_help_shows_the_defaults() -> None:
     assert "ONNX opset (18 to 23) (default: 18)" in text
     assert "absolute tolerance (default: 0.0001)" in text
     assert "(default: None)" not in text
+
+
+def test_onnx_runtime_telemetry_stays_off(
+    run_cli, small_ckpt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # onnxruntime 1.31 sends Microsoft telemetry by default and wrote a device id and a
+    # database under ~/.cache/Microsoft during the parity checks.
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)
+    done = run_cli(small_ckpt[0], "-o", tmp_path / "small.onnx")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "small.onnx").is_file()
+    assert list(home.rglob("*")) == []

@@ -439,3 +439,20 @@ def test_a_taken_port_or_unknown_host_is_one_line_in_the_log_format(
                 line = json.loads(line)["msg"]
             assert "expected to bind gRPC on " in line and said in line, line
             assert line.endswith("pass another --port or --host"), line
+
+
+def test_onnx_runtime_telemetry_stays_off(
+    classifier_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # onnxruntime 1.31 sends Microsoft telemetry by default and wrote a device id and a
+    # database under ~/.cache/Microsoft; with no writable home (a container) it printed a
+    # non-JSON warning line into the log.
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)
+    port = free_port()
+    with ServeProcess(_args(port, str(classifier_path)), port, tmp_path / "log") as proc:
+        proc.terminate()
+        assert proc.wait(60) == 0, proc.output()
+    assert list(home.rglob("*")) == []
