@@ -26,7 +26,13 @@ import grpc
 
 from serve import benchreport
 from serve.benchargs import BenchConfig, parse
-from serve.benchenv import InProcess, SpawnedServer, measure_in_process, scrape
+from serve.benchenv import (
+    InProcess,
+    MetricsError,
+    SpawnedServer,
+    measure_in_process,
+    read_metrics,
+)
 from serve.loadgen import (
     Outcome,
     channel,
@@ -86,6 +92,7 @@ async def _run_settings(
         except ValueError as e:
             raise UsageError(str(e)) from e
         rows = []
+        unread: list[str] = []  # why the metrics could not be read, said once per server
         for load in config.loads:
             requests = infer_requests(config.model, input_name, shape, load.images, config.distinct)
             name = f"{label} {load.label}"
@@ -120,8 +127,9 @@ async def _run_settings(
 
             async def on_window(opening: bool, scraped: list = scraped, cpu: list = cpu) -> None:
                 if metrics_url is not None:
-                    url = metrics_url
-                    scraped.append(await asyncio.to_thread(scrape, url, config.model))
+                    scraped.append(
+                        await _scrape(metrics_url, config.model, label, unread, server is None)
+                    )
                 cpu.append((time.process_time(), server.cpu_seconds() if server else None))
 
             progress = print_progress(name) if sys.stderr.isatty() else None
@@ -145,6 +153,30 @@ async def _run_settings(
     finally:
         for chan in channels:
             await chan.close()
+
+
+async def _scrape(
+    url: str, model: str, label: str, unread: list[str], given: bool
+) -> dict[str, float] | None:
+    """The server's metrics, or None; the first time they cannot be read, a line on stderr says
+    why: the batch and busy columns were once left empty without a word (a --metrics-url
+    with a trailing slash, which the metrics port answers with 404). ``given``: the URL is
+    --metrics-url's (or its default), not a spawned server's own."""
+    try:
+        return await asyncio.to_thread(read_metrics, url, model)
+    except MetricsError as e:
+        if not unread:
+            fix = (
+                "pass --metrics-url http://HOST:PORT/metrics with the server's --metrics-port"
+                if given
+                else "the server may have exited"
+            )
+            sys.stderr.write(
+                f"warning: [{label}] no batch and busy figures: expected the server's "
+                f"Prometheus metrics at {url}, got {e}; {fix}\n"
+            )
+        unread.append(str(e))
+        return None
 
 
 async def _served_input(

@@ -7,12 +7,14 @@ exits 2 (argparse's ``parser.error``). See serve/bench.py for what the run does.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import shlex
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 
@@ -188,6 +190,15 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
                 f"expected --server-arg and --compare without {flag}, got {token!r}: "
                 f"{_OWN_FLAGS[flag]}; leave it out"
             )
+    if args.spawn is not None:
+        for flags in (args.server_arg, *([*args.server_arg, *extra] for extra in compare)):
+            try:
+                _check_server_flags(args.spawn, flags)
+            except ValueError as e:
+                parser.error(
+                    f"expected --server-arg and --compare flags that `python -m serve` takes, "
+                    f"got {' '.join(flags)!r}: {e}; fix them or leave them out"
+                )
     if args.distinct < 1 or args.channels < 1:
         parser.error("expected --distinct >= 1 and --channels >= 1")
     if not 0 < args.baseline_seconds < math.inf:
@@ -254,6 +265,25 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
         metadata=metadata,
     )
     return config, args
+
+
+def _check_server_flags(model: Path, flags: list[str]) -> None:
+    """ValueError with `python -m serve`'s own message when a server spawned with ``flags``
+    would exit at once: with --compare, that was found only after the earlier servers' settings
+    had all run, and what they measured was lost."""
+    from serve.__main__ import build_config
+    from serve.__main__ import build_parser as server_parser
+
+    def refuse(message: str) -> NoReturn:
+        raise ValueError(message)
+
+    parser = server_parser()
+    parser.error = refuse  # type: ignore[method-assign]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            build_config(parser.parse_args([str(model), *flags]))
+    except SystemExit as e:  # --help: it prints and exits
+        raise ValueError("that server would print its help and exit") from e
 
 
 def _security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, Metadata]:

@@ -3,6 +3,7 @@ the server's Prometheus metrics."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,24 +292,46 @@ class SpawnedServer:
         self._log.close()
 
 
-def scrape(url: str, model: str, timeout: float = 5.0) -> dict[str, float] | None:
+class MetricsError(Exception):
+    """The server's metrics could not be read; the message says why."""
+
+
+def read_metrics(url: str, model: str, timeout: float = 5.0) -> dict[str, float]:
     """The server's ``serve_batch_size`` _sum/_count and ``serve_compute_duration_seconds``
-    _sum for ``model`` from a /metrics URL; None if unreachable."""
+    _sum for ``model`` from a /metrics URL; MetricsError saying why when they cannot be read."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             text = response.read().decode()
-    except OSError:
-        return None
+    except urllib.error.HTTPError as e:  # before OSError: it is one
+        raise MetricsError(f"HTTP {e.code} {e.reason}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise MetricsError(f"no answer ({reason})") from e
+    except http.client.HTTPException as e:  # the gRPC port, say: BadStatusLine, a traceback
+        raise MetricsError(f"an answer that is not HTTP ({type(e).__name__})") from e
     wanted = {
         "serve_batch_size_sum": "rows",
         "serve_batch_size_count": "batches",
         "serve_compute_duration_seconds_sum": "compute_s",
     }
     values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in wanted and sample.labels.get("model") == model:
-                values[wanted[sample.name]] = sample.value
-    return values if len(values) == len(wanted) else None
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in wanted and sample.labels.get("model") == model:
+                    values[wanted[sample.name]] = sample.value
+    except ValueError as e:  # not Prometheus text: some other HTTP service on that port
+        raise MetricsError(f"an answer that is not Prometheus text ({e})") from e
+    if len(values) != len(wanted):
+        raise MetricsError(f"no serve_batch_size series of model {model!r}")
+    return values
+
+
+def scrape(url: str, model: str, timeout: float = 5.0) -> dict[str, float] | None:
+    """``read_metrics``, or None when they cannot be read."""
+    try:
+        return read_metrics(url, model, timeout)
+    except MetricsError:
+        return None

@@ -39,10 +39,13 @@ def report(
             row["ratio_best"] = row["throughput"] / in_process.best
             single = in_process.single
             row["ratio_single"] = row["throughput"] / single if single else None
-            single_ms = baseline["single_latency_ms"]
+            # What serving adds to one call: p50 minus in-process ONNX Runtime on that call's
+            # images as one batch. Batch 1's latency under --images 4 counted three images'
+            # compute as serving overhead.
+            one_call = in_process.latency.get(row["images_per_request"])
             row["p50_over_single_ms"] = (
-                row["p50_ms"] - single_ms
-                if single_ms is not None and row["p50_ms"] is not None
+                row["p50_ms"] - one_call * 1e3
+                if one_call is not None and row["p50_ms"] is not None
                 else None
             )
     return {
@@ -116,7 +119,7 @@ def table(result: dict) -> str:
 
 def check_plot_path(path: Path) -> None:
     """ValueError saying what to do when ``plot`` could not write ``path``, checked before any
-    load runs. Without matplotlib the check stops at the folder; ``plot`` says it is missing."""
+    load runs: without matplotlib a run of many minutes once ended in "expected matplotlib"."""
     folder = path.parent
     if path.is_dir():
         raise ValueError(
@@ -134,7 +137,10 @@ def check_plot_path(path: Path) -> None:
             f"{str(folder)!r}; pick another path"
         )
     if importlib.util.find_spec("matplotlib") is None:
-        return
+        raise ValueError(
+            "expected matplotlib for --plot, got none installed; pip install '.[bench]', or "
+            "leave --plot out"
+        )
     from matplotlib.figure import Figure
 
     formats = Figure().canvas.get_supported_filetypes()

@@ -73,7 +73,9 @@ class StreamSender:
         self._streams: dict[int, aio.StreamStreamCall] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._readers: list[asyncio.Task[None]] = []
-        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        # Open loop: per stream, the calls waiting for their answer by request id; an answer
+        # is bytes, or the status name that ended the stream before it came.
+        self._waiting: dict[aio.StreamStreamCall, dict[str, asyncio.Future[bytes | str]]] = {}
 
     def _stream(self, slot: int) -> aio.StreamStreamCall:
         call = self._streams.get(slot)
@@ -85,7 +87,8 @@ class StreamSender:
             )
             if self._load.rate is not None:
                 self._locks[slot] = asyncio.Lock()
-                self._readers.append(asyncio.create_task(self._read(call)))
+                self._waiting[call] = {}
+                self._readers.append(asyncio.create_task(self._read(slot, call)))
         return call
 
     async def __call__(self, index: int, request: bytes) -> str | None:
@@ -99,19 +102,32 @@ class StreamSender:
             else:
                 answer = await self._send_tagged(slot, call, str(index), request)
         except grpc.RpcError:
-            self._streams.pop(slot, None)  # the stream is over: the next call opens another
+            self._forget(slot, call)  # the stream is over: the next call opens another
             raise
+        except asyncio.InvalidStateError:
+            # A write to a stream that has already ended (the server died, say) raises this
+            # instead of an RpcError: the call failed with the stream's status.
+            self._forget(slot, call)
+            return await _ended(call)
         if answer is None:
             return grpc.StatusCode.DEADLINE_EXCEEDED.name
         if answer is aio.EOF:
-            self._streams.pop(slot, None)
+            self._forget(slot, call)
             return "STREAM_ENDED"
+        if isinstance(answer, str):  # the stream ended with this status before answering
+            self._forget(slot, call)
+            return answer
         return stream_error(answer)
+
+    def _forget(self, slot: int, call: aio.StreamStreamCall) -> None:
+        if self._streams.get(slot) is call:
+            del self._streams[slot]
 
     async def _send_tagged(
         self, slot: int, call: aio.StreamStreamCall, ident: str, request: bytes
-    ) -> bytes | object | None:
-        waiter = self._waiting[ident] = asyncio.get_running_loop().create_future()
+    ) -> bytes | str | None:
+        waiting = self._waiting[call]
+        waiter = waiting[ident] = asyncio.get_running_loop().create_future()
         try:
             async with self._locks[slot]:  # one write at a time per stream
                 await call.write(with_id(request, ident))
@@ -119,24 +135,30 @@ class StreamSender:
         except asyncio.TimeoutError:
             return None
         finally:
-            self._waiting.pop(ident, None)
+            waiting.pop(ident, None)
 
-    async def _read(self, call: aio.StreamStreamCall) -> None:
-        while True:
-            answer = await call.read()
-            if answer is aio.EOF:
-                for waiter in self._waiting.values():
-                    if not waiter.done():
-                        waiter.set_result(answer)
-                return
-            ident = kserve_pb2.ModelStreamInferResponse.FromString(answer).infer_response.id
-            waiter = self._waiting.get(ident)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(answer)
+    async def _read(self, slot: int, call: aio.StreamStreamCall) -> None:
+        """Hand each answer on ``call`` to its waiting call; when the stream ends, every call
+        still waiting on it fails at once with its status, not after its own deadline."""
+        waiting = self._waiting[call]
+        try:
+            while (answer := await call.read()) is not aio.EOF:
+                ident = kserve_pb2.ModelStreamInferResponse.FromString(answer).infer_response.id
+                waiter = waiting.get(ident)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(answer)
+            ended = "STREAM_ENDED" if await call.code() == grpc.StatusCode.OK else None
+        except grpc.RpcError:
+            ended = None
+        self._forget(slot, call)
+        ended = ended or await _ended(call)
+        for waiter in waiting.values():
+            if not waiter.done():
+                waiter.set_result(ended)  # each call counts it
 
     async def close(self) -> None:
         """Half-close every stream and wait for the server to end it (status OK)."""
-        for call in self._streams.values():
+        for call in list(self._streams.values()):  # a reader may forget its stream meanwhile
             try:
                 await call.done_writing()
                 if self._load.rate is None:
@@ -150,3 +172,8 @@ class StreamSender:
         for reader in self._readers:
             reader.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
+
+
+async def _ended(call: aio.StreamStreamCall) -> str:
+    """The status name an ended stream finished with."""
+    return (await call.code()).name
