@@ -306,9 +306,10 @@ def read_metrics(url: str, model: str, timeout: float = 5.0) -> dict[str, float]
             text = response.read().decode()
     except urllib.error.HTTPError as e:  # before OSError: it is one
         raise MetricsError(f"HTTP {e.code} {e.reason}") from e
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise MetricsError(f"no answer ({reason})") from e
+    except OSError as e:
+        raise MetricsError(f"no answer ({getattr(e, 'reason', None) or e})") from e
+    except UnicodeDecodeError as e:  # it answered, but not with Prometheus's UTF-8 text
+        raise MetricsError(f"an answer that is not UTF-8 text ({e.reason})") from e
     except http.client.HTTPException as e:  # the gRPC port, say: BadStatusLine, a traceback
         raise MetricsError(f"an answer that is not HTTP ({type(e).__name__})") from e
     wanted = {

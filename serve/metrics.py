@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -39,7 +40,18 @@ _REFUSED = frozenset({"not_found", "unauthenticated", "unavailable"})
 _PATH = "/metrics"
 _NOT_FOUND = f"404 Not Found: this port serves Prometheus metrics at {_PATH} only\n".encode()
 
+_ALLOW = "OPTIONS, GET, HEAD"
+
 _WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _allowing_head(
+    start_response: Callable[..., Any], status: str, headers: list[tuple[str, str]], *rest: Any
+) -> Any:
+    # prometheus_client's OPTIONS and 405 answers list the methods it takes itself (Allow:
+    # OPTIONS,GET): HEAD, answered here, must be among them.
+    headers = [(k, _ALLOW if k.lower() == "allow" else v) for k, v in headers]
+    return start_response(status, headers, *rest)
 
 
 def _metrics_only(app: _WSGIApp) -> _WSGIApp:
@@ -60,7 +72,7 @@ def _metrics_only(app: _WSGIApp) -> _WSGIApp:
             )
             return [] if head else [_NOT_FOUND]
         if not head:
-            return app(environ, start_response)
+            return app(environ, functools.partial(_allowing_head, start_response))
         answered: list[tuple[str, list[tuple[str, str]]]] = []
         body = b"".join(
             app({**environ, "REQUEST_METHOD": "GET"}, lambda *a: answered.append(a[:2]))
