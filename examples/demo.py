@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,6 +52,10 @@ def step_export(trained: Trained) -> Path:
 
 
 def step_onnx_accuracy(onnx_path: Path, split: train_digits.Split) -> float:
+    # Here, after train_digits imported export and with it serve, which turns onnxruntime's
+    # telemetry off before onnxruntime is first imported (docs/serving.md, "Telemetry").
+    import onnxruntime as ort
+
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"input": train_digits.preprocess(split.test_images)})[0]
     return train_digits.accuracy(logits, split.test_labels)
