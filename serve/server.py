@@ -17,6 +17,7 @@ from serve import affinity, classify, kserve, reflection, security
 from serve.batcher import Batcher
 from serve.classify import ClassifierServicer
 from serve.config import ServerConfig
+from serve.halfclose import OneRequest
 from serve.metrics import Metrics
 from serve.model_info import ModelInfo, read_model_info
 from serve.repository import find_models
@@ -114,14 +115,14 @@ def _bind_refusal(host: str, port: int) -> OSError | None:
         return e
     refusal: OSError | None = None
     for family, kind, proto, _, address in found:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
-            try:
+        try:  # a family the kernel lacks (IPv6 switched off) refuses only its own addresses
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
                 probe.bind(address)
-            except OSError as e:
-                refusal = e
-            else:
-                return None
+        except OSError as e:
+            refusal = e
+        else:
+            return None
     return refusal
 
 
@@ -226,8 +227,12 @@ class Server:
         interceptor = security.auth_interceptor(
             self.config.auth_token_file, on_reject=self._count_unauthenticated
         )
+        # OneRequest first, so it also wraps the auth interceptor's refusals (serve/halfclose.py).
+        interceptors: list[aio.ServerInterceptor] = [OneRequest()]
+        if interceptor is not None:
+            interceptors.append(interceptor)
         server = aio.server(
-            interceptors=[interceptor] if interceptor is not None else None,
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

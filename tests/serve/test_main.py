@@ -456,3 +456,35 @@ def test_onnx_runtime_telemetry_stays_off(
         proc.terminate()
         assert proc.wait(60) == 0, proc.output()
     assert list(home.rglob("*")) == []
+
+
+def test_a_host_whose_ipv6_address_the_kernel_lacks_still_binds_on_ipv4(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With IPv6 switched off (ipv6.disable=1), creating the probe socket for `localhost`'s ::1
+    # raised "Address family not supported" out of the bind check: gRPC would have bound
+    # 127.0.0.1 and served.
+    import errno
+
+    from serve import server as server_module
+
+    port = free_port()
+    real_socket = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real_socket(family, *args)
+
+    def both(*args: object, **kwargs: object) -> list[tuple]:
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        ]
+
+    monkeypatch.setattr(server_module.socket, "socket", no_ipv6)
+    monkeypatch.setattr(server_module.socket, "getaddrinfo", both)
+    assert server_module._bind_refusal("localhost", port) is None
+    monkeypatch.setattr(server_module.socket, "getaddrinfo", lambda *a, **k: both()[:1])
+    refusal = server_module._bind_refusal("localhost", port)
+    assert refusal is not None and refusal.errno == errno.EAFNOSUPPORT

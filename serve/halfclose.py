@@ -1,0 +1,80 @@
+"""Unary methods served as one-message streams, so a call closed without its request message
+is answered INVALID_ARGUMENT instead of never.
+
+grpcio's asyncio server returns from a unary call that brought no message without sending a
+status (``_handle_unary_unary_rpc``: "cancelled immediately after start"), and then waits for
+the call to end, which it does only when the connection closes: each such call (HTTP/2
+HEADERS with END_STREAM, no DATA) held ~4 KB and an asyncio task for as long as a client that
+answers pings kept its connection (20 000 calls: +75 MB), its client never got an answer, and a
+shutdown waited its whole ``--grace`` for it. Read as a stream, the missing message is an
+``EOF`` the method can answer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc import aio
+
+
+class OneRequest(aio.ServerInterceptor):
+    """Serve every async unary-request method as a request stream holding exactly one message.
+
+    Put it first among the interceptors: it then wraps the handlers the others return (the
+    UNAUTHENTICATED ones included), which still get the parsed request.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        method = handler_call_details.method
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.response_streaming:
+            behavior = handler.unary_stream
+            if inspect.isasyncgenfunction(behavior):
+                return grpc.stream_stream_rpc_method_handler(
+                    _generator(behavior, method), **serializers
+                )
+            wrap = grpc.stream_stream_rpc_method_handler
+        else:
+            behavior = handler.unary_unary
+            wrap = grpc.stream_unary_rpc_method_handler
+        if not inspect.iscoroutinefunction(behavior):
+            return handler  # a sync handler runs on grpc's thread pool: left as it is
+        return wrap(_coroutine(behavior, method), **serializers)
+
+
+async def _read_one(context: aio.ServicerContext, method: str) -> object:
+    request = await context.read()
+    if request is aio.EOF:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"expected one request message for {method}, got the call closed without one; "
+            "send the request message (a unary call carries exactly one)",
+        )
+    return request
+
+
+def _coroutine(behavior: Callable, method: str) -> Callable:
+    async def serve(requests: object, context: aio.ServicerContext) -> object:
+        return await behavior(await _read_one(context, method), context)
+
+    return serve
+
+
+def _generator(behavior: Callable, method: str) -> Callable:
+    async def serve(requests: object, context: aio.ServicerContext) -> object:
+        async for answer in behavior(await _read_one(context, method), context):
+            yield answer
+
+    return serve
