@@ -48,9 +48,12 @@ WINDOW_BYTES = 64 * 1024 * 1024  # output bytes of a stream's answers waiting to
 
 
 def _output_bytes(item: object) -> int:
-    """The output bytes an outbox item holds (0 for errors and the end marks)."""
+    """About the bytes an outbox item holds (0 for the end marks): its outputs, and the id and
+    model name it echoes, which a client may make as long as --max-message-bytes allows."""
     if isinstance(item, pb.ModelStreamInferResponse):
-        return sum(map(len, item.infer_response.raw_output_contents))
+        answer = item.infer_response
+        echoed = len(answer.id) + len(answer.model_name) + len(item.error_message)
+        return sum(map(len, answer.raw_output_contents)) + echoed
     return 0
 
 
@@ -196,7 +199,9 @@ class Stream:
                 _log.exception("stream request to model %s failed", request.model_name)
                 e = _internal(e)
             state.finish(request.model_name, e.code, started, trace)
-            self._outbox.put_nowait(_error(request, e, state.max_message_bytes))
+            answer = _error(request, e, state.max_message_bytes)
+            self._unwritten += _output_bytes(answer)
+            self._outbox.put_nowait(answer)
             return
         self._admitted.add(future)
         future.add_done_callback(

@@ -470,13 +470,15 @@ def test_a_bug_in_counting_an_answer_still_delivers_it(
     ]
 
 
-def _read_before_held_back(server: BackgroundServer, count: int = 2000) -> int:
+def _read_before_held_back(server: BackgroundServer, count: int = 2000, width: int = 0) -> int:
     """How many of ``count`` requests, sent on one stream without reading any answer, the
-    server read before it stopped reading; then every answer is read and checked."""
+    server read before it stopped reading; then every answer is read and checked. ``width``:
+    each request's id, zero-padded to that many characters."""
     assert server.server is not None
     state = server.server.state
     x = _rows(1, 0)
-    payloads = [_request(x, str(i), model="wide").SerializeToString() for i in range(count)]
+    names = [str(i).zfill(width) for i in range(count)]
+    payloads = [_request(x, name, model="wide").SerializeToString() for name in names]
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         answer = pb.ModelStreamInferResponse.FromString
         answers = channel.stream_stream(STREAM, response_deserializer=answer)(
@@ -487,7 +489,7 @@ def _read_before_held_back(server: BackgroundServer, count: int = 2000) -> int:
             read = state.arrivals
             time.sleep(0.5)
         ids = [a.infer_response.id for a in answers]  # read now: the rest comes
-    assert sorted(ids, key=int) == [str(i) for i in range(count)]
+    assert sorted(ids, key=lambda name: (len(name), name)) == names
     return read
 
 
@@ -518,6 +520,20 @@ def test_a_client_that_does_not_read_is_held_back_by_the_bytes_it_holds_too(
     monkeypatch.setattr(streaming, "WINDOW_BYTES", 1 << 20, raising=False)  # 32 answers
     server = start_server(models=(make_classifier(tmp_path / "wide.onnx", classes=8192),))
     assert _read_before_held_back(server) < 600
+
+
+def test_the_byte_window_counts_the_ids_answers_echo(
+    start_server: Callable[..., BackgroundServer],
+    make_classifier: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It counted output tensors only: answers of 4 classes echoing 16 KiB ids never filled it,
+    # so reading went on to the request window (1024), and with ids near --max-message-bytes
+    # one client that did not read held gigabytes (1 MiB ids: 91 MB -> 1.18 GB).
+    monkeypatch.setattr(streaming, "WINDOW_BYTES", 1 << 20, raising=False)  # 64 answers
+    server = start_server(models=(make_classifier(tmp_path / "wide.onnx", classes=4),))
+    assert _read_before_held_back(server, width=16 * 1024) < 1000
 
 
 def test_a_full_queue_refuses_stream_requests_one_by_one_and_the_stream_goes_on(
