@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("target", metavar="HOST:PORT", help="the server's gRPC address")
     parser.add_argument("--model", required=True, help="the model's name on the server")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
-                        help="PNG/JPEG files; - reads one from stdin")
+                        help="image files (PNG, JPEG, GIF, BMP, WebP); - reads one from stdin")
     parser.add_argument("--top-k", type=int, default=5, help="labels printed per image")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     parser.add_argument("--token-file", type=Path, help="bearer token (servers with auth)")
