@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -120,7 +121,8 @@ def _bind_refusal(host: str, port: int) -> OSError | None:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
                 probe.bind(address)
         except OSError as e:
-            refusal = e
+            if refusal is None or refusal.errno == errno.EAFNOSUPPORT:  # say the telling one
+                refusal = e
         else:
             return None
     return refusal

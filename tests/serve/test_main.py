@@ -488,3 +488,11 @@ def test_a_host_whose_ipv6_address_the_kernel_lacks_still_binds_on_ipv4(
     monkeypatch.setattr(server_module.socket, "getaddrinfo", lambda *a, **k: both()[:1])
     refusal = server_module._bind_refusal("localhost", port)
     assert refusal is not None and refusal.errno == errno.EAFNOSUPPORT
+    # With IPv4 taken too, the message names that, not the family the kernel lacks (tried
+    # last here, it was the error reported).
+    monkeypatch.setattr(server_module.socket, "getaddrinfo", lambda *a, **k: both()[::-1])
+    with real_socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        refusal = server_module._bind_refusal("localhost", port)
+    assert refusal is not None and refusal.errno == errno.EADDRINUSE
