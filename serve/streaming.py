@@ -199,9 +199,7 @@ class Stream:
                 _log.exception("stream request to model %s failed", request.model_name)
                 e = _internal(e)
             state.finish(request.model_name, e.code, started, trace)
-            answer = _error(request, e, state.max_message_bytes)
-            self._unwritten += _output_bytes(answer)
-            self._outbox.put_nowait(answer)
+            self._post(_error(request, e, state.max_message_bytes))
             return
         self._admitted.add(future)
         future.add_done_callback(
@@ -246,6 +244,10 @@ class Stream:
             answer = _error(request, error, self.state.max_message_bytes)
         code = grpc.StatusCode.OK if error is None else error.code
         self.state.finish(request.model_name, code, started, trace)
+        self._post(answer)
+        self._maybe_end()
+
+    def _post(self, answer: pb.ModelStreamInferResponse) -> None:
+        """Queue ``answer`` for the writer, counted in the byte window until it is written."""
         self._unwritten += _output_bytes(answer)
         self._outbox.put_nowait(answer)
-        self._maybe_end()
