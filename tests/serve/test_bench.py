@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -656,32 +657,44 @@ def test_tls_and_token_flags_with_spawn_are_usage_errors(
     assert "spawning" not in err
 
 
-def test_an_open_loop_the_server_falls_behind_counts_every_due_call(
-    classifier_path: Path,
-) -> None:
-    load = Load(rate=50, seconds=1, warmup=0.2, timeout=60)
-    with SpawnedServer(classifier_path, ["--device=cpu"]) as server:
+def load_on_spawned(model: Path, load: Load, on_window: Callable[[int, bool], None]) -> Outcome:
+    """``load`` against a server spawned on ``model``; ``on_window(pid, opening)`` runs on the
+    event loop as the measured window opens and closes (to stop, resume or kill the server).
+    A stopped server is resumed at the end."""
+    with SpawnedServer(model, ["--device=cpu"]) as server:
         assert server.proc is not None
         pid = server.proc.pid
 
         async def measure() -> Outcome:
             channels = [channel(server.target)]
             try:
-                name, shape, _ = await model_input(channels[0], classifier_path.stem, 10)
-                requests = infer_requests(classifier_path.stem, name, shape, 1, 1)
+                name, shape, _ = await model_input(channels[0], model.stem, 10)
+                requests = infer_requests(model.stem, name, shape, 1, 1)
 
-                async def freeze_in_window(opening: bool) -> None:
-                    # The server answers nothing while the window is open: a backlog of
-                    # every call due in it, answered once the window has closed.
-                    os.kill(pid, signal.SIGSTOP if opening else signal.SIGCONT)
+                async def act(opening: bool) -> None:
+                    on_window(pid, opening)
 
-                return await run_load(channels, requests, load, freeze_in_window)
+                return await run_load(channels, requests, load, act)
             finally:
-                os.kill(pid, signal.SIGCONT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
                 for chan in channels:
                     await chan.close()
 
-        outcome = asyncio.run(measure())
+        return asyncio.run(measure())
+
+
+def test_an_open_loop_the_server_falls_behind_counts_every_due_call(
+    classifier_path: Path,
+) -> None:
+    load = Load(rate=50, seconds=1, warmup=0.2, timeout=60)
+
+    def freeze_in_window(pid: int, opening: bool) -> None:
+        # The server answers nothing while the window is open: a backlog of every call due
+        # in it, answered once the window has closed.
+        os.kill(pid, signal.SIGSTOP if opening else signal.SIGCONT)
+
+    outcome = load_on_spawned(classifier_path, load, freeze_in_window)
     assert outcome.errors == {}
     # At most a warm-up call answered just as the window opened is counted in it.
     assert outcome.requests <= 1 and outcome.sent > 0

@@ -15,9 +15,10 @@ import pytest
 
 from serve import bench, benchreport
 from serve.background import BackgroundServer
-from serve.benchenv import InProcess, SpawnedServer
-from serve.loadgen import Load, Outcome, channel, infer_requests, model_input, run_load
+from serve.benchenv import InProcess
+from serve.loadgen import Load
 from tests.serve.conftest import free_port
+from tests.serve.test_bench import load_on_spawned
 
 BRIEF = ["-c", "2", "--seconds", "0.4", "--warmup", "0.2"]
 
@@ -58,26 +59,12 @@ def test_an_open_loop_stream_whose_server_dies_fails_each_waiting_call_with_its_
     classifier_path: Path,
 ) -> None:
     load = Load(rate=100, seconds=1, warmup=0.2, timeout=20, stream=True)
-    with SpawnedServer(classifier_path, ["--device=cpu"]) as server:
-        assert server.proc is not None
-        pid = server.proc.pid
 
-        async def measure() -> Outcome:
-            channels = [channel(server.target)]
-            try:
-                name, shape, _ = await model_input(channels[0], classifier_path.stem, 10)
-                requests = infer_requests(classifier_path.stem, name, shape, 1, 1)
+    def kill_in_window(pid: int, opening: bool) -> None:
+        if opening:
+            asyncio.get_running_loop().call_later(0.3, os.kill, pid, signal.SIGKILL)
 
-                async def kill_in_window(opening: bool) -> None:
-                    if opening:
-                        asyncio.get_running_loop().call_later(0.3, os.kill, pid, signal.SIGKILL)
-
-                return await run_load(channels, requests, load, kill_in_window)
-            finally:
-                for chan in channels:
-                    await chan.close()
-
-        outcome = asyncio.run(measure())
+    outcome = load_on_spawned(classifier_path, load, kill_in_window)
     # Calls written to the ended stream once raised out of the load generator uncounted (a
     # traceback each), and those waiting on it waited out --timeout as DEADLINE_EXCEEDED.
     assert set(outcome.errors) == {"UNAVAILABLE"}, outcome.errors
