@@ -19,6 +19,12 @@ _STANDARD = frozenset(
 ) | {"message", "asctime", "taskName"}
 
 
+# Characters json.dumps leaves raw (with ensure_ascii off) that line readers split at: Python's
+# str.splitlines cuts a JSON line at NEL (U+0085) and the Unicode separators, older JavaScript
+# parsers refuse the separators. Written as JSON escapes, the line parses to the same value.
+_JSON_ESCAPED = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ts, level, logger, msg, any extras, and exc on errors."""
 
@@ -38,16 +44,19 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return json.dumps(entry, default=str, ensure_ascii=False).translate(_JSON_ESCAPED)
 
 
 # Control characters in a text line's message, escaped: a newline in a value a client sent
 # (a model name, logged at debug level) started a line of its own, which a reader or a log
-# collector took for another event (a forged "ERROR" line). A traceback keeps its lines.
-_ESCAPED = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != ord("\t")} | {
-    ord("\n"): "\\n",
-    ord("\r"): "\\r",
-}
+# collector took for another event (a forged "ERROR" line). C1 controls (NEL, U+0085, among
+# them) and the Unicode line and paragraph separators end lines in some readers too. A
+# traceback keeps its lines.
+_ESCAPED = {
+    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+    if c != ord("\t")
+} | {ord("\n"): "\\n", ord("\r"): "\\r"}
 
 
 class _TextFormatter(logging.Formatter):

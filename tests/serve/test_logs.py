@@ -66,6 +66,27 @@ def test_text_format_and_reconfigure(restore_root: None) -> None:
     assert "Z " in line
 
 
+# Every character Python's str.splitlines ends a line at, besides \n itself.
+LINE_BREAKERS = "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_value_with_line_breakers_stays_one_line(restore_root: None, fmt: str) -> None:
+    # A client's model name with NEL or U+2028 in it is one record, in either format, for a
+    # reader that splits lines the way Python does; JSON still parses to the name sent.
+    out = io.StringIO()
+    configure("info", fmt, stream=out)
+    name = f"tiny{LINE_BREAKERS}\x9bERROR forged"
+    logging.getLogger("serve.x").info("model=%s", name)
+    assert len(out.getvalue().splitlines()) == 1, out.getvalue()
+    if fmt == "json":
+        assert json.loads(out.getvalue())["msg"] == f"model={name}"
+    else:
+        assert out.getvalue().rstrip("\n").endswith(
+            "model=tiny\\r\\x0b\\x0c\\x1c\\x1d\\x1e\\x85\\u2028\\u2029\\x9bERROR forged"
+        )
+
+
 def test_debug_level_shows_our_debug_lines_not_other_libraries(restore_root: None) -> None:
     out = io.StringIO()
     configure("debug", "text", stream=out)
