@@ -190,7 +190,7 @@ def test_every_manifest_loads_and_kustomization_lists_them() -> None:
     docs = _documents()
     assert {k for k, _ in docs} >= {
         "Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim",
-        "ServingRuntime", "InferenceService", "Kustomization",
+        "ServingRuntime", "InferenceService", "Kustomization", "PodDisruptionBudget",
     }
     for (kind, _), doc in docs.items():
         assert doc.get("apiVersion"), kind
@@ -280,6 +280,20 @@ def test_service_and_hpa_point_at_the_deployment() -> None:
     assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     requests = container["resources"]["requests"]
     assert "cpu" in requests, "CPU utilisation targets need a CPU request"
+
+
+def test_disruption_budget_covers_the_pods_and_lets_one_replica_go() -> None:
+    """Node drains evict one pod at a time; with the HPA's minimum of one replica the budget
+    must still allow that pod's eviction (a `minAvailable` equal to the minimum never does)."""
+    deployment = _one("Deployment")
+    budget = _one("PodDisruptionBudget")["spec"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert budget["selector"]["matchLabels"].items() <= labels.items()
+    minimum = _one("HorizontalPodAutoscaler")["spec"]["minReplicas"]
+    if "minAvailable" in budget:
+        assert int(budget["minAvailable"]) < minimum, "drains of a minimal Deployment block"
+    else:
+        assert int(budget["maxUnavailable"]) >= 1
 
 
 def test_kserve_pair_runs_this_image_with_the_v2_protocol() -> None:
