@@ -92,7 +92,11 @@ async def _run_settings(
         except ValueError as e:
             raise UsageError(str(e)) from e
         rows = []
-        unread: list[str] = []  # why the metrics could not be read, said once per server
+        scrape = (
+            None
+            if metrics_url is None
+            else _Scraper(metrics_url, config.model, label, given=server is None)
+        )
         for load in config.loads:
             requests = infer_requests(config.model, input_name, shape, load.images, config.distinct)
             name = f"{label} {load.label}"
@@ -126,10 +130,8 @@ async def _run_settings(
             cpu: list[tuple[float, float | None]] = []
 
             async def on_window(opening: bool, scraped: list = scraped, cpu: list = cpu) -> None:
-                if metrics_url is not None:
-                    scraped.append(
-                        await _scrape(metrics_url, config.model, label, unread, server is None)
-                    )
+                if scrape is not None:
+                    scraped.append(await scrape())
                 cpu.append((time.process_time(), server.cpu_seconds() if server else None))
 
             progress = print_progress(name) if sys.stderr.isatty() else None
@@ -155,28 +157,35 @@ async def _run_settings(
             await chan.close()
 
 
-async def _scrape(
-    url: str, model: str, label: str, unread: list[str], given: bool
-) -> dict[str, float] | None:
-    """The server's metrics, or None; the first time they cannot be read, a line on stderr says
-    why: the batch and busy columns were once left empty without a word (a --metrics-url
-    with a trailing slash, which the metrics port answers with 404). ``given``: the URL is
-    --metrics-url's (or its default), not a spawned server's own."""
-    try:
-        return await asyncio.to_thread(read_metrics, url, model)
-    except MetricsError as e:
-        if not unread:
-            fix = (
-                "pass --metrics-url http://HOST:PORT/metrics with the server's --metrics-port"
-                if given
-                else "the server may have exited"
-            )
-            sys.stderr.write(
-                f"warning: [{label}] no batch and busy figures: expected the server's "
-                f"Prometheus metrics at {url}, got {e}; {fix}\n"
-            )
-        unread.append(str(e))
-        return None
+class _Scraper:
+    """Reads one server's metrics for the batch and busy columns; the first time they cannot
+    be read, a line on stderr says why: the columns were once left empty without a word (a
+    --metrics-url with a trailing slash, which the metrics port answers with 404)."""
+
+    def __init__(self, url: str, model: str, label: str, given: bool) -> None:
+        self.url, self.model, self.label = url, model, label
+        self.given = given  # the URL is --metrics-url's (or its default), not a spawned server's
+        self.answered = False  # read at least once: a later failure is the server's, not the URL's
+        self.said = False
+
+    async def __call__(self) -> dict[str, float] | None:
+        try:
+            found = await asyncio.to_thread(read_metrics, self.url, self.model)
+        except MetricsError as e:
+            if not self.said:
+                fix = (
+                    "pass --metrics-url http://HOST:PORT/metrics with the server's --metrics-port"
+                    if self.given and not self.answered
+                    else "the server may have exited"
+                )
+                sys.stderr.write(
+                    f"warning: [{self.label}] no batch and busy figures: expected the server's "
+                    f"Prometheus metrics at {self.url}, got {e}; {fix}\n"
+                )
+                self.said = True
+            return None
+        self.answered = True
+        return found
 
 
 async def _served_input(

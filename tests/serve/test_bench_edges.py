@@ -55,6 +55,24 @@ def test_a_metrics_url_the_bench_cannot_read_is_said_once_with_the_fix(
     assert said in err and "pass --metrics-url http://HOST:PORT/metrics" in err, err
 
 
+def test_metrics_that_stop_answering_mid_run_blame_the_server_not_the_url(
+    start_server: Callable[..., BackgroundServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A --metrics-url read once already is right: when it stops answering (the server died
+    # mid-run), the warning once told the user to fix the URL they had given correctly.
+    server = start_server(metrics_port=free_port())
+    assert server.server is not None
+    url = f"http://127.0.0.1:{server.server.metrics.http_port}/metrics"
+    scrape = bench._Scraper(url, "tiny", "server", given=True)
+    assert asyncio.run(scrape()) is not None
+    server.stop(grace=0)
+    assert asyncio.run(scrape()) is None
+    assert asyncio.run(scrape()) is None
+    err = capsys.readouterr().err
+    assert err.count("no batch and busy figures") == 1, err
+    assert "the server may have exited" in err and "pass --metrics-url" not in err, err
+
+
 def test_an_open_loop_stream_whose_server_dies_fails_each_waiting_call_with_its_status(
     classifier_path: Path,
 ) -> None:
