@@ -19,6 +19,11 @@ from export.errors import UsageError, first_line
 
 STATE_DICT_ENTRIES = ("state_dict", "model_state_dict", "model", "net", "state_dict_ema")
 STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "model.")
+# Weight norm's (g, v) pair, as torch.nn.utils.parametrizations.weight_norm and the older
+# torch.nn.utils.weight_norm save it in place of a layer's `weight`.
+_WEIGHT_NORM = re.compile(r"^(.*?)(parametrizations\.weight\.original0|weight_g)$")
+_WEIGHT_NORM_V = {"parametrizations.weight.original0": "parametrizations.weight.original1",
+                  "weight_g": "weight_v"}  # fmt: skip
 # An ONNX ModelProto starts with its ir_version (field 1, varint: tag 0x08, a small value),
 # then the tag of the next field it sets (2..8, 14, 20 or 25; fields go out in number order).
 _ONNX_NEXT_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2, 0xCA})
@@ -106,21 +111,73 @@ def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
 
 
 def key_variants(state_dict: Mapping[str, Tensor]) -> Iterator[dict[str, Tensor]]:
-    """The state_dict as saved, then with each wrapper prefix that every key shares removed.
+    """The state_dict as saved, then with each wrapper prefix that every key shares removed;
+    each followed by its weight-norm-folded form when it has weight-norm keys.
 
     A prefix is only a candidate: the `mlp` zoo model's own keys start with `model.`, so the
-    caller keeps the variant whose keys fit the architecture.
+    caller keeps the variant whose keys fit the architecture. So is folding: a factory that
+    applies weight norm itself wants the (g, v) keys as saved.
     """
     current = dict(state_dict)
-    yield current
-    while current:
+    while True:
+        yield current
+        folded = fold_weight_norm(current)
+        if folded is not current:
+            yield folded
+        if not current:
+            return
         prefix = next(
             (p for p in STRIPPABLE_PREFIXES if all(k.startswith(p) for k in current)), None
         )
         if prefix is None:
             return
         current = {k[len(prefix) :]: v for k, v in current.items()}
-        yield current
+
+
+def fold_weight_norm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state_dict` with every weight-norm pair (g, v) replaced by the `weight` it stands for,
+    g·v/‖v‖ as the layer computes it, so a network trained with weight norm fits its plain
+    architecture; `state_dict` itself when there is none. The weight takes g's place in the
+    key order, which the class count of a factory's network is read from (its last weight)."""
+    weights: dict[str, tuple[str, Tensor]] = {}  # g's key → (the weight's key, the weight)
+    for key, g in state_dict.items():
+        found = _WEIGHT_NORM.match(key)
+        if found is None:
+            continue
+        stem, g_name = found.groups()
+        v = state_dict.get(stem + _WEIGHT_NORM_V[g_name])
+        dim = None if v is None else _weight_norm_dim(g, v)
+        if dim is None or stem + "weight" in state_dict:
+            continue
+        weights[key] = (stem + "weight", torch._weight_norm(v.float(), g.float(), dim))
+    if not weights:
+        return state_dict
+    v_keys = {
+        _WEIGHT_NORM.sub(lambda m: m.group(1) + _WEIGHT_NORM_V[m.group(2)], key) for key in weights
+    }
+    folded: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key in weights:
+            name, weight = weights[key]
+            folded[name] = weight
+        elif key not in v_keys:
+            folded[key] = value
+    return folded
+
+
+def _weight_norm_dim(g: Tensor, v: Tensor) -> int | None:
+    """The dim weight norm kept (-1: the norm of the whole tensor), read from g's shape, which
+    is v's with every other dim 1; None when the pair does not fit together."""
+    if not (g.is_floating_point() and v.is_floating_point()):
+        return None
+    if g.dim() == 0:
+        return -1
+    if g.dim() != v.dim() or any(a not in (1, b) for a, b in zip(g.shape, v.shape, strict=True)):
+        return None
+    kept = [i for i, a in enumerate(g.shape) if a != 1]
+    if not kept:  # v's kept dim has size 1 too: any dim of size 1 gives the same norms
+        kept = [i for i, b in enumerate(v.shape) if b == 1][:1]
+    return kept[0] if len(kept) == 1 else None
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> object:
@@ -193,7 +250,8 @@ def float32_network(module: nn.Module) -> nn.Module:
     """The network inside any DataParallel, DistributedDataParallel or torch.compile wrappers,
     in float32: half, bfloat16 or double modules export as float32 (the ONNX input and output
     are). The wrappers only run the network (and neither ONNX exporter takes them); their
-    state_dict keys are the network's with a `module.` or `_orig_mod.` prefix."""
+    state_dict keys are the network's with a `module.` or `_orig_mod.` prefix. SyncBatchNorm
+    layers become plain BatchNorm ones (same keys): in eval mode they compute the same."""
     while True:
         if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             module = module.module
@@ -202,7 +260,32 @@ def float32_network(module: nn.Module) -> nn.Module:
         ):
             module = module._orig_mod
         else:
+            if not isinstance(module, torch.jit.ScriptModule):
+                module = _without_sync_batchnorm(module)
             return module.float()
+
+
+class _EvalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm for inputs of any rank, as SyncBatchNorm takes them."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+def _without_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """`module` with each SyncBatchNorm replaced: its forward tests `input.size(1) == 0`, which
+    the ONNX tracer reports as data-dependent Python in the user's model."""
+    if isinstance(module, nn.SyncBatchNorm):
+        plain = _EvalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats, device="meta")  # fmt: skip
+        plain.load_state_dict(module.state_dict(), assign=True)
+        return plain.train(module.training)
+    for name, child in module.named_children():
+        replaced = _without_sync_batchnorm(child)
+        if replaced is not child:
+            setattr(module, name, replaced)
+    return module
 
 
 def _not_a_checkpoint(path: Path) -> UsageError:

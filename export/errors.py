@@ -7,6 +7,7 @@ import re
 # Colour and cursor codes (CSI sequences) that some libraries put in their messages (torch.export
 # highlights "This is step 1/3"); in a message for the user, or a log file, they are noise.
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_TORCHSCRIPT_FAILURE = "The following operation failed in the TorchScript interpreter"
 
 
 class ExportError(Exception):
@@ -31,6 +32,11 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     """The first line of ``error``'s message, at most ``limit`` characters (its type if empty):
     libraries' errors run to pages, and a message for the user is one line."""
     lines = strip_ansi(str(error)).strip().splitlines()
+    if lines and lines[0].startswith(_TORCHSCRIPT_FAILURE):
+        # TorchScript's interpreter puts the two tracebacks first and the error itself last
+        # ("RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x256 and 400x120)");
+        # callers name the type themselves.
+        return lines[-1].removeprefix(f"{type(error).__name__}: ")[:limit]
     return lines[0][:limit] if lines else type(error).__name__
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from export.checkpoint import Checkpoint, float32_network, key_variants
+from export.checkpoint import Checkpoint, float32_network, fold_weight_norm, key_variants
 from export.errors import UsageError, first_line
 from export.zoo import ArchSpec, architectures
 
@@ -79,11 +79,15 @@ def resolve(checkpoint: Checkpoint, arch: str | None, *, trust_pickle: bool = Fa
             )
         return _build_factory(name, checkpoint, source)
     zoo = architectures()
-    if name is not None and name not in zoo:
+    if arch is not None and arch not in zoo:
         raise UsageError(
             f"expected an architecture from the zoo ({', '.join(zoo)}) or module.path:factory, "
             f"got {name!r} from {source}; pass --arch with one of these"
         )
+    if name is not None and name not in zoo:
+        # A training script's own name for its network ("resnet50", type(model).__name__):
+        # it names no zoo entry, so the weights decide, as when there is no entry at all.
+        name = None
     specs = [zoo[name]] if name is not None else list(zoo.values())
     fits: list[Fit] = []
     for variant in key_variants(checkpoint.state_dict):
@@ -110,10 +114,45 @@ def resolve(checkpoint: Checkpoint, arch: str | None, *, trust_pickle: bool = Fa
             f"expected weights of {name!r}, got keys that do not fit it:\n  {described}\n"
             "pass the right --arch, or module.path:factory for your own network"
         )
-    raise UsageError(
-        f"expected weights of a zoo architecture, got keys that fit none; closest:\n  {described}\n"
-        "pass --arch NAME, or --arch module.path:factory to build your own network"
+    entry = (
+        f" (the checkpoint's 'arch' entry {checkpoint.arch!r} names none)"
+        if checkpoint.arch is not None
+        else ""
     )
+    nested = _nested_fit(checkpoint.state_dict, specs)
+    if nested is not None:
+        raise UsageError(nested)
+    raise UsageError(
+        f"expected weights of a zoo architecture{entry}, got keys that fit none; closest:\n  "
+        f"{described}\npass --arch NAME, or --arch module.path:factory to build your own network"
+    )
+
+
+def _nested_fit(state_dict: Mapping[str, Tensor], specs: list[ArchSpec]) -> str | None:
+    """The message for weights that hold a zoo network under one name beside other keys, as a
+    LightningModule's state_dict holds `model.*` beside a loss's `criterion.weight`; None when
+    the largest such group fits no architecture."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, value in state_dict.items():
+        head, dot, rest = key.partition(".")
+        if dot:
+            groups.setdefault(head, {})[rest] = value
+    if len(groups) < 2:
+        return None
+    head, inner = max(groups.items(), key=lambda item: len(item[1]))
+    for variant in key_variants(inner):
+        for spec in specs:
+            if _fit(spec, variant)[0].exact:
+                others = sorted(k for k in state_dict if not k.startswith(head + "."))
+                more = f" (+{len(others) - 3} more)" if len(others) > 3 else ""
+                return (
+                    f"expected the weights of one network, got those of {spec.name} under "
+                    f"'{head}.' beside {len(others)} other key(s) ({', '.join(others[:3])}{more}); "
+                    "if those are training-only (a loss's class weights, metrics, a teacher), save "
+                    f"the network alone, e.g. torch.save(pl_module.{head}.state_dict(), path), and "
+                    "export that file"
+                )
+    return None
 
 
 def _fit(spec: ArchSpec, state_dict: Mapping[str, Tensor]) -> tuple[Fit, dict[str, Tensor]]:
@@ -305,8 +344,10 @@ def _parameters(factory: Callable[..., object]) -> set[str]:
 
 
 def _guess_sizes(state_dict: Mapping[str, Tensor]) -> dict[str, int | None]:
-    """num_classes from the last 2-D+ weight, in_channels from the first 4-D weight."""
-    weights = [v for k, v in state_dict.items() if k.endswith("weight") and v.dim() >= 2]
+    """num_classes from the last 2-D+ weight, in_channels from the first 4-D weight (a layer
+    under weight norm keeps its weight as a (g, v) pair, read as the weight it stands for)."""
+    folded = fold_weight_norm(dict(state_dict))
+    weights = [v for k, v in folded.items() if k.endswith("weight") and v.dim() >= 2]
     convs = [v for v in weights if v.dim() == 4]
     return {
         "num_classes": int(weights[-1].shape[0]) if weights else None,
