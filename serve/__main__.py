@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
-import gc
-import logging
-import os
 import signal
-import sys
-from pathlib import Path
-from typing import NoReturn
 
-from serve import affinity, logs
-from serve.cli_help import DefaultsFormatter
-from serve.config import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_MESSAGE_BYTES, DEVICES, ServerConfig
+# The signals that stop the server. SIGHUP (the terminal closed, an ssh session dropped) killed
+# it at once, ending the calls in flight; it drains now, unless the server was started ignoring
+# it (`nohup`), as such a server must keep doing.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT) + (
+    () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+)
+if __name__ == "__main__":
+    # Held pending by the kernel until serve() has the event loop's handlers in place, before
+    # the imports below (some 50 ms): Ctrl-C meanwhile printed a KeyboardInterrupt traceback,
+    # and a SIGTERM to Python as a container's PID 1, which the kernel drops while its action
+    # is the default, was lost, leaving the pod to its SIGKILL a grace period later.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import gc  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import NoReturn  # noqa: E402
+
+from serve import affinity, logs  # noqa: E402
+from serve.cli_help import DefaultsFormatter  # noqa: E402
+from serve.config import (  # noqa: E402
+    DEFAULT_KEEPALIVE_S,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEVICES,
+    ServerConfig,
+)
 
 _log = logging.getLogger("serve")
 
@@ -143,13 +162,18 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain within ``config.grace``."""
+    """Run until SIGTERM, SIGINT or SIGHUP (unless ignored at start), then drain within
+    ``config.grace``."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    received: asyncio.Future[int] = loop.create_future()
 
     def on_signal(signum: int) -> None:
-        if not stop.is_set():
-            stop.set()
+        if not received.done():
+            received.set_result(signum)
+            return
+        if signum == signal.SIGHUP:
+            # A hangup comes twice (the kernel to the terminal's foreground group, the shell
+            # to its jobs): no operator's impatience, so the drain goes on.
             return
         # A second Ctrl-C (or SIGTERM) while draining or loading: the operator will not wait
         # out --grace or a warm-up; exit as a shell reports a process killed by the signal.
@@ -158,8 +182,10 @@ async def serve(config: ServerConfig) -> None:
         )
         os._exit(128 + signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in _STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
+    # Any of them sent since start-up (held pending by main) is delivered now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     # After logging is configured and the handlers are in place: this imports ORT and gRPC,
     # which takes a while, and a signal meanwhile must not kill the process.
     from serve import images
@@ -168,14 +194,16 @@ async def serve(config: ServerConfig) -> None:
     images.use_own_pixel_limit()  # process-wide: here, not in Server, which apps may embed
     _warn_if_oversubscribed(config.intra_op_threads)
     server = Server(config)
-    signalled = asyncio.create_task(stop.wait())
     try:
         # A signal while models load (a pod deleted during a long GPU warm-up) stops at once
         # instead of after the warm-up.
         starting = asyncio.create_task(server.start())
-        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({starting, received}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
-            _log.info("signal received while loading models; stopping (again: exit at once)")
+            _log.info(
+                "%s: signal received while loading models; stopping (%s: exit at once)",
+                *_named(received.result()),
+            )
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
@@ -187,12 +215,18 @@ async def serve(config: ServerConfig) -> None:
         gc.collect()
         gc.freeze()
         waiter = asyncio.create_task(server.wait())
-        await asyncio.wait({waiter, signalled}, return_when=asyncio.FIRST_COMPLETED)
-        if stop.is_set():
-            _log.info("signal received; shutting down (again: exit at once)")
+        await asyncio.wait({waiter, received}, return_when=asyncio.FIRST_COMPLETED)
+        if received.done():
+            _log.info("%s received; shutting down (%s: exit at once)", *_named(received.result()))
     finally:
-        signalled.cancel()
+        received.cancel()
         await server.stop()
+
+
+def _named(signum: int) -> tuple[str, str]:
+    """The signal's name, and what to send to stop without draining."""
+    name = signal.Signals(signum).name
+    return name, "SIGTERM or SIGINT" if signum == signal.SIGHUP else "again"
 
 
 def _warn_if_oversubscribed(threads: int) -> None:

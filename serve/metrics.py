@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import logging
+import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -14,13 +19,15 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 
 from serve.errors import OUTCOMES, UNKNOWN_MODEL
 from serve.statistics import Tally
+
+_log = logging.getLogger(__name__)
 
 # Latencies from a tenth of a millisecond to tens of seconds (a stuck queue): an idle queue's
 # wait and a small model's batch take well under half a millisecond, and with 0.5 ms as the
@@ -43,6 +50,42 @@ _NOT_FOUND = f"404 Not Found: this port serves Prometheus metrics at {_PATH} onl
 _ALLOW = "OPTIONS, GET, HEAD"
 
 _WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+# A bind that fails with these concerns that one address (an IPv6 one where the kernel has IPv6
+# off): the others still serve, as gRPC does. A taken port is no such case.
+_ADDRESS_ABSENT = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL})
+# A connection that sends no request within this many seconds is closed. Without it each idle
+# or stalled one (a scraper gone without closing, a slow client) held a thread for ever: 200
+# idle connections, 200 threads. Prometheus's scrape timeout defaults to 10 s.
+_IDLE_S = 30.0
+
+
+class _Handler(WSGIRequestHandler):
+    def setup(self) -> None:
+        self.timeout = _IDLE_S  # set on the connection's socket by setup
+        super().setup()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # no access log: a scrape every few seconds
+
+
+class _HTTPServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, for the one address family it listens on."""
+
+    daemon_threads = True
+
+    def __init__(self, family: socket.AddressFamily, address: tuple[Any, ...]) -> None:
+        self.address_family = family
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver printed a traceback on stderr when a client reset its connection or
+        # timed out mid-request: lines of their own, outside --log-format json.
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            _log.debug("metrics connection from %s ended: %s", client_address, error)
+        else:
+            _log.error("metrics request from %s failed, a bug", client_address, exc_info=True)
 
 
 def _allowing_head(
@@ -154,8 +197,8 @@ class Metrics:
             ("model",),
             registry=self.registry,
         )
-        self._http: WSGIServer | None = None
-        self._http_thread: threading.Thread | None = None
+        # One HTTP server per address the host resolves to, each with its thread.
+        self._http: list[tuple[WSGIServer, threading.Thread]] = []
         # Labelled children by label values: ``labels()`` builds and locks on every call,
         # and the hot path calls these several times per request.
         self._children: dict[tuple[int | str, ...], Any] = {}
@@ -232,24 +275,46 @@ class Metrics:
         self._request_seconds.labels(model)
 
     def serve_http(self, host: str, port: int) -> None:
-        """Serve ``/metrics`` over HTTP on ``host:port`` in a daemon thread; port 0 disables it."""
+        """Serve ``/metrics`` over HTTP on ``host:port`` in daemon threads, on every address
+        ``host`` resolves to (``localhost``: 127.0.0.1 and ::1, as gRPC binds); port 0
+        disables it."""
         if port == 0:
             return
-        if self._http is not None:
+        if self._http:
             raise RuntimeError("expected serve_http to be called once, got a second call")
+        app = _metrics_only(make_wsgi_app(self.registry))
+        refusal: OSError | None = None
         try:
-            self._http, self._http_thread = start_http_server(port, host, registry=self.registry)
+            # prometheus_client's start_http_server bound the first address alone: with
+            # `--host localhost` gRPC answered on ::1 and the metrics port did not.
+            for family, address in _addresses(host, port):
+                try:
+                    server = _HTTPServer(family, address)
+                except OSError as e:
+                    if e.errno not in _ADDRESS_ABSENT:
+                        raise
+                    refusal = refusal or e
+                    continue
+                server.set_app(app)
+                thread = threading.Thread(
+                    target=server.serve_forever, name="metrics-http", daemon=True
+                )
+                thread.start()
+                self._http.append((server, thread))
+            if not self._http:
+                raise refusal or OSError(errno.EADDRNOTAVAIL, "no address to bind")
         except OSError as e:
+            self.close()
             raise OSError(
-                f"expected a free metrics port, got {host}:{port} unavailable ({e.strerror}); "
-                "pass another --metrics-port, or 0 to disable metrics"
+                f"expected a free metrics port, got {host}:{port} unavailable "
+                f"({e.strerror or e}); pass another --metrics-port or --host, or 0 to disable "
+                "metrics"
             ) from e
-        self._http.set_app(_metrics_only(self._http.get_app()))
 
     @property
     def http_port(self) -> int | None:
         """The port ``/metrics`` is served on, or None when not serving."""
-        return None if self._http is None else self._http.server_port
+        return self._http[0][0].server_port if self._http else None
 
     def render(self) -> bytes:
         """The current metrics in the Prometheus text format."""
@@ -257,11 +322,15 @@ class Metrics:
 
     def close(self) -> None:
         """Stop the HTTP endpoint, if started; safe to call more than once."""
-        if self._http is None:
-            return
-        self._http.shutdown()
-        self._http.server_close()
-        if self._http_thread is not None:
-            self._http_thread.join(timeout=5)
-        self._http = None
-        self._http_thread = None
+        while self._http:
+            server, thread = self._http.pop()
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+
+
+def _addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple[Any, ...]]]:
+    """The distinct (family, address) pairs ``host`` resolves to for listening on ``port``, in
+    the resolver's order."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return list(dict.fromkeys((family, address) for family, *_, address in found))
