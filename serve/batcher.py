@@ -165,6 +165,7 @@ class Batcher:
         # whatever is queued at once.
         self._collecting = threading.Lock()
         self._held: Pending | None = None
+        self._withdrawn = False  # a queued piece may have been cancelled since the last purge
         self._busy: set[int] = set()  # idents of the instance threads inside a batch
         self._open = False
         fixed = runtime.info.fixed_batch
@@ -225,15 +226,19 @@ class Batcher:
         step = self.runtime.max_batch
         count = -(-len(rows) // step)
         self.check_rows(len(rows))
-        waiting = self._queue.qsize()
+        waiting = self._queue.qsize() + (self._held is not None)  # self.depth, inlined
         if count > self._max_queue - waiting:
-            # A split request takes a place per piece: "3 of 4 waiting" alone reads as room.
-            pieces = f" for the {count} pieces of {self._piece} rows" if count > 1 else ""
-            raise ServeError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"expected room in the queue of model {self.name}{pieces}, got {waiting} of "
-                f"{self._max_queue} requests waiting; retry with backoff or raise --max-queue-size",
-            )
+            if self._withdrawn:  # places may be held by pieces whose clients went away
+                waiting = self._purge()
+            if count > self._max_queue - waiting:
+                # A split request takes a place per piece: "3 of 4 waiting" alone reads as room.
+                pieces = f" for the {count} pieces of {self._piece} rows" if count > 1 else ""
+                raise ServeError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"expected room in the queue of model {self.name}{pieces}, got {waiting} of "
+                    f"{self._max_queue} requests waiting; retry with backoff or raise "
+                    "--max-queue-size",
+                )
         now = loop.time()
         queued = [
             Pending(rows[i : i + step], loop.create_future(), deadline, now)
@@ -251,13 +256,39 @@ class Batcher:
         try:
             logits = await future
         except BaseException:
-            future.cancel()
+            self.withdraw(future, queued)
             raise
         trace = TRACE.get()
         if trace is not None:
             trace.add(queued)
         self.served(queued)
         return logits
+
+    def withdraw(self, future: asyncio.Future[np.ndarray], pieces: list[Pending]) -> None:
+        """Cancel what ``submit`` returned, for a request that ends without its answer (its
+        client went away, or one of its pieces failed): its pieces still queued stop counting
+        against ``--max-queue-size`` at once, not only once an instance is free to drop them."""
+        future.cancel()
+        for piece in pieces:
+            piece.future.cancel()
+        self._withdrawn = self._withdrawn or any(p.future.cancelled() for p in pieces)
+
+    def _purge(self) -> int:
+        """Take the withdrawn pieces out of the queue (in the loop, when it looks full);
+        returns the depth left. An instance collecting meanwhile gets the rest in order."""
+        self._withdrawn = False
+        kept: list[Pending | None] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP or not item.future.done():
+                kept.append(item)
+        for item in kept:
+            self._queue.put(item)
+        held = self._held
+        return self._queue.qsize() + (held is not None and not held.future.done())
 
     def served(self, pieces: list[Pending]) -> None:
         """Count one request answered from ``pieces`` in the ModelStatistics totals."""
@@ -359,6 +390,8 @@ class Batcher:
             if failure is not None:
                 result = (group, None, self._failed(group[0], failure), 0.0, 0.0)
             results.append(result)
+        if not expired and not results:  # every request was withdrawn: nothing to answer
+            return buffer
         # RuntimeError: the loop is closed, so nobody waits for these answers any more.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._answer, expired, results)

@@ -221,11 +221,14 @@ class Stream:
             trace.add(pieces)
         if future.cancelled():
             # The stream is gone (client cancelled, or its deadline passed): nobody to answer.
+            model.batcher.withdraw(future, pieces)
             code = cancelled_status(self.context)
             self.state.finish(request.model_name, code, started, trace)
             return
         error = future.exception()
-        if error is None:
+        if error is not None:
+            model.batcher.withdraw(future, pieces)  # the pieces of a split request still queued
+        else:
             model.batcher.served(pieces)
             try:
                 answer = _final(
