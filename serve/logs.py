@@ -80,6 +80,27 @@ def _ours_at_debug(record: logging.LogRecord) -> bool:
     return record.levelno > logging.DEBUG or record.name.split(".", 1)[0] == "serve"
 
 
+# grpc.aio logs this at ERROR, with a traceback, when a handler's answer cannot be sent because
+# the call ended first. It means to stay quiet when the client closed the call, but that news
+# can arrive after the failed send: now and then under load, a client cancelling or a deadline
+# passing as its answer went out made an ERROR and a traceback (tests/serve/test_chaos.py).
+_GRPC_SEND_FAILED = "ExecuteBatchError raised in core by servicer method "
+
+
+def _call_gone_as_warning(record: logging.LogRecord) -> bool:
+    """Turn grpc's failed-send traceback into one WARNING line that says what happened."""
+    message = str(record.msg)
+    if record.name == "grpc._cython.cygrpc" and message.startswith(_GRPC_SEND_FAILED):
+        record.msg = (
+            "answer of %s not sent: the call ended first (its client cancelled, its deadline "
+            "passed or its connection dropped)"
+        )
+        record.args = (message.removeprefix(_GRPC_SEND_FAILED),)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def _log_warning(
     message: Warning | str,
     category: type[Warning],
@@ -113,6 +134,7 @@ def configure(level: str, fmt: str, *, stream: TextIO | None = None) -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else _text_formatter())
     handler._serve_logs = True  # type: ignore[attr-defined]
     handler.addFilter(_ours_at_debug)
+    handler.addFilter(_call_gone_as_warning)
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Library warnings (Pillow's "Corrupt EXIF data", ...) as log lines in the chosen format,
