@@ -230,7 +230,7 @@ class Server:
             self.config.auth_token_file, on_reject=self._count_unauthenticated
         )
         # OneRequest first, so it also wraps the auth interceptor's refusals (serve/halfclose.py).
-        interceptors: list[aio.ServerInterceptor] = [OneRequest()]
+        interceptors: list[aio.ServerInterceptor] = [OneRequest(self._count_missing)]
         if interceptor is not None:
             interceptors.append(interceptor)
         server = aio.server(
@@ -261,6 +261,11 @@ class Server:
             return
         name = getattr(request, "model_name", None) or getattr(request, "model", None) or ""
         self.state.record(name, grpc.StatusCode.UNAUTHENTICATED, 0.0)
+
+    def _count_missing(self, method: str) -> None:
+        """Count inference calls that came without their message (serve/halfclose.py)."""
+        if method in _INFERENCE_METHODS:
+            self.state.record("", grpc.StatusCode.INVALID_ARGUMENT, 0.0)
 
     def _bind(self, server: aio.Server) -> int:
         address = _address(self.config.host, self.config.port)
