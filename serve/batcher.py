@@ -194,8 +194,9 @@ class Batcher:
     @property
     def depth(self) -> int:
         """Queued requests (slices of split requests count one each), the one held back for
-        the next batch included."""
-        return self._queue.qsize() + (self._held is not None)
+        the next batch included unless its client went away."""
+        held = self._held
+        return self._queue.qsize() + (held is not None and not held.future.done())
 
     def check_rows(self, rows: int) -> None:
         """INVALID_ARGUMENT unless one request of ``rows`` rows could ever be queued (split
@@ -226,7 +227,9 @@ class Batcher:
         step = self.runtime.max_batch
         count = -(-len(rows) // step)
         self.check_rows(len(rows))
-        waiting = self._queue.qsize() + (self._held is not None)  # self.depth, inlined
+        # A withdrawn held request counted until the next collect: after a purge had reset
+        # _withdrawn, it refused a request with a place free.
+        waiting = self.depth
         if count > self._max_queue - waiting:
             if self._withdrawn:  # places may be held by pieces whose clients went away
                 waiting = self._purge()
@@ -287,8 +290,7 @@ class Batcher:
                 kept.append(item)
         for item in kept:
             self._queue.put(item)
-        held = self._held
-        return self._queue.qsize() + (held is not None and not held.future.done())
+        return self.depth
 
     def served(self, pieces: list[Pending]) -> None:
         """Count one request answered from ``pieces`` in the ModelStatistics totals."""

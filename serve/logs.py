@@ -98,6 +98,8 @@ def _call_gone_as_warning(record: logging.LogRecord) -> bool:
         record.args = (message.removeprefix(_GRPC_SEND_FAILED),)
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info, record.exc_text = None, None
+        # Passed as an ERROR: under --log-level error it is no longer one.
+        return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
     return True
 
 

@@ -132,6 +132,49 @@ def test_the_request_held_for_the_next_batch_counts_against_the_queue_bound(
     assert batcher.depth == 0
 
 
+def test_a_cancelled_held_request_frees_its_place_after_a_purge_too(
+    start_server: Callable[..., BackgroundServer], classifier_path: Path
+) -> None:
+    # The held request, once its client went away, still counted in the queue-full check
+    # after a purge had cleared the withdrawn flag: with a and d queued of 3, e was refused.
+    server = start_server(max_batch_size=4, max_queue_size=3)
+    gate, batcher = _gated(server)
+    state = server.server.state
+    x, a, c, d, e = _rows(1, 31), _rows(3, 32), _rows(1, 34), _rows(1, 35), _rows(1, 36)
+
+    async def scenario() -> list[object]:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            infer = channel.unary_unary(INFER)
+            first = asyncio.ensure_future(_unary(channel, x))
+            await asyncio.to_thread(gate.wait_entered)
+            running = asyncio.ensure_future(_unary(channel, a))
+            await _until(lambda: batcher.depth == 1, "a queued")
+            held = infer(infer_payload("tiny", _rows(3, 33)))
+            await _until(lambda: batcher.depth == 2, "a and b queued")
+            gate.permits.release()  # x ends; a runs and b, 3 + 3 rows > 4, is held back
+            await asyncio.to_thread(gate.wait_entered)
+            held.cancel()
+            # in_flight: requests admitted and not answered (a runs; x has been answered)
+            await _until(lambda: state.in_flight == 1, "the server to see b cancelled")
+            queued = asyncio.ensure_future(_unary(channel, c))
+            await _until(lambda: state.in_flight == 2, "c queued")
+            gone = infer(infer_payload("tiny", _rows(1, 37)))
+            await _until(lambda: state.in_flight == 3, "the one to cancel queued")
+            gone.cancel()
+            await _until(lambda: state.in_flight == 2, "the server to see it cancelled")
+            fourth = asyncio.ensure_future(_unary(channel, d))  # full as counted: a purge
+            await _until(lambda: fourth.done() or state.in_flight == 3, "d refused or queued")
+            fifth = asyncio.ensure_future(_unary(channel, e))  # c and d of 3: room
+            await _until(lambda: fifth.done() or state.in_flight == 4, "e refused or queued")
+            gate.permits.release(10)
+            return await asyncio.gather(first, running, queued, fourth, fifth)
+
+    answers = asyncio.run(scenario())
+    for got, rows in zip(answers, (x, a, c, d, e), strict=True):
+        _assert_answered(got, classifier_path, rows)
+    assert batcher.depth == 0
+
+
 @pytest.mark.parametrize("client", ["unary", "stream"])
 def test_a_cancelled_request_frees_its_queue_place_at_once(
     start_server: Callable[..., BackgroundServer], classifier_path: Path, client: str
@@ -473,3 +516,23 @@ def test_an_answer_whose_call_ended_first_logs_one_warning_not_a_traceback() -> 
     (line,) = stream.getvalue().splitlines()
     assert " WARNING " in line and "Traceback" not in line, line
     assert "answer of [/inference.GRPCInferenceService/ModelInfer] not sent" in line, line
+
+
+def test_that_warning_obeys_log_level_error() -> None:
+    # Demoted after the logger's level check had passed it as an ERROR, it still showed under
+    # --log-level error, which asks for errors only.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stream = io.StringIO()
+    configure("error", "text", stream=stream)
+    try:
+        grpc_log = logging.getLogger("grpc._cython.cygrpc")
+        grpc_log.error("ExecuteBatchError raised in core by servicer method [/a.B/C]")
+        grpc_log.error("another error of grpc's")
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    (line,) = stream.getvalue().splitlines()
+    assert " ERROR " in line and "another error of grpc's" in line, line
