@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-size", type=int, default=1024,
                    help="queued requests per model before RESOURCE_EXHAUSTED")
     p.add_argument("--instances", type=int, default=1, help="batches run concurrently per model")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds to drain on SIGTERM/SIGINT")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds to drain on SIGTERM/SIGINT/SIGHUP")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help="largest request or answer message")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000,

@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from socketserver import ThreadingMixIn
+from socketserver import TCPServer, ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -77,6 +77,14 @@ class _HTTPServer(ThreadingMixIn, WSGIServer):
     def __init__(self, family: socket.AddressFamily, address: tuple[Any, ...]) -> None:
         self.address_family = family
         super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer's looks the address up in reverse DNS (socket.getfqdn) for SERVER_NAME,
+        # which nothing here reads: on a host whose resolver does not answer, start-up waited
+        # out its timeouts once per address.
+        TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+        self.setup_environ()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # socketserver printed a traceback on stderr when a client reset its connection or

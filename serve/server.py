@@ -187,7 +187,14 @@ class Server:
             self.metrics.model_ready(name, False)  # and a scrape reads 0, not nothing
         self._server = self._build()
         self.port = self._bind(self._server)
-        await self._server.start()
+        # Not cancelled half-way: a stop signal that cancelled start() inside gRPC's own start
+        # broke its later shutdown (InvalidStateError, logged with a traceback).
+        grpc_start = asyncio.ensure_future(self._server.start())
+        try:
+            await asyncio.shield(grpc_start)
+        except asyncio.CancelledError:
+            await grpc_start
+            raise
         # Before loading, so a taken metrics port stops the server before any warm-up.
         self.metrics.serve_http(self.config.host, self.config.metrics_port)
         _log.info("listening on %s", _address(self.config.host, self.port))

@@ -3,8 +3,10 @@ addresses. Real processes and real signals; the tests of SIGTERM's drain are in 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import pty
 import shutil
@@ -26,7 +28,9 @@ import pytest
 
 from serve import metrics as metrics_module
 from serve.client import Client
+from serve.config import ServerConfig
 from serve.metrics import Metrics
+from serve.server import Server
 from tests.serve.conftest import free_port
 from tests.serve.procs import ServeProcess
 
@@ -304,6 +308,23 @@ def test_a_metrics_port_taken_on_one_address_is_an_error(
         _scrape(f"http://127.0.0.2:{port}/metrics")
 
 
+def test_the_metrics_port_binds_without_reverse_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    # HTTPServer asked reverse DNS for each address's name (socket.getfqdn), which nothing
+    # reads: where the resolver does not answer, start-up waited out its timeouts.
+    def getfqdn(name: str = "") -> str:
+        raise AssertionError(f"reverse DNS lookup of {name!r} at bind")
+
+    monkeypatch.setattr(socket, "getfqdn", getfqdn)
+    port = free_port()
+    metrics = Metrics()
+    metrics.serve_http("127.0.0.1", port)
+    try:
+        assert metrics.http_port == port
+        assert b"serve_requests_total" in _scrape(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        metrics.close()
+
+
 def _threads_back_to(count: int) -> None:
     """Wait until the process runs ``count`` threads again (a connection's thread ended)."""
     deadline = time.monotonic() + 30
@@ -346,3 +367,29 @@ def test_a_reset_metrics_connection_prints_no_traceback(
     finally:
         metrics.close()
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_start_cancelled_anywhere_stops_without_an_error(
+    base_config: ServerConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A signal cancels start() wherever it is; cancelled inside gRPC's own start, the stop
+    # that followed failed in gRPC's shutdown (InvalidStateError, an ERROR and a traceback).
+    async def cancelled_after(turns: int) -> bool:
+        server = Server(base_config)
+        starting = asyncio.create_task(server.start())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        finished = starting.done()
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await server.stop(0)
+        return finished
+
+    caplog.set_level(logging.WARNING)
+    for turns in range(1000):  # until start() finishes before the cancel
+        if asyncio.run(cancelled_after(turns)):
+            break
+    assert 5 < turns < 999
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
