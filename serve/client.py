@@ -33,6 +33,10 @@ from serve.security import first_unsendable
 
 _KSERVE = "/inference.GRPCInferenceService/"
 MAX_TOP_K = 2**32 - 1  # ClassifyRequest.top_k is a uint32
+# gRPC waits up to 120 s between attempts to reconnect to a server that went away (its backoff
+# grows 1.6x from 1 s): a Client shared by a long-running service kept failing UNAVAILABLE up to
+# that long after a restarted server was back. Attempts to a refused port cost next to nothing.
+_MAX_RECONNECT_BACKOFF_MS = 2000
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class Client:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
         ]
         if not self._tls:
             self._channel = grpc.insecure_channel(target, options=options)
@@ -462,8 +467,8 @@ def _client_error(target: str, error: grpc.RpcError, tls: bool = False) -> Clien
         )
     elif code == grpc.StatusCode.UNAVAILABLE and "shutting down" not in details:
         message = (
-            f"cannot reach a ready server at {target} ({details}); check the address, that "
-            f"`python -m serve` is running, {_tls_hint(tls)}"
+            f"cannot reach a ready server at {target} ({details}); retry if it is restarting, "
+            f"else check the address, that `python -m serve` is running, {_tls_hint(tls)}"
         )
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         side = "this client's" if "CLIENT:" in details else "the server's"

@@ -10,6 +10,7 @@ still classified.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import re
@@ -96,7 +97,7 @@ def _inputs(paths: list[Path]) -> list[_Input]:
     inputs = []
     for path in paths:
         if str(path) == "-":
-            stdin = sys.stdin.buffer.read() if stdin is None else stdin
+            stdin = _stdin() if stdin is None else stdin
             inputs.append(_Input(path, len(stdin), stdin))
             continue
         with path.open("rb") as file:
@@ -107,6 +108,18 @@ def _inputs(paths: list[Path]) -> list[_Input]:
                 data = file.read()
                 inputs.append(_Input(path, len(data), data))
     return inputs
+
+
+def _stdin() -> bytes:
+    """The bytes of stdin for "-"; ValueError when there is none to read: closed (``<&-``),
+    where ``sys.stdin`` is None, or a terminal, where the read waited for input unannounced."""
+    if sys.stdin is None or sys.stdin.isatty():
+        got = "no stdin" if sys.stdin is None else "a terminal"
+        raise ValueError(
+            f"expected an image on stdin for IMAGE '-', got {got}; pipe one in "
+            "(... - < cat.png) or pass the file's path"
+        )
+    return sys.stdin.buffer.read()
 
 
 def _calls(inputs: list[_Input]) -> Iterator[list[_Input]]:
@@ -183,6 +196,18 @@ def _send(client: Client, args: argparse.Namespace, pending: list[tuple[_Input, 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A file name that is not UTF-8 (Python holds its bytes as surrogates) ended the run
+        # in a UnicodeEncodeError traceback under a UTF-8 locale: print its bytes as they are.
+        sys.stdout.reconfigure(errors="surrogateescape")
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C: a traceback from inside gRPC said nothing more
+        print("error: interrupted; the images printed above were classified", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         inputs = _inputs(args.images)
         token = read_token(args.token_file, "--token-file") if args.token_file else None
@@ -200,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         message = f"expected a readable file, got {e.filename!r} ({e.strerror}); {fix}"
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except ValueError as e:  # a token, CA or client certificate file that cannot work
+    except ValueError as e:  # no stdin for "-"; a token, CA or certificate that cannot work
         print(f"error: {e}", file=sys.stderr)
         return 2
     complete = True

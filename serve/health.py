@@ -32,6 +32,7 @@ from serve.targets import check_target
 EXIT_SERVING = 0
 EXIT_NOT_SERVING = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C while waiting: a traceback from inside gRPC
+        print(f"error: interrupted before {args.target} answered", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(message, file=sys.stdout if code == EXIT_SERVING else sys.stderr)
     return code
 
