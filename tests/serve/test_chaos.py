@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
-import logging
 import os
 import random
 import signal
@@ -32,7 +30,6 @@ from grpc import aio
 from protos import kserve_pb2 as pb
 from serve.background import BackgroundServer
 from serve.benchenv import free_port
-from serve.logs import configure
 from tests.serve.conftest import reference
 from tests.serve.procs import ServeProcess
 from tests.serve.test_batching_faults import _gather_model
@@ -491,48 +488,3 @@ def test_many_misbehaving_clients_at_once_leave_the_server_sound(
     assert code == 0, log
     assert "Traceback" not in log and " ERROR " not in log, log
     assert "grace period over" not in log, log  # a request of a client gone still counted
-
-
-def test_an_answer_whose_call_ended_first_logs_one_warning_not_a_traceback() -> None:
-    # grpc.aio's own record when a client cancels as its answer goes out (seen in the chaos
-    # test above): an ERROR with a traceback that reads like a server bug.
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    configure("info", "text", stream=stream)
-    try:
-        try:
-            raise grpc._cython.cygrpc.ExecuteBatchError('Failed "execute_batch"')
-        except grpc._cython.cygrpc.ExecuteBatchError:
-            logging.getLogger("grpc._cython.cygrpc").exception(
-                "ExecuteBatchError raised in core by servicer method "
-                "[/inference.GRPCInferenceService/ModelInfer]"
-            )
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
-    (line,) = stream.getvalue().splitlines()
-    assert " WARNING " in line and "Traceback" not in line, line
-    assert "answer of [/inference.GRPCInferenceService/ModelInfer] not sent" in line, line
-
-
-def test_that_warning_obeys_log_level_error() -> None:
-    # Demoted after the logger's level check had passed it as an ERROR, it still showed under
-    # --log-level error, which asks for errors only.
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    configure("error", "text", stream=stream)
-    try:
-        grpc_log = logging.getLogger("grpc._cython.cygrpc")
-        grpc_log.error("ExecuteBatchError raised in core by servicer method [/a.B/C]")
-        grpc_log.error("another error of grpc's")
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
-    (line,) = stream.getvalue().splitlines()
-    assert " ERROR " in line and "another error of grpc's" in line, line

@@ -33,6 +33,7 @@ from serve.metrics import Metrics
 from serve.server import Server
 from tests.serve.conftest import free_port
 from tests.serve.procs import ServeProcess
+from tests.serve.test_main import _ipv6_loopback
 
 ROOT = Path(__file__).parents[2]  # `-c` programs import serve from the working directory
 IN_FLIGHT = 4
@@ -224,15 +225,6 @@ def test_sigterm_to_a_pid_1_server_during_start_up_is_not_lost(
     output = log.read_text()
     assert "signalled at import" in output, output
     assert "SIGTERM: signal received while loading models; stopping" in output, output
-
-
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 def _resolving(monkeypatch: pytest.MonkeyPatch, name: str, *addresses: str) -> None:

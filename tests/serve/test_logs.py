@@ -185,3 +185,32 @@ def test_server_logs_text_lines(classifier_path: Path, tmp_path: Path) -> None:
     escaped = FORGED.replace("\n", "\\n")
     assert " DEBUG   serve.state: request id=2 model=" in forged, forged
     assert f"model={escaped} status=NOT_FOUND" in forged, forged
+
+
+def test_grpcs_failed_send_traceback_is_one_warning(restore_root: None) -> None:
+    # grpc.aio's own record when a client cancels as its answer goes out (seen in
+    # tests/serve/test_chaos.py): an ERROR with a traceback that reads like a server bug.
+    stream = io.StringIO()
+    configure("info", "text", stream=stream)
+    try:
+        raise grpc._cython.cygrpc.ExecuteBatchError('Failed "execute_batch"')
+    except grpc._cython.cygrpc.ExecuteBatchError:
+        logging.getLogger("grpc._cython.cygrpc").exception(
+            "ExecuteBatchError raised in core by servicer method "
+            "[/inference.GRPCInferenceService/ModelInfer]"
+        )
+    (line,) = stream.getvalue().splitlines()
+    assert " WARNING " in line and "Traceback" not in line, line
+    assert "answer of [/inference.GRPCInferenceService/ModelInfer] not sent" in line, line
+
+
+def test_that_warning_obeys_log_level_error(restore_root: None) -> None:
+    # Demoted after the logger's level check had passed it as an ERROR, it still showed under
+    # --log-level error, which asks for errors only.
+    stream = io.StringIO()
+    configure("error", "text", stream=stream)
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    grpc_log.error("ExecuteBatchError raised in core by servicer method [/a.B/C]")
+    grpc_log.error("another error of grpc's")
+    (line,) = stream.getvalue().splitlines()
+    assert " ERROR " in line and "another error of grpc's" in line, line
