@@ -24,6 +24,10 @@ DEFAULT_TOP_K = 5
 # row (588 KiB at 3x224x224), so without this one 64 MiB message could ask for 800 GiB; refused
 # before anything is decoded.
 MAX_DECODED_BYTES = 1 << 30
+# Decoded rows held by all calls at once, from their arrival to their answer. With only the
+# per-call bound, 40 concurrent calls of 1783 tiny GIFs (77 KB each) held 40 GiB at 3x224x224
+# while they waited for decoding and in the model's queue (it bounds rows, not bytes).
+MAX_HELD_DECODED_BYTES = 4 << 30
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
@@ -32,6 +36,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, state: ServingState, decoder: Executor | None = None) -> None:
         self.state = state
         self._decoder = decoder  # None: the event loop's default executor
+        self._held = 0  # bytes of decoded rows reserved by the calls in flight
 
     async def Classify(
         self, request: pb.ClassifyRequest | Undecodable, context: aio.ServicerContext
@@ -42,13 +47,31 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             if not parsed.images:
                 raise invalid("expected at least one image in ClassifyRequest.images, got none")
             model.batcher.check_rows(len(parsed.images))  # before decoding any of them
-            rows = await self._rows(model, parsed)
-            logits = await model.batcher.infer(rows, self.state.deadline(context))
-            return _encode(
-                model, logits, parsed.top_k or DEFAULT_TOP_K, self.state.max_message_bytes
-            )
+            held = self._hold(model.info, parsed)
+            try:
+                rows = await self._rows(model, parsed)
+                logits = await model.batcher.infer(rows, self.state.deadline(context))
+                return _encode(
+                    model, logits, parsed.top_k or DEFAULT_TOP_K, self.state.max_message_bytes
+                )
+            finally:
+                self._held -= held
 
         return await self.state.run(context, request.model, work)
+
+    def _hold(self, info: ModelInfo, request: pb.ClassifyRequest) -> int:
+        """Reserve the decoded size of the request's encoded images (the caller gives it
+        back); RESOURCE_EXHAUSTED when other calls hold too much. Runs on the event loop."""
+        size = _decoded_size(info, request)
+        if self._held and self._held + size > MAX_HELD_DECODED_BYTES:
+            raise ServeError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"expected room for {size >> 20} MiB of decoded images, got other calls "
+                f"holding {self._held >> 20} of the server's {MAX_HELD_DECODED_BYTES >> 20} MiB; "
+                "retry with backoff or send fewer images per call",
+            )
+        self._held += size
+        return size
 
     async def _rows(self, model: Model, request: pb.ClassifyRequest) -> np.ndarray:
         """The request's images as float32 rows, decoded on a decoder thread. Tensors alone
@@ -88,7 +111,6 @@ def _decode_all(
     model: Model, request: pb.ClassifyRequest, max_pixels: int, abandoned: threading.Event
 ) -> np.ndarray:
     info = model.info
-    _check_decoded_size(info, request)
     out = np.empty((len(request.images), *info.sample_shape), dtype=np.float32)
     count = math.prod(info.sample_shape)
     for i, image in enumerate(request.images):
@@ -115,7 +137,9 @@ def _decode_all(
     return out
 
 
-def _check_decoded_size(info: ModelInfo, request: pb.ClassifyRequest) -> None:
+def _decoded_size(info: ModelInfo, request: pb.ClassifyRequest) -> int:
+    """Bytes of float32 rows the request's encoded images decode to; INVALID_ARGUMENT above
+    ``MAX_DECODED_BYTES``."""
     row_bytes = 4 * math.prod(info.sample_shape)
     limit = max(1, MAX_DECODED_BYTES // row_bytes)
     encoded = sum(1 for image in request.images if image.WhichOneof("source") == "encoded")
@@ -125,6 +149,7 @@ def _check_decoded_size(info: ModelInfo, request: pb.ClassifyRequest) -> None:
             f"({MAX_DECODED_BYTES >> 20} MiB once decoded to float32 "
             f"{list(info.sample_shape)}), got {encoded}; send them in several calls"
         )
+    return encoded * row_bytes
 
 
 def _shape_hint(info: ModelInfo, shape: tuple[int, ...]) -> str:

@@ -56,6 +56,10 @@ def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndar
             "image with 1 or 3 channels), got encoded image bytes; send Image.tensor instead"
         )
     channels, height, width = shape
+    if not data:  # an empty file read, or the wrong variable sent
+        raise invalid(
+            f"expected image {index} to be a {_NAMES} image, got 0 bytes; send the file's bytes"
+        )
     try:
         # Image.open reads only the header (python -m serve turns Pillow's own limit off).
         image = Image.open(io.BytesIO(data), formats=FORMATS)
