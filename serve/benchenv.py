@@ -138,9 +138,12 @@ def measure_in_process(
         providers = _providers(device)
         session = _session(path, options, providers)
         if session.get_providers()[0] != providers[0]:
+            from serve.runtime import cuda_unusable, preload_cuda_libraries
+
             raise RuntimeError(
                 f"expected {providers[0]} for the in-process baseline, got "
-                f"{session.get_providers()}; check the GPU set-up or pass --baseline-device cpu"
+                f"{session.get_providers()} ({cuda_unusable(preload_cuda_libraries())}); check "
+                "the GPU set-up or pass --baseline-device cpu"
             )
         info = info or _model_info(path)  # read after ONNX Runtime has loaded the file
         for batch in batches:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,8 @@ _DEVICE_ERRORS = ("EPFail", "DeviceReset", "EngineError")
 _DEVICE_FAILURE = re.compile(r"CUDA failure|CUDA error|CUDNN failure|CUBLAS failure|cudaError")
 # How ONNX Runtime says that an allocation failed (CPU arena, CUDA).
 _OUT_OF_MEMORY = re.compile(r"Failed to allocate memory|out of memory|bad_alloc", re.IGNORECASE)
+# How onnxruntime.preload_dlls says a library did not load: "Failed to load PATH: REASON".
+_LOAD_FAILURE = re.compile(r"^Failed to load (\S+?): ", re.MULTILINE)
 # "/onnxruntime_src/onnxruntime/core/graph/model.cc:256 onnxruntime::Model::Model(...) ", also
 # with a return type: ".../model_load_utils.h:46 void onnxruntime::...::ValidateOpset(...) "
 _SOURCE_LOCATION = re.compile(
@@ -63,9 +68,10 @@ def nvidia_driver_present() -> bool:
     return sys.platform != "linux" or Path("/dev/nvidiactl").exists()
 
 
-def _providers(device: str) -> list[str]:
+def _providers(device: str) -> tuple[list[str], list[str]]:
+    """The providers to ask ONNX Runtime for, and the CUDA libraries that did not load."""
     if device == "cpu" or (device == "auto" and not nvidia_driver_present()):
-        return ["CPUExecutionProvider"]
+        return ["CPUExecutionProvider"], []
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         if device == "cuda":
@@ -73,21 +79,41 @@ def _providers(device: str) -> list[str]:
                 "expected onnxruntime with CUDAExecutionProvider for --device cuda, got "
                 f"{available}; install onnxruntime-gpu or pass --device auto"
             )
-        return ["CPUExecutionProvider"]
-    preload_cuda_libraries()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"], []
+    missing = preload_cuda_libraries()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"], missing
 
 
-def preload_cuda_libraries() -> None:
+def cuda_unusable(missing: list[str]) -> str:
+    """Why ONNX Runtime did not create the CUDA provider, as far as this process can tell."""
+    reasons = []
+    if not nvidia_driver_present():
+        reasons.append("no NVIDIA driver is loaded: /dev/nvidiactl is missing")
+    if missing:
+        reasons.append(f"CUDA libraries that did not load: {', '.join(missing)}")
+    return "; ".join(reasons) or "onnxruntime could not create it, its log above says why"
+
+
+def preload_cuda_libraries() -> list[str]:
     """Load CUDA and cuDNN from pip wheels (the [cuda] extra) where onnxruntime can
-    (``preload_dlls``). A missing wheel only means the CUDA provider will not be created,
-    which the caller's provider check reports."""
+    (``preload_dlls``); the names of the libraries it could not load. A missing wheel only
+    means the CUDA provider will not be created, which the caller's provider check reports
+    (naming these)."""
     preload = getattr(ort, "preload_dlls", None)
-    if preload is not None:
-        try:
+    if preload is None:
+        return []
+    # preload_dlls print()s a line per library it cannot load, on stdout, outside the log
+    # and --log-format json; the names go into the caller's one line instead.
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
             preload()
-        except Exception as e:
-            _log.debug("onnxruntime.preload_dlls() failed: %s", e)
+    except Exception as e:
+        _log.debug("onnxruntime.preload_dlls() failed: %s", e)
+    text = printed.getvalue()
+    if text.strip():
+        _log.debug("onnxruntime.preload_dlls(): %s", " | ".join(text.split("\n")).strip(" |"))
+    return [Path(name).name for name in _LOAD_FAILURE.findall(text)]
 
 
 def ort_reason(error: Exception) -> str:
@@ -156,6 +182,24 @@ def open_session(
         ) from e
 
 
+def nodes_off(session: ort.InferenceSession, provider: str) -> dict[str, int]:
+    """How many nodes of each op type ONNX Runtime assigned to a provider other than
+    ``provider``; empty where the session did not record its assignments (the session option
+    ``session.record_ep_graph_assignment_info``, onnxruntime 1.23 or newer)."""
+    assignments = getattr(session, "get_provider_graph_assignment_info", None)
+    if assignments is None:
+        return {}
+    try:
+        subgraphs = assignments()
+    except ORT_ERRORS:  # not recorded
+        return {}
+    counts: Counter[str] = Counter()
+    for subgraph in subgraphs:
+        if subgraph.ep_name != provider:
+            counts.update(node.op_type for node in subgraph.get_nodes())
+    return dict(counts)
+
+
 class Runtime:
     """One ONNX Runtime session of one model, with its batch buckets warmed up.
 
@@ -181,7 +225,9 @@ class Runtime:
         # requests; on 2 shared cores that halved batch-1 throughput (docs/benchmarks.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # CUDA-provider creation failures are reported below
-        requested = _providers(device)
+        requested, missing = _providers(device)
+        if "CUDAExecutionProvider" in requested:  # for nodes_off below
+            options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         threads_before = affinity.thread_ids()
         self.session = open_session(info.path, options, requested)
         active = self.session.get_providers()
@@ -195,17 +241,31 @@ class Runtime:
         )
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise RuntimeError(
-                f"expected the CUDA execution provider for --device cuda, got {active}; "
-                "check the GPU driver and CUDA libraries (pip install '.[cuda]') "
-                "or pass --device auto"
+                f"expected the CUDA execution provider for --device cuda, got {active} "
+                f"({cuda_unusable(missing)}); check the GPU driver and CUDA libraries "
+                "(pip install '.[cuda]') or pass --device auto"
             )
         if self.provider == "CUDAExecutionProvider" or device == "cpu":
             why = ""
         elif "CUDAExecutionProvider" in requested:
-            why = " (CUDA requested but unusable, CPU fallback)"
+            why = f" (CUDA requested but unusable, CPU fallback: {cuda_unusable(missing)})"
         else:
             why = " (no usable CUDA: no NVIDIA driver or no CUDA build of onnxruntime)"
         _log.info("model %s runs on %s%s", info.name, self.provider, why)
+        on_cpu = self.provider == "CPUExecutionProvider"
+        off = {} if on_cpu else nodes_off(self.session, self.provider)
+        if off:
+            # ORT's own warning about this is below the log level set above, and says neither
+            # which nodes nor how many.
+            _log.info(
+                "model %s: %d node%s on the CPU provider (%s): ONNX Runtime keeps shape "
+                "computations there; a compute op there copies its tensors between device and "
+                "host at every batch",
+                info.name,
+                sum(off.values()),
+                "" if sum(off.values()) == 1 else "s",
+                ", ".join(f"{n} {op}" for op, n in sorted(off.items())),
+            )
         if plan.why:
             _log.info(
                 "model %s: %d ONNX Runtime intra-op thread%s, as %s (ORT's default counts every "
@@ -253,6 +313,15 @@ class Runtime:
         Raises ValueError naming the model file when a bucket fails to run or gives logits of
         another shape than [batch, num_classes].
         """
+        try:
+            return self._warm_up(stop)
+        finally:
+            # Warm-up runs on a loader thread that serves no batch (instance threads bind
+            # buffers of their own): kept, its IOBinding buffers would hold device memory for
+            # every bucket as long as that pool thread lives.
+            self._bound.__dict__.pop("slots", None)
+
+    def _warm_up(self, stop: threading.Event | None) -> bool:
         ran: list[int] = []
         for size in self.buckets:
             if stop is not None and stop.is_set():
@@ -309,21 +378,23 @@ class Runtime:
         slots: dict[int, tuple[ort.OrtValue, ort.IOBinding]] = self._bound.__dict__.setdefault(
             "slots", {}
         )
-        slot = slots.get(len(batch))
-        if slot is None:
-            value = ort.OrtValue.ortvalue_from_shape_and_type(
-                list(batch.shape), np.float32, self._device, 0
-            )
-            binding = self.session.io_binding()
-            binding.bind_ortvalue_input(self.info.input_name, value)
-            binding.bind_output(self.info.output_name, self._device)
-            slot = slots[len(batch)] = (value, binding)
-        value, binding = slot
-        value.update_inplace(np.ascontiguousarray(batch, dtype=np.float32))
         try:
+            slot = slots.get(len(batch))
+            if slot is None:
+                value = ort.OrtValue.ortvalue_from_shape_and_type(
+                    list(batch.shape), np.float32, self._device, 0
+                )
+                binding = self.session.io_binding()
+                binding.bind_ortvalue_input(self.info.input_name, value)
+                binding.bind_output(self.info.output_name, self._device)
+                slot = slots[len(batch)] = (value, binding)
+            value, binding = slot
+            value.update_inplace(np.ascontiguousarray(batch, dtype=np.float32))
             self.session.run_with_iobinding(binding, self._run_options)
+            return binding.copy_outputs_to_cpu()[0]
         except RuntimeError as e:
-            # run_with_iobinding raises a plain RuntimeError where run raises ORT's types;
-            # as one of those, warm_up refuses the model in words on this path too.
+            # The IOBinding calls raise a plain RuntimeError where run raises ORT's types (the
+            # device's allocation and copies too: out of memory, a CUDA failure); as one of
+            # those, warm_up and the batcher tell a device failure or a full device from a
+            # model refusing its input on this path too.
             raise _ort_c.Fail(str(e)) from e
-        return binding.copy_outputs_to_cpu()[0]
