@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import grpc
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -76,8 +77,16 @@ def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndar
             f"expected a reasonably sized image, got image {index} refused by Pillow ({e}); "
             "resize it before sending"
         ) from e
-    except (ServeError, MemoryError):
+    except ServeError:
         raise
+    except MemoryError as e:
+        # A bug it is not (the answer said INTERNAL, "please report it"): a busy or small
+        # server, a big image. Other calls go on; this one may succeed later.
+        raise ServeError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"expected memory to decode image {index}, got none left on the server; retry with "
+            "backoff, or send smaller images or fewer per call",
+        ) from e
     except UnidentifiedImageError as e:
         raise invalid(
             f"expected image {index} to be a {_NAMES} image, got bytes in none of these "

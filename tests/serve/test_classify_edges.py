@@ -107,3 +107,25 @@ def test_decoded_rows_held_across_calls_are_bounded(
         assert "retry with backoff or send fewer images per call" in caught.value.details()
         assert len(first.result().results) == 2
         assert len(classify_call(two, timeout=30).results) == 2  # the first gave its bytes back
+
+
+def test_an_image_the_server_has_no_memory_to_decode_is_resource_exhausted(
+    start_server: Callable[..., BackgroundServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pillow or numpy running out of memory mid-decode was answered INTERNAL, "a bug: please
+    # report it", where the client should back off and retry.
+    def no_memory(*args: object) -> np.ndarray:
+        raise MemoryError
+
+    monkeypatch.setattr(images, "_pixels", no_memory)
+    server = start_server()
+    request = classifier_pb2.ClassifyRequest(
+        model="tiny", images=[classifier_pb2.Image(encoded=_IMAGES["rgb-png"])]
+    )
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        classifier_pb2_grpc.ClassifierStub(channel).Classify(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+    assert "expected memory to decode image 0" in caught.value.details()
