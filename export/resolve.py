@@ -239,6 +239,34 @@ def _build_factory(target: str, checkpoint: Checkpoint, source: str) -> Resolved
     params = _parameters(factory)
     guesses = _guess_sizes(checkpoint.state_dict)
     kwargs = {k: v for k, v in guesses.items() if k in params and v is not None}
+    model = _build(target, factory, kwargs)
+    best = _best_variant(target, model, checkpoint)
+    classes = guesses["num_classes"]
+    if not best[0].exact and "num_classes" not in kwargs and classes and _takes_keywords(factory):
+        # torchvision's builders (`resnet50(*, weights=None, **kwargs)`) hand num_classes on
+        # to the network: a fine-tuned head of 10 classes did not fit their default 1000.
+        retry = {**kwargs, "num_classes": classes}
+        try:
+            other = _build(target, factory, retry)
+        except UsageError:  # the keywords go elsewhere, or nowhere: keep the first build
+            pass
+        else:
+            other_best = _best_variant(target, other, checkpoint)
+            if other_best[0].errors < best[0].errors:
+                model, best, kwargs = other, other_best, retry
+    _refuse_missing_running_stats(best[0], checkpoint)
+    if not best[0].exact:
+        raise UsageError(
+            f"expected weights that fit {target}, got {best[0].describe()}; check that the "
+            "factory builds the network the checkpoint was trained with"
+        )
+    _check_floating(model.state_dict(), best[1], target, checkpoint)
+    _load(model, best[1], target)
+    return Resolved(target, model, kwargs.get("num_classes"), kwargs.get("in_channels"), None)
+
+
+def _build(target: str, factory: Callable[..., object], kwargs: dict[str, int]) -> nn.Module:
+    """``factory(**kwargs)`` as a float32 network; UsageError naming the call when it fails."""
     call = f"{target}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
     printed = io.StringIO()  # held back, as at import: a usage text would read as ours
     try:
@@ -267,22 +295,28 @@ def _build_factory(target: str, checkpoint: Checkpoint, source: str) -> Resolved
         )
     # As for pickled modules: a factory may wrap the network (torch.compile, DataParallel) or
     # build it in half precision; the ONNX input and output are float32 either way.
-    model = float32_network(model)
+    return float32_network(model)
+
+
+def _best_variant(
+    target: str, model: nn.Module, checkpoint: Checkpoint
+) -> tuple[Fit, dict[str, Tensor]]:
+    """The checkpoint's key variant that fits ``model`` best, with how well it fits."""
     expected = model.state_dict()
-    best = min(
+    return min(
         ((compare(target, expected, variant), variant)
          for variant in key_variants(checkpoint.state_dict)),
         key=lambda pair: pair[0].errors,
     )  # fmt: skip
-    _refuse_missing_running_stats(best[0], checkpoint)
-    if not best[0].exact:
-        raise UsageError(
-            f"expected weights that fit {target}, got {best[0].describe()}; check that the "
-            "factory builds the network the checkpoint was trained with"
-        )
-    _check_floating(expected, best[1], target, checkpoint)
-    _load(model, best[1], target)
-    return Resolved(target, model, kwargs.get("num_classes"), kwargs.get("in_channels"), None)
+
+
+def _takes_keywords(factory: Callable[..., object]) -> bool:
+    """Whether ``factory`` takes any keyword (``**kwargs``)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _import_factory(target: str, source: str) -> Callable[..., object]:

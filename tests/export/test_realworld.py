@@ -213,6 +213,15 @@ def conv_weight_normed(num_classes, in_channels):
     return net
 
 
+def tv_style(*, weights=None, progress=True, **kwargs):
+    # torchvision's builders: keywords only, num_classes passed on to the network.
+    return Net(**kwargs)
+
+
+def keywords_elsewhere(**options):
+    return Net(num_classes=5)  # takes any keyword and ignores it
+
+
 def sync_bn(num_classes, in_channels):
     return nn.SyncBatchNorm.convert_sync_batchnorm(Net(num_classes, in_channels))
 """
@@ -363,3 +372,22 @@ def test_lightning_module_holding_more_than_the_network(
     )
     assert "pl_module.model.state_dict()" in result.stderr
     assert not ckpt.with_suffix(".onnx").exists()
+
+
+def test_a_torchvision_style_builder_gets_the_checkpoints_class_count(
+    run_main, user_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `--arch torchvision.models:resnet50` for a fine-tuned 7-class head: the builder takes
+    # only **kwargs, so it was called bare and built its default head, which did not fit.
+    ckpt = tmp_path / "tv.pt"
+    torch.save(_user_state(user_dir, monkeypatch, "Net"), ckpt)
+    result = run_main(ckpt, "--arch", "rw_nets:tv_style", "--input-shape", "3,8,8",
+                      extra_path=user_dir)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert read_metadata(ckpt.with_suffix(".onnx"))["num_classes"] == "7"
+    # A builder that swallows the keyword still gets the plain "does not fit" error.
+    result = run_main(ckpt, "--arch", "rw_nets:keywords_elsewhere", "--input-shape", "3,8,8",
+                      extra_path=user_dir)  # fmt: skip
+    assert result.returncode == 2
+    assert "expected weights that fit rw_nets:keywords_elsewhere" in result.stderr
+    assert "Traceback" not in result.stderr
