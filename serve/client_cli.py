@@ -10,6 +10,7 @@ still classified.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import math
 import os
@@ -201,10 +202,20 @@ def main(argv: list[str] | None = None) -> int:
         # in a UnicodeEncodeError traceback under a UTF-8 locale: print its bytes as they are.
         sys.stdout.reconfigure(errors="surrogateescape")
     try:
-        return _run(args)
+        code = _run(args)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a reader gone shows here, not as a line of Python's at exit
     except KeyboardInterrupt:  # Ctrl-C: a traceback from inside gRPC said nothing more
         print("error: interrupted; the images printed above were classified", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`... | head`): a traceback, or at exit "Exception
+        # ignored ... BrokenPipeError" when Python flushed stdout once more. Stop quietly, as
+        # a process ended by SIGPIPE, with what is still buffered sent nowhere.
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no stdout left
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:

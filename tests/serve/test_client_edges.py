@@ -170,3 +170,24 @@ def test_cli_dash_without_a_stdin_is_a_usage_error(
         os.close(other_end)
     assert typed.returncode == 2, typed.stderr
     assert "got a terminal; pipe one in (... - < cat.png)" in typed.stderr
+
+
+@pytest.mark.parametrize("count", [1, 60])
+def test_cli_whose_reader_went_away_stops_quietly(
+    shared_server: BackgroundServer, tmp_path: Path, count: int
+) -> None:
+    """`python -m serve.client ... | head -1`: a BrokenPipeError traceback (60 images fill
+    stdout's buffer mid-run), or for a few lines Python's "Exception ignored" at exit."""
+    image = _png(tmp_path / "a.png")
+    reader, writer = os.pipe()
+    os.close(reader)  # as head does once it has its lines
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "serve.client", f"127.0.0.1:{shared_server.port}",
+             "--model", "tiny", *[str(image)] * count],
+            stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert done.returncode == 141, done.stderr  # 128 + SIGPIPE, as a shell reports it
+    assert done.stderr == ""
