@@ -66,8 +66,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         if self._held and self._held + size > MAX_HELD_DECODED_BYTES:
             raise ServeError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"expected room for {size >> 20} MiB of decoded images, got other calls "
-                f"holding {self._held >> 20} of the server's {MAX_HELD_DECODED_BYTES >> 20} MiB; "
+                f"expected room for {_mib(size)} MiB of decoded images, got other calls "
+                f"holding {_mib(self._held)} of the server's {MAX_HELD_DECODED_BYTES >> 20} MiB; "
                 "retry with backoff or send fewer images per call",
             )
         self._held += size
@@ -135,6 +135,11 @@ def _decode_all(
         else:
             raise invalid(f"expected image {i} to set encoded or tensor, got neither; set one")
     return out
+
+
+def _mib(size: int) -> str:
+    """Bytes in MiB, one decimal below 10 (a refused call of a few rows read "0 MiB")."""
+    return f"{size / 2**20:.1f}" if size < 10 << 20 else str(size >> 20)
 
 
 def _decoded_size(info: ModelInfo, request: pb.ClassifyRequest) -> int:

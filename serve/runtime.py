@@ -113,7 +113,8 @@ def preload_cuda_libraries() -> list[str]:
     text = printed.getvalue()
     if text.strip():
         _log.debug("onnxruntime.preload_dlls(): %s", " | ".join(text.split("\n")).strip(" |"))
-    return [Path(name).name for name in _LOAD_FAILURE.findall(text)]
+    # A library present but unloadable is reported twice (by path, then by name): once here.
+    return list(dict.fromkeys(Path(name).name for name in _LOAD_FAILURE.findall(text)))
 
 
 def ort_reason(error: Exception) -> str:
