@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,7 +142,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no .onnx written", file=sys.stderr)
         return 130
-    for note in result.warnings:
-        print(f"warning: {note}", file=sys.stderr)
-    print(format_summary(result))
+    try:
+        for note in result.warnings:
+            print(f"warning: {note}", file=sys.stderr)
+        print(format_summary(result))
+        sys.stdout.flush()  # a reader gone shows here, not as a line of Python's at exit
+    except BrokenPipeError:
+        # `python -m export ... | head -2`: the export is written and checked, but a traceback
+        # and exit 1 (a failed check, per the exit codes) ended it. Stop quietly as a process
+        # ended by SIGPIPE, with what is still buffered sent nowhere.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0

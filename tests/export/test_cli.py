@@ -557,3 +557,23 @@ def test_onnx_runtime_telemetry_stays_off(
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "small.onnx").is_file()
     assert list(home.rglob("*")) == []
+
+
+def test_a_reader_that_stops_early_ends_the_export_quietly(small_ckpt, tmp_path: Path) -> None:
+    # `python -m export CKPT | head -2`: the summary's print met the closed pipe, a traceback
+    # and exit 1, which reads as a failed check although the model was written and checked.
+    ckpt = tmp_path / "piped.ckpt"
+    shutil.copy(small_ckpt[0], ckpt)
+    reader, writer = os.pipe()
+    os.close(reader)  # as head does once it has its lines
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "export", str(ckpt)],
+            stdout=writer, stderr=subprocess.PIPE, text=True, timeout=240,
+            cwd=Path(__file__).resolve().parents[2],
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert done.returncode == 141, done.stderr  # 128 + SIGPIPE, as a shell reports it
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert ckpt.with_suffix(".onnx").is_file()
