@@ -339,6 +339,9 @@ class Metrics:
 
 def _addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple[Any, ...]]]:
     """The distinct (family, address) pairs ``host`` resolves to for listening on ``port``, in
-    the resolver's order."""
+    the resolver's order; for ``localhost`` both loopbacks, as gRPC binds them whatever the
+    hosts file says (many list only 127.0.0.1)."""
+    if host.lower() == "localhost":
+        return [(socket.AF_INET6, ("::1", port, 0, 0)), (socket.AF_INET, ("127.0.0.1", port))]
     found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     return list(dict.fromkeys((family, address) for family, *_, address in found))

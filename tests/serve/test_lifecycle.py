@@ -266,6 +266,23 @@ def test_the_metrics_port_binds_every_address_of_its_host(monkeypatch: pytest.Mo
         _scrape(f"http://[::1]:{port}/metrics")
 
 
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+def test_localhost_metrics_listen_on_both_loopbacks_as_grpc_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # gRPC binds 127.0.0.1 and ::1 for `--host localhost` whatever the hosts file says; the
+    # metrics port followed the resolver, which here (and on many hosts) gives 127.0.0.1 alone.
+    _resolving(monkeypatch, "localhost", "127.0.0.1")
+    port = free_port()
+    metrics = Metrics()
+    metrics.serve_http("localhost", port)
+    try:
+        for url in (f"http://127.0.0.1:{port}/metrics", f"http://[::1]:{port}/metrics"):
+            assert b"serve_requests_total" in _scrape(url), url
+    finally:
+        metrics.close()
+
+
 def test_the_metrics_port_skips_an_address_the_machine_lacks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
