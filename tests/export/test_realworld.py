@@ -247,6 +247,12 @@ def _user_state(user_dir: Path, monkeypatch: pytest.MonkeyPatch, factory: str, *
     return model.eval().state_dict()
 
 
+def _export_user(run_main, user_dir: Path, ckpt: Path, factory: str):
+    """`python -m export CKPT --arch rw_nets:FACTORY` for the user module's 3x8x8 networks."""
+    return run_main(ckpt, "--arch", f"rw_nets:{factory}", "--input-shape", "3,8,8",
+                    extra_path=user_dir)  # fmt: skip
+
+
 @pytest.mark.parametrize("trained", ["weight_normed", "conv_weight_normed"])
 def test_user_factory_with_weight_norm_on_a_layer(
     run_main, user_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trained: str
@@ -256,8 +262,7 @@ def test_user_factory_with_weight_norm_on_a_layer(
     ckpt = tmp_path / "wn_user.pt"
     torch.save(_user_state(user_dir, monkeypatch, trained), ckpt)
     for factory in (trained, "Net"):  # as trained, and as the plain network
-        result = run_main(ckpt, "--arch", f"rw_nets:{factory}", "--input-shape", "3,8,8",
-                          extra_path=user_dir)  # fmt: skip
+        result = _export_user(run_main, user_dir, ckpt, factory)
         assert result.returncode == 0, result.stderr
         assert read_metadata(ckpt.with_suffix(".onnx"))["num_classes"] == "7"
 
@@ -268,8 +273,7 @@ def test_user_model_returning_more_than_logits(
 ) -> None:
     ckpt = tmp_path / "multi.pt"
     torch.save(_user_state(user_dir, monkeypatch, "Net"), ckpt)
-    result = run_main(ckpt, "--arch", f"rw_nets:{factory}", "--input-shape", "3,8,8",
-                      extra_path=user_dir)  # fmt: skip
+    result = _export_user(run_main, user_dir, ckpt, factory)
     assert result.returncode == 2
     assert "forward returns the logits only" in result.stderr
     assert "Traceback" not in result.stderr
@@ -287,8 +291,7 @@ def test_num_batches_tracked_missing_or_extra(
         state["conv.num_batches_tracked"] = torch.tensor(12)
     ckpt = tmp_path / "nbt.pt"
     torch.save(state, ckpt)
-    result = run_main(ckpt, "--arch", "rw_nets:Net", "--input-shape", "3,8,8",
-                      extra_path=user_dir)  # fmt: skip
+    result = _export_user(run_main, user_dir, ckpt, "Net")
     assert result.returncode == 0, result.stderr
 
 
@@ -297,8 +300,7 @@ def test_sync_batchnorm_from_a_ddp_script(
 ) -> None:
     ckpt = tmp_path / "ddp.pt"
     torch.save(_user_state(user_dir, monkeypatch, "Net"), ckpt)
-    result = run_main(ckpt, "--arch", "rw_nets:sync_bn", "--input-shape", "3,8,8",
-                      extra_path=user_dir)  # fmt: skip
+    result = _export_user(run_main, user_dir, ckpt, "sync_bn")
     assert result.returncode == 0, result.stderr
     # SyncBatchNorm's input checks are no data-dependent branch of the user's forward.
     assert "tracer" not in result.stderr
@@ -381,13 +383,11 @@ def test_a_torchvision_style_builder_gets_the_checkpoints_class_count(
     # only **kwargs, so it was called bare and built its default head, which did not fit.
     ckpt = tmp_path / "tv.pt"
     torch.save(_user_state(user_dir, monkeypatch, "Net"), ckpt)
-    result = run_main(ckpt, "--arch", "rw_nets:tv_style", "--input-shape", "3,8,8",
-                      extra_path=user_dir)  # fmt: skip
+    result = _export_user(run_main, user_dir, ckpt, "tv_style")
     assert result.returncode == 0, result.stderr
     assert read_metadata(ckpt.with_suffix(".onnx"))["num_classes"] == "7"
     # A builder that swallows the keyword still gets the plain "does not fit" error.
-    result = run_main(ckpt, "--arch", "rw_nets:keywords_elsewhere", "--input-shape", "3,8,8",
-                      extra_path=user_dir)  # fmt: skip
+    result = _export_user(run_main, user_dir, ckpt, "keywords_elsewhere")
     assert result.returncode == 2
     assert "expected weights that fit rw_nets:keywords_elsewhere" in result.stderr
     assert "Traceback" not in result.stderr
