@@ -98,6 +98,12 @@ def _coroutine(behavior: Callable, method: str, on_missing: Missing | None) -> C
             # failed send as an error with its traceback unless it had seen the call end first
             # (a race: a few in every thousand such calls, with or without their message).
             raise asyncio.CancelledError from e
+        except aio.AbortError as e:
+            # grpc.aio keeps the latest call's state, this exception in it, until another call
+            # comes: with its traceback went the frames that held the request, so a refused
+            # 30 MB request stayed in memory on an idle server.
+            e.__traceback__ = e.__context__ = e.__cause__ = None
+            raise
 
     return serve
 
