@@ -103,11 +103,10 @@ def _load(runtime: Runtime, stop: threading.Event) -> Runtime:
 
 
 def _bind_refusal(host: str, port: int) -> OSError | None:
-    """Why no address of ``host`` can listen on ``port``; None when one can (or for port 0).
+    """Why no address of ``host`` can listen on ``port``; None when one can (port 0: any port,
+    so only the address is tested).
 
     gRPC finds out too, but prints a line of its own first, outside --log-format json."""
-    if not port:
-        return None
     try:
         found = socket.getaddrinfo(
             host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

@@ -430,6 +430,9 @@ def test_a_taken_port_or_unknown_host_is_one_line_in_the_log_format(
             (_args(port, str(classifier_path)), "Address already in use"),
             ([str(classifier_path), "--host", "no-such-host.invalid", "--port", str(port),
               "--metrics-port", "0", "--device", "cpu"], "no-such-host.invalid"),
+            # 192.0.2.1 (TEST-NET-1) is on no interface; with --port 0 the check was skipped.
+            ([str(classifier_path), "--host", "192.0.2.1", "--port", "0",
+              "--metrics-port", "0", "--device", "cpu"], "Cannot assign requested address"),
         ]  # fmt: skip
         for args, said in cases:
             done = _run(*args, "--log-format", log_format)
