@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -112,3 +114,14 @@ def _check_seconds(
     if off is not None:
         allowed = f"{off:g} (off) or {allowed}"
     raise ValueError(f"expected {flag} {allowed}, got {value}; pass e.g. {example:g}")
+
+
+def listen_addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple[Any, ...]]]:
+    """The distinct (family, address) pairs a server listening on ``host:port`` binds, as gRPC
+    binds them: every address ``host`` resolves to, in the resolver's order, and for
+    ``localhost`` both loopbacks whatever the hosts file says (many list only 127.0.0.1).
+    Raises OSError (socket.gaierror) for a name that does not resolve."""
+    if host.lower() == "localhost":
+        return [(socket.AF_INET6, ("::1", port, 0, 0)), (socket.AF_INET, ("127.0.0.1", port))]
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return list(dict.fromkeys((family, address) for family, *_, address in found))

@@ -24,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 
+from serve.config import listen_addresses
 from serve.errors import OUTCOMES, UNKNOWN_MODEL
 from serve.statistics import Tally
 
@@ -295,7 +296,7 @@ class Metrics:
         try:
             # prometheus_client's start_http_server bound the first address alone: with
             # `--host localhost` gRPC answered on ::1 and the metrics port did not.
-            for family, address in _addresses(host, port):
+            for family, address in listen_addresses(host, port):
                 try:
                     server = _HTTPServer(family, address)
                 except OSError as e:
@@ -336,12 +337,3 @@ class Metrics:
             server.server_close()
             thread.join(timeout=5)
 
-
-def _addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple[Any, ...]]]:
-    """The distinct (family, address) pairs ``host`` resolves to for listening on ``port``, in
-    the resolver's order; for ``localhost`` both loopbacks, as gRPC binds them whatever the
-    hosts file says (many list only 127.0.0.1)."""
-    if host.lower() == "localhost":
-        return [(socket.AF_INET6, ("::1", port, 0, 0)), (socket.AF_INET, ("127.0.0.1", port))]
-    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    return list(dict.fromkeys((family, address) for family, *_, address in found))

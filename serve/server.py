@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2
 from serve import affinity, classify, kserve, reflection, security
 from serve.batcher import Batcher
 from serve.classify import ClassifierServicer
-from serve.config import ServerConfig
+from serve.config import ServerConfig, listen_addresses
 from serve.halfclose import OneRequest
 from serve.metrics import Metrics
 from serve.model_info import ModelInfo, read_model_info
@@ -108,15 +108,13 @@ def _bind_refusal(host: str, port: int) -> OSError | None:
 
     gRPC finds out too, but prints a line of its own first, outside --log-format json."""
     try:
-        found = socket.getaddrinfo(
-            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        found = listen_addresses(host, port)
     except OSError as e:  # an unresolvable name
         return e
     refusal: OSError | None = None
-    for family, kind, proto, _, address in found:
+    for family, address in found:
         try:  # a family the kernel lacks (IPv6 switched off) refuses only its own addresses
-            with socket.socket(family, kind, proto) as probe:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
                 probe.bind(address)
         except OSError as e:

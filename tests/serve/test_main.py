@@ -464,9 +464,9 @@ def test_onnx_runtime_telemetry_stays_off(
 def test_a_host_whose_ipv6_address_the_kernel_lacks_still_binds_on_ipv4(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # With IPv6 switched off (ipv6.disable=1), creating the probe socket for `localhost`'s ::1
+    # With IPv6 switched off (ipv6.disable=1), creating the probe socket for a name's ::1
     # raised "Address family not supported" out of the bind check: gRPC would have bound
-    # 127.0.0.1 and served.
+    # 127.0.0.1 and served. (Not `localhost`, whose two loopbacks are fixed, as gRPC's are.)
     import errno
 
     from serve import server as server_module
@@ -487,9 +487,9 @@ def test_a_host_whose_ipv6_address_the_kernel_lacks_still_binds_on_ipv4(
 
     monkeypatch.setattr(server_module.socket, "socket", no_ipv6)
     monkeypatch.setattr(server_module.socket, "getaddrinfo", both)
-    assert server_module._bind_refusal("localhost", port) is None
+    assert server_module._bind_refusal("dual.test", port) is None
     monkeypatch.setattr(server_module.socket, "getaddrinfo", lambda *a, **k: both()[:1])
-    refusal = server_module._bind_refusal("localhost", port)
+    refusal = server_module._bind_refusal("dual.test", port)
     assert refusal is not None and refusal.errno == errno.EAFNOSUPPORT
     # With IPv4 taken too, the message names that, not the family the kernel lacks (tried
     # last here, it was the error reported).
@@ -497,5 +497,5 @@ def test_a_host_whose_ipv6_address_the_kernel_lacks_still_binds_on_ipv4(
     with real_socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        refusal = server_module._bind_refusal("localhost", port)
+        refusal = server_module._bind_refusal("dual.test", port)
     assert refusal is not None and refusal.errno == errno.EADDRINUSE
