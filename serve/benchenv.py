@@ -93,21 +93,21 @@ def _model_info(path: Path) -> ModelInfo:
         raise ModelFileError(str(e)) from e
 
 
-def _providers(device: str) -> list[str]:
+def _providers(device: str) -> tuple[list[str], list[str]]:
+    """The providers for the baseline on ``device``, and the CUDA libraries that did not load
+    (named by the provider check of measure_in_process when CUDA is not created)."""
     if device != "cuda":
-        return ["CPUExecutionProvider"]
+        return ["CPUExecutionProvider"], []
     from serve.runtime import preload_cuda_libraries
 
-    # A missing CUDA library shows up in the provider check of measure_in_process.
-    preload_cuda_libraries()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"], preload_cuda_libraries()
 
 
 def check_model_file(path: Path, device: str = "cpu") -> ModelInfo:
     """What the server reads from the ONNX file at ``path`` (input name, sample shape, class
     count), after loading it once as the baseline on ``device`` will; ModelFileError saying
     what to do when it cannot serve as one."""
-    _session(path, providers=_providers(device))
+    _session(path, providers=_providers(device)[0])
     return _model_info(path)
 
 
@@ -135,15 +135,15 @@ def measure_in_process(
         options.log_severity_level = 4 if device == "cpu" else 3
         # 0 is what the server does by default: ORT's count, capped to what this process may use.
         (affinity.thread_plan() if count == 0 else affinity.ThreadPlan(count)).apply(options)
-        providers = _providers(device)
+        providers, missing = _providers(device)
         session = _session(path, options, providers)
         if session.get_providers()[0] != providers[0]:
-            from serve.runtime import cuda_unusable, preload_cuda_libraries
+            from serve.runtime import cuda_unusable
 
             raise RuntimeError(
                 f"expected {providers[0]} for the in-process baseline, got "
-                f"{session.get_providers()} ({cuda_unusable(preload_cuda_libraries())}); check "
-                "the GPU set-up or pass --baseline-device cpu"
+                f"{session.get_providers()} ({cuda_unusable(missing)}); check the GPU set-up or "
+                "pass --baseline-device cpu"
             )
         info = info or _model_info(path)  # read after ONNX Runtime has loaded the file
         for batch in batches:
