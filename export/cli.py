@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +12,7 @@ from export.errors import ExportError, strip_ansi
 from export.onnx_export import EXPORTERS, MAX_OPSET, MIN_OPSET
 from export.pipeline import ExportResult, export_checkpoint
 from export.zoo import architectures
-from serve.cli_help import DefaultsFormatter
+from serve.cli_help import DefaultsFormatter, reader_gone
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,9 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader gone shows here, not as a line of Python's at exit
     except BrokenPipeError:
         # `python -m export ... | head -2`: the export is written and checked, but a traceback
-        # and exit 1 (a failed check, per the exit codes) ended it. Stop quietly as a process
-        # ended by SIGPIPE, with what is still buffered sent nowhere.
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        # and exit 1 (a failed check, per the exit codes) ended it.
+        return reader_gone()
     return 0

@@ -1,8 +1,24 @@
-"""The ``--help`` format of our commands: every option ends with its default."""
+"""What our commands share: the ``--help`` format (every option ends with its default), and
+how they stop when the reader of their output goes away."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sys
+
+# How a shell reports a process ended by SIGPIPE (128 + 13).
+EXIT_READER_GONE = 141
+
+
+def reader_gone() -> int:
+    """For a BrokenPipeError on stdout (`... | head`): point stdout at /dev/null, so the
+    flush at exit does not print "Exception ignored ... BrokenPipeError", and return the exit
+    code of a process ended by SIGPIPE. What is still buffered goes nowhere."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no stdout left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_READER_GONE
 
 
 class DefaultsFormatter(argparse.HelpFormatter):

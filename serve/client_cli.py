@@ -10,7 +10,6 @@ still classified.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import math
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from serve.cli_help import DefaultsFormatter
+from serve.cli_help import DefaultsFormatter, reader_gone
 from serve.client import MAX_TOP_K, Client, ClientError
 from serve.security import (
     check_certificates,
@@ -208,13 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: a traceback from inside gRPC said nothing more
         print("error: interrupted; the images printed above were classified", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # The reader of stdout went away (`... | head`): a traceback, or at exit "Exception
-        # ignored ... BrokenPipeError" when Python flushed stdout once more. Stop quietly, as
-        # a process ended by SIGPIPE, with what is still buffered sent nowhere.
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # no stdout left
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+    except BrokenPipeError:  # the reader of stdout went away (`... | head`): was a traceback
+        return reader_gone()
     return code
 
 
