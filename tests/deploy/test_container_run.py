@@ -11,13 +11,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 from tests.deploy.test_manifests import _dockerfile
 from tests.serve.conftest import free_port, make_classifier
+from tests.serve.procs import probe_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,12 +64,7 @@ def test_deployment_command_logs_only_json_with_an_unwritable_home(tmp_path: Pat
         )
     try:
         probe = [sys.executable, "-m", "serve.health", f"127.0.0.1:{port}", "--timeout", "4"]
-        until = time.monotonic() + 120
-        while True:
-            done = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, timeout=60)
-            if done.returncode == 0 or proc.poll() is not None or time.monotonic() > until:
-                break
-            time.sleep(0.2)
+        done = probe_until_serving(proc, probe, cwd=ROOT)
         assert done.returncode == 0, done.stderr + log.read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.serve.conftest import free_port, make_classifier
+from tests.serve.procs import probe_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.install
@@ -157,12 +157,8 @@ def test_entrypoint_serves_a_model(serving_venv: Path, tmp_path: Path) -> None:
         )
     try:
         probe = [str(serving_venv), "-m", "serve.health", f"127.0.0.1:{port}", "--model", "tiny"]
-        until = time.monotonic() + 120
-        while True:
-            done = _run(probe)
-            if done.returncode == 0 or proc.poll() is not None or time.monotonic() > until:
-                break
-            time.sleep(0.2)
+        # Outside the checkout, so `import serve` cannot pick up the source tree.
+        done = probe_until_serving(proc, probe, cwd=tempfile.gettempdir())
         assert done.returncode == 0, done.stderr + log.read_text()
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
             assert 'serve_model_ready{model="tiny"} 1.0' in r.read().decode()

@@ -98,3 +98,17 @@ class ServeProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.kill()
+
+
+def probe_until_serving(
+    proc: subprocess.Popen, probe: list[str], cwd: Path | str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the health probe command ``probe`` (`python -m serve.health ...`, as the image's
+    HEALTHCHECK does) until it passes, ``proc`` exits or ``timeout`` seconds pass; its last
+    run."""
+    until = time.monotonic() + timeout
+    while True:
+        done = subprocess.run(probe, cwd=cwd, capture_output=True, text=True, timeout=60)
+        if done.returncode == 0 or proc.poll() is not None or time.monotonic() > until:
+            return done
+        time.sleep(0.2)
