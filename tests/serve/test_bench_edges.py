@@ -85,7 +85,10 @@ def test_an_open_loop_stream_whose_server_dies_fails_each_waiting_call_with_its_
     outcome = load_on_spawned(classifier_path, load, kill_in_window)
     # Calls written to the ended stream once raised out of the load generator uncounted (a
     # traceback each), and those waiting on it waited out --timeout as DEADLINE_EXCEEDED.
-    assert set(outcome.errors) == {"UNAVAILABLE"}, outcome.errors
+    # A write that loses the race with the connection's end fails in gRPC's own client as
+    # INTERNAL "Internal error from Core" (its aio write path), not as UNAVAILABLE.
+    assert "UNAVAILABLE" in outcome.errors, outcome.errors
+    assert set(outcome.errors) <= {"UNAVAILABLE", "INTERNAL"}, outcome.errors
     unanswered = outcome.sent - len(outcome.latencies)
     assert unanswered > 0 and outcome.errors["UNAVAILABLE"] >= unanswered
 
