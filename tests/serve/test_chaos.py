@@ -393,7 +393,11 @@ class Chaos:
         with contextlib.suppress(aio.AioRpcError):
             async for answer in call:
                 got = _stream_answer(answer)
-                self.seen.maybe.append(("tiny", with_ids[answer.infer_response.id], got))
+                if isinstance(got, grpc.StatusCode):
+                    # Queued past the stream's deadline before its batch started, or refused.
+                    self.seen.refused.append((got, {EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}))
+                else:
+                    self.seen.good.append(("tiny", with_ids[answer.infer_response.id], got))
         code = await call.code()
         if code == grpc.StatusCode.INTERNAL and await call.details() == "Internal error from Core":
             # The client saw the server's reset for the deadline before its own timer: gRPC's
