@@ -30,6 +30,7 @@ import numpy as np
 from protos import classifier_pb2, classifier_pb2_grpc, kserve_pb2
 from serve.config import DEFAULT_MAX_MESSAGE_BYTES, MAX_DEADLINE_S
 from serve.security import first_unsendable
+from serve.targets import check_target
 
 _KSERVE = "/inference.GRPCInferenceService/"
 MAX_TOP_K = 2**32 - 1  # ClassifyRequest.top_k is a uint32
@@ -37,6 +38,7 @@ MAX_TOP_K = 2**32 - 1  # ClassifyRequest.top_k is a uint32
 # grows 1.6x from 1 s): a Client shared by a long-running service kept failing UNAVAILABLE up to
 # that long after a restarted server was back. Attempts to a refused port cost next to nothing.
 _MAX_RECONNECT_BACKOFF_MS = 2000
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's channel options are C ints
 
 
 @dataclass(frozen=True)
@@ -63,13 +65,19 @@ class ClientError(Exception):
 
 
 class Client:
-    """A blocking client of one server. Use as a context manager or call ``close()``.
+    """A blocking client of one server. Use as a context manager or call ``close()``; a closed
+    Client raises ValueError: create a new one.
+
+    ``target`` is HOST:PORT with the port given (the server's default is 8001; IPv6 as
+    ``[::1]:8001``), ``unix:PATH``, ``dns:///HOST:PORT`` or another of gRPC's address forms;
+    ValueError for a target without a port, which gRPC would take as port 443.
 
     One Client may be shared by threads: their calls and streams run concurrently on its one
     gRPC channel. ``timeout`` is the deadline of each call in seconds (None: no deadline).
     ``root_certificates`` (PEM CA) connects with TLS; ``private_key`` and ``certificate_chain``
     (PEM) add a client certificate, for servers started with ``--tls-client-ca``; ``token`` is
-    sent as ``authorization: Bearer``.
+    sent as ``authorization: Bearer``. ``max_message_bytes`` (1..2**31-1, -1: no limit)
+    bounds what it sends and receives; raise it with the server's ``--max-message-bytes``.
     """
 
     def __init__(
@@ -93,8 +101,10 @@ class Client:
             raise ValueError(
                 f"expected target as HOST:PORT, got {target!r}; pass e.g. localhost:8001"
             )
+        check_target(target)
         self.target = target
         self.timeout = _seconds(timeout, "timeout")
+        max_message_bytes = _message_bytes(max_message_bytes)
         self._tls = root_certificates is not None or private_key is not None
         token = _token(token)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -110,11 +120,13 @@ class Client:
                 root_certificates, private_key, certificate_chain
             )
             self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._closed = False
         self._classifier = classifier_pb2_grpc.ClassifierStub(self._channel)
         self._infer = self._kserve("ModelInfer", kserve_pb2.ModelInferResponse)
         self._metadata_rpc = self._kserve("ModelMetadata", kserve_pb2.ModelMetadataResponse)
         self._server_ready = self._kserve("ServerReady", kserve_pb2.ServerReadyResponse)
         self._model_ready = self._kserve("ModelReady", kserve_pb2.ModelReadyResponse)
+        self._index = self._kserve("RepositoryIndex", kserve_pb2.RepositoryIndexResponse)
         self._stream = self._channel.stream_stream(
             _KSERVE + "ModelStreamInfer",
             request_serializer=lambda message: message.SerializeToString(),
@@ -129,15 +141,34 @@ class Client:
         )
 
     def _call(self, rpc: grpc.UnaryUnaryMultiCallable, request: object, timeout: float | None):
+        self._check_open()
         try:
             return rpc(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise self._error(e) from e
 
     def _error(self, error: grpc.RpcError) -> ClientError:
+        if self._closed and error.code() == grpc.StatusCode.CANCELLED:
+            # gRPC's words are "Channel closed!": close() ran on another thread.
+            return ClientError(
+                grpc.StatusCode.CANCELLED,
+                f"CANCELLED: the Client of {self.target} was closed while this call was in "
+                "flight; close it only once its calls are done, or use a new Client",
+            )
         return _client_error(self.target, error, self._tls)
 
+    def _check_open(self) -> None:
+        """ValueError once ``close`` was called: gRPC's own, "Cannot invoke RPC on closed
+        channel!", did not say that the Client is done for."""
+        if self._closed:
+            raise ValueError(
+                f"expected an open Client, got one of {self.target} that was closed (close() "
+                f"or the end of its with block); create a new Client({self.target!r})"
+            )
+
     def close(self) -> None:
+        """Close the channel; calls still in flight end CANCELLED. Safe to call again."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -148,11 +179,16 @@ class Client:
 
     def wait_ready(self, model: str | None = None, timeout: float | None = 30.0) -> None:
         """Block until the server (and ``model``) is ready, also while the server is still
-        loading its models; ClientError after ``timeout`` seconds (None: no limit), and at once
-        (NOT_FOUND) for a model that the ready server does not serve."""
+        loading its models or restarting; ClientError after ``timeout`` seconds (None: no
+        limit), and at once (NOT_FOUND) for a model that the ready server does not serve.
+
+        A server that is shutting down (draining) answers not ready and is not ready again; it
+        is waited for all the same, since a server restarted at the same address will be, and
+        the ClientError at the end says that the server was shutting down."""
+        self._check_open()
         seconds = _seconds(timeout, "timeout")
         deadline = None if seconds is None else time.monotonic() + seconds
-        answered = False
+        state: str | None = None  # what the server last said: None until it answers
         while True:
             # The server binds its port before it loads: until then ServerReady says false.
             try:
@@ -162,14 +198,18 @@ class Client:
                 if server:  # ready without the model: its NOT_FOUND names the models it serves
                     request = kserve_pb2.ModelMetadataRequest(name=model)
                     self._metadata_rpc(request, timeout=_left(deadline), metadata=self._metadata)
+                state = self._not_ready_state(deadline) or state or "unknown"
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise self._not_ready(model, seconds, state) from e
+                stopped = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                if e.code() not in stopped or self._closed:
                     raise self._error(e) from e
-                raise self._not_ready(model, seconds, answered) from e
-            answered = True
+                # The server stopped under the call (UNAVAILABLE "Cancelling all calls", or
+                # CANCELLED by the server): the next call waits for one restarted in its place.
             left = _left(deadline)
             if left is not None and left <= 0:
-                raise self._not_ready(model, seconds, answered)
+                raise self._not_ready(model, seconds, state)
             time.sleep(0.1 if left is None else min(0.1, left))
 
     def _ready(self, model: str | None, deadline: float | None) -> bool:
@@ -179,19 +219,45 @@ class Client:
             return self._server_ready(kserve_pb2.ServerReadyRequest(), **options).ready
         return self._model_ready(kserve_pb2.ModelReadyRequest(name=model), **options).ready
 
-    def _not_ready(self, model: str | None, seconds: float | None, answered: bool) -> ClientError:
+    def _not_ready_state(self, deadline: float | None) -> str | None:
+        """Why a server answered not ready, from its RepositoryIndex: "draining" when a model
+        is UNAVAILABLE because the server is shutting down, else "loading"; None without an
+        answer (the deadline, a server without the method)."""
+        left = _left(deadline)
+        try:
+            index = self._index(
+                kserve_pb2.RepositoryIndexRequest(),
+                timeout=5.0 if left is None else max(left, 0.001),
+                metadata=self._metadata,
+            )
+        except grpc.RpcError:
+            return None
+        for entry in index.models:
+            if entry.state == "UNAVAILABLE" and "shutting down" in entry.reason:
+                return "draining"
+        return "loading"
+
+    def _not_ready(
+        self, model: str | None, seconds: float | None, state: str | None
+    ) -> ClientError:
         within = "the timeout" if seconds is None else f"{seconds:g} s"
-        if not answered:
+        if state is None:
             # gRPC's wait for a connection hides why it failed: a TLS mismatch too.
             message = (
                 f"expected a server at {self.target}, got no answer within {within}; check the "
                 f"address, that `python -m serve` is running, {_tls_hint(self._tls)}"
             )
-        else:
+        elif state == "draining":
             message = (
                 f"expected {model or 'the server'} to be ready at {self.target} within {within}, "
-                "got not ready (still loading its models, or draining); raise the timeout or "
-                "check the server's log"
+                "got a server shutting down (draining), which is not ready again; use another "
+                "replica, or restart the server and wait again"
+            )
+        else:
+            why = "still loading its models" + (", or draining" if state == "unknown" else "")
+            message = (
+                f"expected {model or 'the server'} to be ready at {self.target} within {within}, "
+                f"got not ready ({why}); raise the timeout or check the server's log"
             )
         return ClientError(grpc.StatusCode.UNAVAILABLE, message)
 
@@ -276,9 +342,14 @@ class Client:
         request that fails raises ClientError with its status and ends the stream; answers
         before it have been yielded.
         """
+        try:
+            window = operator.index(window)
+        except TypeError:
+            raise TypeError(f"expected window as an int, got {window!r}; pass e.g. 32") from None
         if window < 1:
-            raise ValueError(f"expected window >= 1, got {window}")
+            raise ValueError(f"expected window >= 1, got {window}; pass e.g. 32")
         timeout = _seconds(timeout, "timeout")
+        self._check_open()
         source = iter(batches)  # here, not on gRPC's thread: "'int' object is not iterable"
         slots = threading.Semaphore(window)
         ended = threading.Event()
@@ -344,6 +415,21 @@ class Client:
 
 
 _END = object()  # the end of ``batches``, which may hold a None by mistake
+
+
+def _message_bytes(value: int) -> int:
+    """``value`` as gRPC's message size limit: 1..2**31-1 bytes, or -1 for none. gRPC took
+    2**31 as an OverflowError from its C core, and a str or a float without a word."""
+    try:
+        size = operator.index(value)
+    except TypeError:
+        size = 0
+    if size != -1 and not 0 < size <= MAX_MESSAGE_BYTES:
+        raise ValueError(
+            f"expected max_message_bytes in 1..{MAX_MESSAGE_BYTES} (-1: no limit), got "
+            f"{value!r}; pass e.g. {DEFAULT_MAX_MESSAGE_BYTES}"
+        )
+    return size
 
 
 def _seconds(value: float | None, name: str) -> float | None:

@@ -5,16 +5,19 @@ from __future__ import annotations
 import pickle
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
+from protos import kserve_pb2
 from serve.background import BackgroundServer
 from serve.client import Client, ClientError
 from serve.config import ServerConfig
-from tests.serve.conftest import server_held_loading
+from tests.serve.conftest import free_port, server_held_loading
 from tests.serve.pki import make_pki
 
 GOOD = np.zeros((1, 3, 8, 8), np.float32)
@@ -212,3 +215,101 @@ def test_classify_refuses_one_image_array_where_a_list_is_expected(
             client.classify("tiny", GOOD[0])
         assert len(client.classify("tiny", [GOOD[0]], top_k=1)[0]) == 1
         assert len(client.classify("tiny", GOOD, top_k=1)) == 1  # [N, C, H, W] still works
+
+
+def _drain(server: BackgroundServer) -> None:
+    """Start ``server``'s drain as its stop does, without stopping it."""
+
+    async def drain() -> None:
+        assert server.server is not None
+        server.server.state.drain()
+
+    server.call(drain)
+
+
+def test_wait_ready_on_a_draining_server_says_it_is_shutting_down(
+    start_server: Callable[..., BackgroundServer],
+) -> None:
+    """It said "still loading its models, or draining; raise the timeout": a draining server
+    is not ready again, however long one waits."""
+    server = start_server()
+    with Client(f"127.0.0.1:{server.port}") as client:
+        client.wait_ready("tiny", timeout=30)
+        _drain(server)
+        for model in (None, "tiny"):
+            with pytest.raises(ClientError) as caught:
+                client.wait_ready(model, timeout=0.5)
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            message = str(caught.value)
+            assert "got a server shutting down (draining), which is not ready again" in message
+            assert "raise the timeout" not in message
+
+
+def test_wait_ready_waits_through_a_restart_at_the_same_address(
+    base_config: ServerConfig,
+) -> None:
+    """A draining server is waited for all the same: the one restarted in its place becomes
+    ready at the same address."""
+    config = replace(base_config, port=free_port())
+    first = BackgroundServer(config)
+    first.start()
+    running = [first]
+    try:
+        with Client(f"127.0.0.1:{config.port}") as client, ThreadPoolExecutor(1) as pool:
+            client.wait_ready("tiny", timeout=30)
+            _drain(first)
+            waiting = pool.submit(client.wait_ready, "tiny", 60)
+            running.remove(first)
+            first.close()
+            second = BackgroundServer(config)
+            second.start()
+            running.append(second)
+            waiting.result(60)
+            assert client.infer("tiny", GOOD).shape == (1, 5)
+    finally:
+        for server in running:
+            server.close()
+
+
+def test_wait_ready_waits_for_a_server_that_stopped_under_its_call() -> None:
+    """A ServerReady call cut off by the server's stop ended wait_ready at once with
+    "UNAVAILABLE: ... stopped before answering", though a server was restarting there."""
+    port = free_port()
+    called = threading.Event()
+    release = threading.Event()
+
+    def start(ready: bool) -> grpc.Server:
+        def server_ready(request: object, context: grpc.ServicerContext) -> object:
+            if not ready:
+                called.set()
+                release.wait(30)
+            return kserve_pb2.ServerReadyResponse(ready=ready)
+
+        method = grpc.unary_unary_rpc_method_handler(
+            server_ready,
+            request_deserializer=kserve_pb2.ServerReadyRequest.FromString,
+            response_serializer=kserve_pb2.ServerReadyResponse.SerializeToString,
+        )
+        server = grpc.server(ThreadPoolExecutor(2))
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService", {"ServerReady": method}
+            ),)
+        )  # fmt: skip
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        return server
+
+    stopping = start(ready=False)  # answers once it has been stopped under the call
+    servers = [stopping]
+    try:
+        with Client(f"127.0.0.1:{port}") as client, ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(client.wait_ready, None, 60)
+            assert called.wait(30)
+            stopping.stop(0).wait(30)
+            servers.append(start(ready=True))
+            waiting.result(60)
+    finally:
+        release.set()
+        for server in servers:
+            server.stop(0).wait(30)
