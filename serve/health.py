@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serve.cli_help import DefaultsFormatter
 from serve.config import MAX_DEADLINE_S
+from serve.errors import shown
 from serve.security import check_certificates, key_pair, read_file
 from serve.targets import check_target
 
@@ -33,6 +34,19 @@ EXIT_SERVING = 0
 EXIT_NOT_SERVING = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+_MODEL_NAMES = "a model is named after its .onnx file's stem or its folder in the model repository"
+
+
+def unknown_service(service: str) -> str:
+    """The server's NOT_FOUND message for a health Check of ``service``, a name it does not
+    serve. It names no served model: Check needs no token (kubelet's probe sends none), so
+    the names are left to health List and RepositoryIndex, which do."""
+    return (
+        f"expected service '' (the whole server) or a served model's name, got "
+        f"{shown(service)}; check the model name: {_MODEL_NAMES} (health List or RepositoryIndex "
+        "lists them)"
+    )
 
 
 @dataclass(frozen=True)
@@ -107,12 +121,14 @@ def probe(config: ProbeConfig) -> tuple[int, str]:
         except grpc.RpcError as e:
             code, details = e.code(), e.details()
             if code == grpc.StatusCode.NOT_FOUND:
+                if details:  # ours says what to ask for (``unknown_service``)
+                    return EXIT_NOT_SERVING, (
+                        f"UNKNOWN: {what} is not served at {config.target}: {details}"
+                    )
                 # The standard health servicer answers NOT_FOUND without details.
-                why = details or "its health service knows no such name"
                 return EXIT_NOT_SERVING, (
-                    f"UNKNOWN: {what} is not served at {config.target} ({why}); check the "
-                    "model name: a model is named after its .onnx file's stem or its folder "
-                    "in the model repository"
+                    f"UNKNOWN: {what} is not served at {config.target} (its health service "
+                    f"knows no such name); check the model name: {_MODEL_NAMES}"
                 )
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return EXIT_NOT_SERVING, (

@@ -8,12 +8,15 @@ import grpc
 from grpc import aio
 
 from protos import kserve_pb2 as pb
+from serve.errors import not_found, shown
 from serve.kserve_codec import decode_request, encode_response
 from serve.state import VERSION, ServingState, serves_version
 from serve.streaming import Stream
 from serve.wire import Undecodable, checked, deserializer, require_parsed
 
 SERVICE = "inference.GRPCInferenceService"
+# The package clients know our KServe messages by (Triton's); ours is private (DESIGN.md).
+WIRE_PACKAGE = SERVICE.rpartition(".")[0]
 PLATFORM = "onnxruntime_onnx"
 SERVER_NAME = "onnx-classifier-serving"
 SERVER_VERSION = "0.1.0"
@@ -107,11 +110,20 @@ class KServeServicer:
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        """Triton's per-model totals (serve/statistics.py); every model when no name is given."""
+        """Triton's per-model totals (serve/statistics.py); every model when no name is given
+        (at a version every model is served at: "" or "1")."""
         if request.name:
             names = [self.state.model(request.name, request.version).info.name]
-        else:
+        elif serves_version(request.version):
             names = sorted(self.state.models)
+        else:
+            # Triton ignores the version without a name; here every model has version 1 only,
+            # so any other version would get version 1's totals without a word.
+            raise not_found(
+                f"expected version '' or {VERSION!r} with no model name (every model's "
+                f"statistics), got {shown(request.version)}; this server serves version "
+                f"{VERSION} only: leave the version empty, or name the model too"
+            )
         stats = []
         for name in names:
             tally = self.state.metrics.statistics(name) if self.state.metrics else None
@@ -170,6 +182,11 @@ def _unsupported(method: str) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(refuse)  # raw bytes: nothing to parse
 
 
+def _deserializer(message_type: type) -> Callable:
+    """``serve.wire.deserializer`` naming the message as Triton's .proto does."""
+    return deserializer(message_type, f"{WIRE_PACKAGE}.{message_type.DESCRIPTOR.name}")
+
+
 def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
     """The generic handler that serves ``servicer`` on ``/inference.GRPCInferenceService/*``.
 
@@ -217,14 +234,14 @@ def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             behavior,
-            request_deserializer=deserializer(request),
+            request_deserializer=_deserializer(request),
             response_serializer=response.SerializeToString,
         )
         for name, (behavior, request, response) in methods.items()
     }
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
         servicer.ModelStreamInfer,
-        request_deserializer=deserializer(pb.ModelInferRequest),
+        request_deserializer=_deserializer(pb.ModelInferRequest),
         response_serializer=pb.ModelStreamInferResponse.SerializeToString,
     )
     handlers.update({method: _unsupported(method) for method in UNSUPPORTED})

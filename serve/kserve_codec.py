@@ -106,9 +106,15 @@ def _requested_classes(model: Model, request: pb.ModelInferRequest) -> int | Non
     choice = param.WhichOneof("parameter_choice")
     k = param.int64_param if choice == "int64_param" else param.uint64_param
     if choice not in ("int64_param", "uint64_param") or k < 1:
+        if choice is None:  # the parameter sent with none of its value fields set
+            got = "the parameter without a value"
+        else:
+            got = f"{choice} {shown(getattr(param, choice))}"
         raise invalid(
-            f"expected the classification parameter to be an integer >= 1, got "
-            f"{shown(getattr(param, choice) if choice else None)}; pass class_count=k"
+            f"expected the classification parameter of output {info.output_name!r} to hold "
+            f"the number of top classes wanted, an integer >= 1 in int64_param, got {got}; "
+            f"send e.g. int64_param 5 (tritonclient: InferRequestedOutput("
+            f"{info.output_name!r}, class_count=5))"
         )
     return min(int(k), info.num_classes)
 

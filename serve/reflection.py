@@ -29,6 +29,8 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from protos import classifier_pb2, kserve_pb2
+from serve.errors import not_found
+from serve.health import unknown_service
 from serve.wire import checked, checked_stream, deserializer
 
 UPSTREAM_PACKAGE = "inference"
@@ -170,11 +172,19 @@ def health_handler(
             answer.statuses[name].CopyFrom(status)
         return answer
 
+    # The stock Check answers an unknown name NOT_FOUND with an empty message.
+    async def check(
+        request: health_pb2.HealthCheckRequest, context: aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        if request.service not in names():
+            raise not_found(unknown_service(request.service))
+        return await servicer.Check(request, context)
+
     request = deserializer(health_pb2.HealthCheckRequest)
     answer = health_pb2.HealthCheckResponse.SerializeToString
     methods = {
         "Check": grpc.unary_unary_rpc_method_handler(
-            checked(servicer.Check), request_deserializer=request, response_serializer=answer
+            checked(check), request_deserializer=request, response_serializer=answer
         ),
         "Watch": grpc.unary_stream_rpc_method_handler(
             checked(watch), request_deserializer=request, response_serializer=answer

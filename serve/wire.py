@@ -9,6 +9,7 @@ unary methods (KServe metadata, health), ``checked_stream`` in front of reflecti
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -33,20 +34,31 @@ class Undecodable:
     version = ""
     id = ""
 
-    def __init__(self, message: str, error: str) -> None:
+    def __init__(self, message: str, wire_name: str, error: str) -> None:
         self.message = message
+        self.wire_name = wire_name
         self.error = error
 
 
-def deserializer(message_type: type[M]) -> Callable[[bytes], M | Undecodable]:
-    """A request deserializer for ``message_type`` that returns ``Undecodable`` on failure."""
+# protobuf's DecodeError opens with the message's full name in our own descriptor pool: for
+# the KServe messages a private package (kserve.v2, DESIGN.md) that no client's .proto has.
+_PARSE_ERROR_PREFIX = re.compile(r"^Error parsing message(?: with type '[^']*')?:?\s*")
+
+
+def deserializer(
+    message_type: type[M], wire_name: str | None = None
+) -> Callable[[bytes], M | Undecodable]:
+    """A request deserializer for ``message_type`` that returns ``Undecodable`` on failure;
+    ``wire_name`` is the message's full name as clients know it (default: its own)."""
     name = message_type.DESCRIPTOR.name
+    full_name = wire_name or message_type.DESCRIPTOR.full_name
 
     def parse(data: bytes) -> M | Undecodable:
         try:
             return message_type.FromString(data)
         except DecodeError as e:
-            return Undecodable(name, str(e))
+            reason = _PARSE_ERROR_PREFIX.sub("", str(e)) or "not a protobuf encoding"
+            return Undecodable(name, full_name, reason[:1].lower() + reason[1:])
 
     return parse
 
@@ -56,7 +68,8 @@ def require_parsed(request: M | Undecodable) -> M:
     if isinstance(request, Undecodable):
         raise invalid(
             f"expected a serialized {request.message}, got bytes that do not parse "
-            f"({request.error}); build the message from the service's .proto"
+            f"({request.error}); check that the client builds {request.wire_name} from the "
+            f"service's .proto (`grpcurl describe {request.wire_name}` shows it)"
         )
     return request
 
