@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import codecs
 import hmac
 import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
@@ -105,6 +107,81 @@ def _check_pair(
         ) from e
 
 
+# Dates are read from the DER bytes by hand: Python's ssl module decodes only a peer's or a
+# CA's certificate, and the `cryptography` package is not in a serving install.
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.DOTALL
+)
+_UTC_TIME, _GENERALIZED_TIME, _EXPLICIT_VERSION = 0x17, 0x18, 0xA0
+
+
+def _der_item(der: bytes, at: int) -> tuple[int, int, int]:
+    """The tag, content start and content end of the DER item at offset ``at``."""
+    tag, length, start = der[at], der[at + 1], at + 2
+    if length & 0x80:  # long form: the low bits count the length's bytes
+        count = length & 0x7F
+        length = int.from_bytes(der[start : start + count], "big")
+        start += count
+    if start + length > len(der):
+        raise ValueError("a DER item runs past the end")
+    return tag, start, start + length
+
+
+def _der_time(tag: int, value: bytes) -> datetime:
+    text = value.decode("ascii")
+    if tag == _UTC_TIME:  # YYMMDDHHMMSSZ; RFC 5280: years 50-99 are 19YY, the rest 20YY
+        text = f"{19 if int(text[:2]) >= 50 else 20}{text}"
+    elif tag != _GENERALIZED_TIME:
+        raise ValueError(f"expected a UTCTime or GeneralizedTime, got tag {tag:#x}")
+    return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=timezone.utc)
+
+
+def validity(der: bytes) -> tuple[datetime, datetime]:
+    """notBefore and notAfter of the DER X.509 certificate ``der``; ValueError or IndexError
+    when it is not one (RFC 5280, 4.1: validity is TBSCertificate's fifth field, after the
+    optional [0] version, serialNumber, signature and issuer)."""
+    _, tbs, _ = _der_item(der, _der_item(der, 0)[1])
+    tag, _, end = _der_item(der, tbs)
+    at = end if tag == _EXPLICIT_VERSION else tbs
+    for _ in range(3):  # serialNumber, signature, issuer
+        at = _der_item(der, at)[2]
+    _, at, _ = _der_item(der, at)
+    tag, start, end = _der_item(der, at)
+    not_before = _der_time(tag, der[start:end])
+    tag, start, end = _der_item(der, end)
+    return not_before, _der_time(tag, der[start:end])
+
+
+def warn_if_out_of_date(path: Path, pem: bytes, flag: str, now: datetime | None = None) -> None:
+    """Log one warning when a certificate in ``pem`` (the file ``path`` given as ``flag``)
+    has expired or is not valid yet: gRPC serves it all the same, and clients refuse it."""
+    now = now or datetime.now(timezone.utc)
+    blocks = _PEM_CERTIFICATE.findall(pem)
+    for position, block in enumerate(blocks, 1):
+        try:
+            not_before, not_after = validity(base64.b64decode(block))
+        except (ValueError, IndexError):  # OpenSSL loaded it: not expected, and not fatal
+            _log.debug("certificate %d in %s: validity dates unreadable", position, path)
+            continue
+        which = f"certificate {position} of {len(blocks)} in" if len(blocks) > 1 else "certificate"
+        if now > not_after:
+            _log.warning(
+                "%s %s %r expired on %s UTC (notAfter): TLS clients will refuse it; renew it "
+                "and restart the server",
+                flag, which, str(path), not_after.strftime("%Y-%m-%d %H:%M:%S"),
+            )  # fmt: skip
+        elif now < not_before:
+            _log.warning(
+                "%s %s %r is not valid before %s UTC (notBefore; notAfter %s): TLS clients "
+                "will refuse it until then; check this host's clock or the certificate's dates",
+                flag, which, str(path), not_before.strftime("%Y-%m-%d %H:%M:%S"),
+                not_after.strftime("%Y-%m-%d %H:%M:%S"),
+            )  # fmt: skip
+        else:
+            continue
+        return
+
+
 def check_client_certificate_flags(ca: Path | None, cert: Path | None, key: Path | None) -> None:
     """ValueError unless ``--cert``/``--key`` come with ``--ca``: a client certificate needs TLS
     (the command lines of serve.client and serve.bench)."""
@@ -156,12 +233,14 @@ def server_credentials(
             )
         return None
     key_pem, cert_pem = pair
+    warn_if_out_of_date(cert, cert_pem, "--tls-cert")
     ca_pem = None
     if client_ca is not None:
         ca_pem = read_file(client_ca, "PEM CA certificate", "--tls-client-ca")
         check_certificates(
             client_ca, "--tls-client-ca", "pass the CA that signs client certificates"
         )
+        warn_if_out_of_date(client_ca, ca_pem, "--tls-client-ca")
     return grpc.ssl_server_credentials(
         [(key_pem, cert_pem)],
         root_certificates=ca_pem,
