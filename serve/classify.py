@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 import grpc
@@ -28,6 +30,17 @@ MAX_DECODED_BYTES = 1 << 30
 # per-call bound, 40 concurrent calls of 1783 tiny GIFs (77 KB each) held 40 GiB at 3x224x224
 # while they waited for decoding and in the model's queue (it bounds rows, not bytes).
 MAX_HELD_DECODED_BYTES = 4 << 30
+# Source pixels of one call's encoded images, read from their headers before any is decoded
+# (when each could be as large as --max-image-pixels allows; a call of one such image always
+# passes). Decoding costs 8-25 ns a pixel whatever the bytes: a 40-megapixel palette PNG of
+# one colour is 5 KB, and a 64 MiB call of them held a decoder thread for 10 minutes at
+# 3x224x224 (an hour for smaller inputs). 2**30 takes 25 s at most; 64 MiB of 12-megapixel
+# camera JPEGs (~3 MB each) is a quarter of it.
+MAX_SOURCE_PIXELS = 1 << 30
+# A call's images are decoded a slice of about this many seconds at a time, each slice a task
+# of its own in the decoder pool (first in, first out), so that calls take turns: as one task,
+# a small call waited until every image of the calls ahead of it was decoded.
+DECODE_SLICE_S = 0.05
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
@@ -47,9 +60,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             if not parsed.images:
                 raise invalid("expected at least one image in ClassifyRequest.images, got none")
             model.batcher.check_rows(len(parsed.images))  # before decoding any of them
-            held = self._hold(model.info, parsed)
+            encoded = _encoded_count(model.info, parsed)
+            held = self._hold(encoded * _row_bytes(model.info))
             try:
-                rows = await self._rows(model, parsed)
+                rows = await self._rows(model, parsed, encoded)
                 logits = await model.batcher.infer(rows, self.state.deadline(context))
                 return _encode(
                     model, logits, parsed.top_k or DEFAULT_TOP_K, self.state.max_message_bytes
@@ -59,10 +73,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
         return await self.state.run(context, request.model, work)
 
-    def _hold(self, info: ModelInfo, request: pb.ClassifyRequest) -> int:
-        """Reserve the decoded size of the request's encoded images (the caller gives it
-        back); RESOURCE_EXHAUSTED when other calls hold too much. Runs on the event loop."""
-        size = _decoded_size(info, request)
+    def _hold(self, size: int) -> int:
+        """Reserve ``size`` bytes of decoded rows (the caller gives them back);
+        RESOURCE_EXHAUSTED when other calls hold too much. Runs on the event loop."""
         if self._held and self._held + size > MAX_HELD_DECODED_BYTES:
             raise ServeError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -73,27 +86,36 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self._held += size
         return size
 
-    async def _rows(self, model: Model, request: pb.ClassifyRequest) -> np.ndarray:
-        """The request's images as float32 rows, decoded on a decoder thread. Tensors alone
-        are only copied: on the loop's default executor, so that they never wait behind other
-        calls' images for a decoder thread (nor hold the loop: 65 536 take 0.2 s)."""
-        abandoned = threading.Event()
-        encoded = any(image.WhichOneof("source") == "encoded" for image in request.images)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._decoder if encoded else None,
-                _decode_all,
-                model,
-                request,
-                self.state.max_image_pixels,
-                abandoned,
-            )
-        except asyncio.CancelledError:
-            # gRPC cancels the call when the client goes away or its deadline passes; the
-            # worker thread cannot be cancelled, so it stops at its next image instead of
-            # decoding the rest (up to a thousand large images) for nobody.
-            abandoned.set()
-            raise
+    async def _rows(self, model: Model, request: pb.ClassifyRequest, encoded: int) -> np.ndarray:
+        """The request's images as float32 rows, decoded on decoder threads after their
+        headers were checked against ``MAX_SOURCE_PIXELS``. Tensors alone are only copied: on
+        the loop's default executor, so that they never wait behind other calls' images for a
+        decoder thread (nor hold the loop: 65 536 take 0.2 s)."""
+        info, given = model.info, request.images
+        max_pixels = self.state.max_image_pixels
+        executor = self._decoder if encoded else None
+        limit = max(MAX_SOURCE_PIXELS, max_pixels)
+        if encoded * max_pixels > limit:  # else no call could pass it
+            sizes = [0] * len(given)
+
+            def measure(i: int) -> None:
+                if given[i].WhichOneof("source") == "encoded":
+                    sizes[i] = images.pixels(info, given[i].encoded, i, max_pixels)
+
+            await _in_slices(executor, measure, len(given))
+            if sum(sizes) > limit:
+                raise invalid(
+                    f"expected encoded images of at most {limit} pixels in all per call, got "
+                    f"{sum(sizes)} in {encoded} images; send fewer images per call or smaller "
+                    "images"
+                )
+        rows = np.empty((len(given), *info.sample_shape), dtype=np.float32)
+
+        def decode(i: int) -> None:
+            rows[i] = _decode_one(info, given[i], i, max_pixels)
+
+        await _in_slices(executor, decode, len(given))
+        return rows
 
 
 def handler(servicer: ClassifierServicer) -> grpc.GenericRpcHandler:
@@ -107,34 +129,58 @@ def handler(servicer: ClassifierServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler("classifier.v1.Classifier", {"Classify": classify})
 
 
-def _decode_all(
-    model: Model, request: pb.ClassifyRequest, max_pixels: int, abandoned: threading.Event
-) -> np.ndarray:
-    info = model.info
-    out = np.empty((len(request.images), *info.sample_shape), dtype=np.float32)
-    count = math.prod(info.sample_shape)
-    for i, image in enumerate(request.images):
+async def _in_slices(executor: Executor | None, step: Callable[[int], None], count: int) -> None:
+    """``step(i)`` for every i below ``count`` on ``executor``'s threads, as one task per
+    ``DECODE_SLICE_S`` seconds or so, so that other calls' tasks run in between."""
+    loop = asyncio.get_running_loop()
+    abandoned = threading.Event()
+    done = 0
+    try:
+        while done < count:
+            done = await loop.run_in_executor(executor, _slice, step, done, count, abandoned)
+    except asyncio.CancelledError:
+        # gRPC cancels the call when the client goes away or its deadline passes; the
+        # worker thread cannot be cancelled, so it stops at its next image instead of
+        # decoding the rest of its slice for nobody.
+        abandoned.set()
+        raise
+
+
+def _slice(step: Callable[[int], None], start: int, count: int, abandoned: threading.Event) -> int:
+    """``step`` from ``start`` until ``count`` or ``DECODE_SLICE_S`` seconds (at least one
+    step); returns where it stopped."""
+    until = time.monotonic() + DECODE_SLICE_S
+    i = start
+    while i < count:
         if abandoned.is_set():
             raise ServeError(grpc.StatusCode.CANCELLED, "the call was cancelled while decoding")
-        source = image.WhichOneof("source")
-        if source == "encoded":
-            out[i] = images.decode(info, image.encoded, i, max_pixels)
-        elif source == "tensor":
-            shape = tuple(image.tensor.shape)
-            if shape != info.sample_shape:
-                raise invalid(
-                    f"expected tensor {i} of shape {list(info.sample_shape)} for model "
-                    f"{info.name}, got {shown(list(shape))}; {_shape_hint(info, shape)}"
-                )
-            if len(image.tensor.data) != count * 4:
-                raise invalid(
-                    f"expected {count * 4} bytes of little-endian float32 in tensor {i}, got "
-                    f"{len(image.tensor.data)}; send product(shape) float32 values"
-                )
-            out[i] = np.frombuffer(image.tensor.data, dtype="<f4").reshape(shape)
-        else:
-            raise invalid(f"expected image {i} to set encoded or tensor, got neither; set one")
-    return out
+        step(i)
+        i += 1
+        if time.monotonic() >= until:
+            break
+    return i
+
+
+def _decode_one(info: ModelInfo, image: pb.Image, i: int, max_pixels: int) -> np.ndarray:
+    """Image ``i`` of a request as one float32 row."""
+    source = image.WhichOneof("source")
+    if source == "encoded":
+        return images.decode(info, image.encoded, i, max_pixels)
+    if source != "tensor":
+        raise invalid(f"expected image {i} to set encoded or tensor, got neither; set one")
+    shape = tuple(image.tensor.shape)
+    if shape != info.sample_shape:
+        raise invalid(
+            f"expected tensor {i} of shape {list(info.sample_shape)} for model "
+            f"{info.name}, got {shown(list(shape))}; {_shape_hint(info, shape)}"
+        )
+    count = math.prod(info.sample_shape)
+    if len(image.tensor.data) != count * 4:
+        raise invalid(
+            f"expected {count * 4} bytes of little-endian float32 in tensor {i}, got "
+            f"{len(image.tensor.data)}; send product(shape) float32 values"
+        )
+    return np.frombuffer(image.tensor.data, dtype="<f4").reshape(shape)
 
 
 def _mib(size: int) -> str:
@@ -142,11 +188,10 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f}" if size < 10 << 20 else str(size >> 20)
 
 
-def _decoded_size(info: ModelInfo, request: pb.ClassifyRequest) -> int:
-    """Bytes of float32 rows the request's encoded images decode to; INVALID_ARGUMENT above
+def _encoded_count(info: ModelInfo, request: pb.ClassifyRequest) -> int:
+    """The request's encoded images; INVALID_ARGUMENT when their rows would take more than
     ``MAX_DECODED_BYTES``."""
-    row_bytes = 4 * math.prod(info.sample_shape)
-    limit = max(1, MAX_DECODED_BYTES // row_bytes)
+    limit = max(1, MAX_DECODED_BYTES // _row_bytes(info))
     encoded = sum(1 for image in request.images if image.WhichOneof("source") == "encoded")
     if encoded > limit:
         raise invalid(
@@ -154,7 +199,11 @@ def _decoded_size(info: ModelInfo, request: pb.ClassifyRequest) -> int:
             f"({MAX_DECODED_BYTES >> 20} MiB once decoded to float32 "
             f"{list(info.sample_shape)}), got {encoded}; send them in several calls"
         )
-    return encoded * row_bytes
+    return encoded
+
+
+def _row_bytes(info: ModelInfo) -> int:
+    return 4 * math.prod(info.sample_shape)
 
 
 def _shape_hint(info: ModelInfo, shape: tuple[int, ...]) -> str:

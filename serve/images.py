@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -43,6 +45,15 @@ def use_own_pixel_limit() -> None:
     Image.MAX_IMAGE_PIXELS = None
 
 
+def pixels(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> int:
+    """Width times height from the header of encoded image ``index``, no pixel decoded; the
+    same INVALID_ARGUMENT as ``decode`` for bytes that are not an image or one too large."""
+    _check_takes_images(info)
+    with _reading(index):
+        width, height = _open(data, index, max_pixels).size
+    return width * height
+
+
 def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndarray:
     """One image as float32 [C, H, W]: turned upright (EXIF orientation), channels converted,
     resized, scaled to [0, 1], normalized.
@@ -50,28 +61,48 @@ def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndar
     The size in the header is checked before any pixel is decoded, so a decompression bomb
     costs nothing. Raises INVALID_ARGUMENT for anything that is not a decodable image.
     """
+    channels, height, width = _check_takes_images(info)
+    with _reading(index):
+        image = _open(data, index, max_pixels)
+        image.load()  # the first frame of an animation; errors in the pixel data end here
+        array = _pixels(image, channels, (width, height))
+    mean = np.asarray(info.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(info.std, dtype=np.float32)[:, None, None]
+    return np.ascontiguousarray((array.transpose(2, 0, 1) - mean) / std, dtype=np.float32)
+
+
+def _check_takes_images(info: ModelInfo) -> tuple[int, int, int]:
+    """The model's (C, H, W); INVALID_ARGUMENT unless it takes 1- or 3-channel images."""
     shape = info.image_shape
     if shape is None or shape[0] not in _MODES:
         raise invalid(
             f"expected tensors for model {info.name} (input {list(info.sample_shape)} is not an "
             "image with 1 or 3 channels), got encoded image bytes; send Image.tensor instead"
         )
-    channels, height, width = shape
+    return shape
+
+
+def _open(data: bytes, index: int, max_pixels: int) -> Image.Image:
+    """Image ``index`` with only its header read, refused when empty or above ``max_pixels``."""
     if not data:  # an empty file read, or the wrong variable sent
         raise invalid(
             f"expected image {index} to be a {_NAMES} image, got 0 bytes; send the file's bytes"
         )
+    # Image.open reads only the header (python -m serve turns Pillow's own limit off).
+    image = Image.open(io.BytesIO(data), formats=FORMATS)
+    if image.size[0] * image.size[1] > max_pixels:
+        raise invalid(
+            f"expected images of at most {max_pixels} pixels, got image {index} of "
+            f"{image.size[0]}x{image.size[1]}; resize it before sending"
+        )
+    return image
+
+
+@contextlib.contextmanager
+def _reading(index: int) -> Iterator[None]:
+    """Pillow's errors while reading image ``index`` as the status they deserve."""
     try:
-        # Image.open reads only the header (python -m serve turns Pillow's own limit off).
-        image = Image.open(io.BytesIO(data), formats=FORMATS)
-        pixels = image.size[0] * image.size[1]
-        if pixels > max_pixels:
-            raise invalid(
-                f"expected images of at most {max_pixels} pixels, got image {index} of "
-                f"{image.size[0]}x{image.size[1]}; resize it before sending"
-            )
-        image.load()  # the first frame of an animation; errors in the pixel data end here
-        array = _pixels(image, channels, (width, height))
+        yield
     except Image.DecompressionBombError as e:
         raise invalid(
             f"expected a reasonably sized image, got image {index} refused by Pillow ({e}); "
@@ -97,9 +128,6 @@ def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndar
             f"expected image {index} to be a complete {_NAMES} image, got an undecodable one "
             f"({type(e).__name__}: {shown(str(e))}); check the file"
         ) from e
-    mean = np.asarray(info.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(info.std, dtype=np.float32)[:, None, None]
-    return np.ascontiguousarray((array.transpose(2, 0, 1) - mean) / std, dtype=np.float32)
 
 
 def _pixels(image: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:
