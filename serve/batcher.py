@@ -355,6 +355,9 @@ class Batcher:
                     loop.call_soon_threadsafe(_fail, batch, error)
             finally:
                 self._busy.discard(me)
+            # Idle until the next batch, the instance must not keep this one's rows alive
+            # (views of a caller's whole array: a Classify call's can be 1 GiB).
+            del batch
 
     def _run(
         self, loop: asyncio.AbstractEventLoop, batch: list[Pending], buffer: np.ndarray
