@@ -36,6 +36,12 @@ _log = logging.getLogger(__name__)
 # Put once per instance thread by ``Batcher.close``: the thread ends when it takes one.
 _STOP = None
 _THREAD_PREFIX = "ort-"  # instance threads are named ort-<model>-<i>
+# Withdrawn pieces' rows, in bytes, above which ``withdraw`` purges the queue at once. A
+# withdrawn call gives its share of Classify's decoded-rows budget back at once, so calls
+# cancelled on a busy model could keep up to --max-queue-size x --max-batch-size rows queued
+# (~37 GiB at the defaults and 3x224x224) that no budget counted. A purge walks the queue
+# (~1 ms at a depth of 1024): once per GiB withdrawn costs nothing.
+PURGE_WITHDRAWN_BYTES = 1 << 30
 
 
 @dataclass(eq=False)
@@ -166,6 +172,7 @@ class Batcher:
         self._collecting = threading.Lock()
         self._held: Pending | None = None
         self._withdrawn = False  # a queued piece may have been cancelled since the last purge
+        self._withdrawn_bytes = 0  # rows of the pieces withdrawn since the last purge
         self._busy: set[int] = set()  # idents of the instance threads inside a batch
         self._open = False
         fixed = runtime.info.fixed_batch
@@ -274,12 +281,19 @@ class Batcher:
         future.cancel()
         for piece in pieces:
             piece.future.cancel()
-        self._withdrawn = self._withdrawn or any(p.future.cancelled() for p in pieces)
+        # Not answered: still queued or in a batch (or cancelled already, when a sibling failed).
+        withdrawn = [piece for piece in pieces if piece.future.cancelled()]
+        if withdrawn:
+            self._withdrawn = True
+            self._withdrawn_bytes += sum(piece.rows.nbytes for piece in withdrawn)
+        if self._withdrawn_bytes >= PURGE_WITHDRAWN_BYTES:
+            self._purge()
 
     def _purge(self) -> int:
         """Take the withdrawn pieces out of the queue (in the loop, when it looks full);
         returns the depth left. An instance collecting meanwhile gets the rest in order."""
         self._withdrawn = False
+        self._withdrawn_bytes = 0
         kept: list[Pending | None] = []
         while True:
             try:
