@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import threading
 import time
@@ -30,12 +31,13 @@ MAX_DECODED_BYTES = 1 << 30
 # per-call bound, 40 concurrent calls of 1783 tiny GIFs (77 KB each) held 40 GiB at 3x224x224
 # while they waited for decoding and in the model's queue (it bounds rows, not bytes).
 MAX_HELD_DECODED_BYTES = 4 << 30
-# Source pixels of one call's encoded images, read from their headers before any is decoded
-# (when each could be as large as --max-image-pixels allows; a call of one such image always
-# passes). Decoding costs 8-25 ns a pixel whatever the bytes: a 40-megapixel palette PNG of
-# one colour is 5 KB, and a 64 MiB call of them held a decoder thread for 10 minutes at
-# 3x224x224 (an hour for smaller inputs). 2**30 takes 25 s at most; 64 MiB of 12-megapixel
-# camera JPEGs (~3 MB each) is a quarter of it.
+# Source pixels of one call's encoded images, each counted from its header before it is
+# decoded (a call of one image within --max-image-pixels always passes). Decoding costs 8-25 ns
+# a pixel whatever the bytes: a 40-megapixel palette PNG of one colour is 5 KB, and a 64 MiB
+# call of them held a decoder thread for 10 minutes at 3x224x224 (an hour for smaller inputs).
+# 2**30 takes 25 s at most; 64 MiB of 12-megapixel camera JPEGs (~3 MB each) is a quarter of
+# it. Counted as each image is opened to decode: reading every header first opened each image
+# twice, ~20 % of the decoding of a call of small (28x28) PNGs.
 MAX_SOURCE_PIXELS = 1 << 30
 # A call's images are decoded a slice of about this many seconds at a time, each slice a task
 # of its own in the decoder pool (first in, first out), so that calls take turns: as one task,
@@ -87,34 +89,34 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         return size
 
     async def _rows(self, model: Model, request: pb.ClassifyRequest, encoded: int) -> np.ndarray:
-        """The request's images as float32 rows, decoded on decoder threads after their
-        headers were checked against ``MAX_SOURCE_PIXELS``. Tensors alone are only copied: on
-        the loop's default executor, so that they never wait behind other calls' images for a
-        decoder thread (nor hold the loop: 65 536 take 0.2 s)."""
+        """The request's images as float32 rows, decoded on decoder threads; INVALID_ARGUMENT
+        at the encoded image that takes the call above ``MAX_SOURCE_PIXELS``, before it is
+        decoded. Tensors alone are only copied: on the loop's default executor, so that they
+        never wait behind other calls' images for a decoder thread (nor hold the loop: 65 536
+        take 0.2 s)."""
         info, given = model.info, request.images
         max_pixels = self.state.max_image_pixels
-        executor = self._decoder if encoded else None
         limit = max(MAX_SOURCE_PIXELS, max_pixels)
-        if encoded * max_pixels > limit:  # else no call could pass it
-            sizes = [0] * len(given)
+        spent = 0  # one slice at a time runs, so one thread at a time adds to it
 
-            def measure(i: int) -> None:
-                if given[i].WhichOneof("source") == "encoded":
-                    sizes[i] = images.pixels(info, given[i].encoded, i, max_pixels)
-
-            await _in_slices(executor, measure, len(given))
-            if sum(sizes) > limit:
+        def spend(i: int, pixels: int) -> None:
+            nonlocal spent
+            spent += pixels
+            if spent > limit:
                 raise invalid(
                     f"expected encoded images of at most {limit} pixels in all per call, got "
-                    f"{sum(sizes)} in {encoded} images; send fewer images per call or smaller "
-                    "images"
+                    f"{spent} by image {i} of {len(given)}; send fewer images per call or "
+                    "smaller images"
                 )
+
+        # Else no call could go above it: its images are too few.
+        counted = spend if encoded * max_pixels > limit else None
         rows = np.empty((len(given), *info.sample_shape), dtype=np.float32)
 
         def decode(i: int) -> None:
-            rows[i] = _decode_one(info, given[i], i, max_pixels)
+            rows[i] = _decode_one(info, given[i], i, max_pixels, counted)
 
-        await _in_slices(executor, decode, len(given))
+        await _in_slices(self._decoder if encoded else None, decode, len(given))
         return rows
 
 
@@ -161,11 +163,19 @@ def _slice(step: Callable[[int], None], start: int, count: int, abandoned: threa
     return i
 
 
-def _decode_one(info: ModelInfo, image: pb.Image, i: int, max_pixels: int) -> np.ndarray:
-    """Image ``i`` of a request as one float32 row."""
+def _decode_one(
+    info: ModelInfo,
+    image: pb.Image,
+    i: int,
+    max_pixels: int,
+    spend: Callable[[int, int], None] | None,
+) -> np.ndarray:
+    """Image ``i`` of a request as one float32 row; ``spend(i, pixels)`` is told each encoded
+    image's size before it is decoded."""
     source = image.WhichOneof("source")
     if source == "encoded":
-        return images.decode(info, image.encoded, i, max_pixels)
+        counted = None if spend is None else functools.partial(spend, i)
+        return images.decode(info, image.encoded, i, max_pixels, counted)
     if source != "tensor":
         raise invalid(f"expected image {i} to set encoded or tensor, got neither; set one")
     shape = tuple(image.tensor.shape)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -45,25 +45,25 @@ def use_own_pixel_limit() -> None:
     Image.MAX_IMAGE_PIXELS = None
 
 
-def pixels(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> int:
-    """Width times height from the header of encoded image ``index``, no pixel decoded; the
-    same INVALID_ARGUMENT as ``decode`` for bytes that are not an image or one too large."""
-    _check_takes_images(info)
-    with _reading(index):
-        width, height = _open(data, index, max_pixels).size
-    return width * height
-
-
-def decode(info: ModelInfo, data: bytes, index: int, max_pixels: int) -> np.ndarray:
+def decode(
+    info: ModelInfo,
+    data: bytes,
+    index: int,
+    max_pixels: int,
+    spend: Callable[[int], None] | None = None,
+) -> np.ndarray:
     """One image as float32 [C, H, W]: turned upright (EXIF orientation), channels converted,
     resized, scaled to [0, 1], normalized.
 
     The size in the header is checked before any pixel is decoded, so a decompression bomb
-    costs nothing. Raises INVALID_ARGUMENT for anything that is not a decodable image.
+    costs nothing; ``spend`` is then given width x height, and what it raises ends the decode.
+    Raises INVALID_ARGUMENT for anything that is not a decodable image.
     """
     channels, height, width = _check_takes_images(info)
     with _reading(index):
         image = _open(data, index, max_pixels)
+        if spend is not None:  # the call's bound on source pixels (serve/classify.py)
+            spend(image.size[0] * image.size[1])
         image.load()  # the first frame of an animation; errors in the pixel data end here
         array = _pixels(image, channels, (width, height))
     mean = np.asarray(info.mean, dtype=np.float32)[:, None, None]
