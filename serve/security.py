@@ -154,8 +154,14 @@ def validity(der: bytes) -> tuple[datetime, datetime]:
 
 def warn_if_out_of_date(path: Path, pem: bytes, flag: str, now: datetime | None = None) -> None:
     """Log one warning when a certificate in ``pem`` (the file ``path`` given as ``flag``)
-    has expired or is not valid yet: gRPC serves it all the same, and clients refuse it."""
+    has expired or is not valid yet: gRPC serves it all the same, and clients refuse it (the
+    server refuses the client certificates a ``--tls-client-ca`` signed)."""
     now = now or datetime.now(timezone.utc)
+    refused = (
+        "TLS clients will refuse it"
+        if flag == "--tls-cert"
+        else "the server will refuse the client certificates it signed"
+    )
     blocks = _PEM_CERTIFICATE.findall(pem)
     for position, block in enumerate(blocks, 1):
         try:
@@ -166,16 +172,15 @@ def warn_if_out_of_date(path: Path, pem: bytes, flag: str, now: datetime | None 
         which = f"certificate {position} of {len(blocks)} in" if len(blocks) > 1 else "certificate"
         if now > not_after:
             _log.warning(
-                "%s %s %r expired on %s UTC (notAfter): TLS clients will refuse it; renew it "
-                "and restart the server",
-                flag, which, str(path), not_after.strftime("%Y-%m-%d %H:%M:%S"),
+                "%s %s %r expired on %s UTC (notAfter): %s; renew it and restart the server",
+                flag, which, str(path), not_after.strftime("%Y-%m-%d %H:%M:%S"), refused,
             )  # fmt: skip
         elif now < not_before:
             _log.warning(
-                "%s %s %r is not valid before %s UTC (notBefore; notAfter %s): TLS clients "
-                "will refuse it until then; check this host's clock or the certificate's dates",
+                "%s %s %r is not valid before %s UTC (notBefore; notAfter %s): %s until "
+                "then; check this host's clock or the certificate's dates",
                 flag, which, str(path), not_before.strftime("%Y-%m-%d %H:%M:%S"),
-                not_after.strftime("%Y-%m-%d %H:%M:%S"),
+                not_after.strftime("%Y-%m-%d %H:%M:%S"), refused,
             )  # fmt: skip
         else:
             continue

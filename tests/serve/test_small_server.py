@@ -236,6 +236,8 @@ def test_a_certificate_out_of_its_dates_is_warned_once(
     server_credentials(valid, valid_key, expired)
     (warning,) = _warnings(caplog)
     assert warning.startswith(f"--tls-client-ca certificate {str(expired)!r} expired"), warning
+    # Not sent to clients: the warning once said "TLS clients will refuse it", as for a cert.
+    assert "the server will refuse the client certificates it signed" in warning, warning
 
     caplog.clear()
     chain = tmp_path / "chain.pem"
