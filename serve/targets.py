@@ -28,6 +28,12 @@ def check_target(target: str) -> None:
                 "expected unix:PATH, got 'unix:' without a path; pass e.g. unix:/run/serve.sock"
             )
         return
+    if target.lower().startswith(("http://", "https://", "grpc://", "grpcs://")):
+        # Triton's HTTP habit; gRPC would take it for a resolver's URI and fail to resolve it.
+        raise ValueError(
+            f"expected HOST:PORT, got {target!r}, a URL: gRPC targets take no scheme; pass e.g. "
+            "localhost:8001"
+        )
     if target.startswith(_OTHER_SCHEMES) or ("://" in target and not target.startswith("dns:")):
         return
     if target.startswith("dns:"):

@@ -30,6 +30,10 @@ NO_PORT = [
     ("dns:///localhost", "expected dns:///HOST:PORT, got 'dns:///localhost'; pass the port"),
     ("dns://8.8.8.8/localhost", "expected dns:///HOST:PORT"),
     ("unix:", "'unix:' without a path; pass e.g. unix:/run/serve.sock"),
+    # Taken for resolver URIs: "errors resolving", exit 1 instead of a usage error.
+    ("http://localhost", "a URL: gRPC targets take no scheme; pass e.g. localhost:8001"),
+    ("HTTPS://triton.example.com", "a URL: gRPC targets take no scheme"),
+    ("grpc://localhost:8001", "a URL: gRPC targets take no scheme"),
 ]
 
 
