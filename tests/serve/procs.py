@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from serve.benchenv import wait_serving
@@ -17,7 +18,8 @@ class ServeProcess:
     ``ready_line``, until that text is in its log: a TLS server, one still loading), kills after.
 
     stderr goes to a file (``p.log``), so a chatty server never blocks on a full pipe.
-    ``unset`` names environment variables the server starts without.
+    ``unset`` names environment variables the server starts without; ``preexec`` runs in the
+    child before the server starts (e.g. to set a signal's disposition).
     """
 
     def __init__(
@@ -29,6 +31,7 @@ class ServeProcess:
         cpus: set[int] | None = None,
         ready_line: str | None = None,
         unset: tuple[str, ...] = (),
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         self.args = args
         self.port = port
@@ -37,6 +40,7 @@ class ServeProcess:
         self.cpus = cpus  # the CPU affinity it starts with, as under `taskset`
         self.ready_line = ready_line
         self.unset = unset
+        self.preexec = preexec
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -52,7 +56,9 @@ class ServeProcess:
                 stdout=err,
                 stderr=err,
                 env=env,
-                preexec_fn=None if self.cpus is None else self._pin,
+                # None where nothing is to be done: Popen then needs no fork of this
+                # multi-threaded process running Python code before the exec.
+                preexec_fn=None if self.cpus is None and self.preexec is None else self._preexec,
             )
         if self._ready():
             return self
@@ -73,9 +79,11 @@ class ServeProcess:
             time.sleep(0.05)
         return True
 
-    def _pin(self) -> None:
-        assert self.cpus is not None
-        os.sched_setaffinity(0, self.cpus)
+    def _preexec(self) -> None:
+        if self.cpus is not None:
+            os.sched_setaffinity(0, self.cpus)
+        if self.preexec is not None:
+            self.preexec()
 
     def terminate(self) -> None:
         assert self.proc is not None
