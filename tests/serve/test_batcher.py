@@ -69,11 +69,33 @@ def test_collect_stops_at_max_rows_and_holds_the_overflow(
     assert pending.empty()
 
 
+class _ArrivesOnWait:
+    """A queue holding ``first``, to which ``late`` comes the moment a caller blocks waiting
+    for more (once). A timer putting ``late`` 50 ms on raced a collect that started late on a
+    loaded machine: it found both queued, and rightly took both."""
+
+    def __init__(self, first: Pending, late: Pending) -> None:
+        self._items = [first]
+        self._late: Pending | None = late
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Pending:
+        if not self._items and self._late is not None:
+            self._items.append(self._late)
+            self._late = None
+        return self.get_nowait()
+
+    def get_nowait(self) -> Pending:
+        if not self._items:
+            raise queue.Empty
+        return self._items.pop(0)
+
+
 def test_collect_waits_for_more_only_with_a_delay(loop: asyncio.AbstractEventLoop) -> None:
     first, late = _pending(loop, 1), _pending(loop, 1)
-    pending = _queue(first)
+    assert collect(_ArrivesOnWait(first, late), None, max_rows=8, delay=0.0)[0] == [first]
+    assert collect(_ArrivesOnWait(first, late), None, max_rows=8, delay=2.0)[0] == [first, late]
+    pending = _queue()
     threading.Timer(0.05, pending.put, (late,)).start()
-    assert collect(pending, None, max_rows=8, delay=0.0)[0] == [first]
     assert collect(pending, None, max_rows=8, delay=0.0)[0] == [late]  # blocks for the first
     third, fourth = _pending(loop, 1), _pending(loop, 1)
     pending.put(third)
