@@ -447,6 +447,10 @@ def test_each_channel_is_its_own_connection(
             async def count(opening: bool) -> None:
                 seen.append(_connections_to(server.port))
 
+            # Every channel connected before the window opens: the warm-up's first calls alone
+            # could leave one still connecting on a loaded machine. A shared pool connects once.
+            for chan in channels:
+                await asyncio.wait_for(chan.channel_ready(), 30)
             load = Load(concurrency=3, seconds=0.3, warmup=0.2)
             outcome = await run_load(channels, requests, load, count)
             assert outcome.errors == {}

@@ -8,6 +8,8 @@ correctly, while health turns NOT_SERVING and new calls get UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -258,6 +260,12 @@ def _spinning_model(path: Path) -> Path:
     return path
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time process ``pid`` has used so far (user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_a_batch_running_past_the_grace_period_does_not_hold_or_abort_the_exit(
     tmp_path: Path,
 ) -> None:
@@ -272,9 +280,16 @@ def test_a_batch_running_past_the_grace_period_does_not_hold_or_abort_the_exit(
     spin[0, 0] = 1e9  # a Loop of minutes
 
     async def scenario(server: ServeProcess) -> object:
+        assert server.proc is not None
+        idle = _cpu_seconds(server.proc.pid)
         async with aio.insecure_channel(server.target) as channel:
             call = asyncio.ensure_future(_infer(channel, infer_payload("spin", spin)))
-            await asyncio.sleep(0.5)  # queued and taken by the free instance within ms
+            # Running once the idle server has spent 0.3 s of CPU more: a fixed sleep could end
+            # before a loaded machine delivered the call, and then no batch was running.
+            until = time.monotonic() + 60
+            while _cpu_seconds(server.proc.pid) < idle + 0.3:
+                assert time.monotonic() < until, "the batch did not start within 60 s"
+                await asyncio.sleep(0.05)
             server.terminate()
             return await call
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -363,13 +364,16 @@ def test_a_second_signal_while_draining_exits_at_once(
 ) -> None:
     """Ctrl-C twice: the second one used to be ignored until --grace ran out."""
     port = free_port()
-    args = [*_args(port, str(classifier_path)), "--grace", "60"]
+    # Batches wait 10 s for company: the calls queued before the first signal hold the drain.
+    # Calls arriving alone held it only while they kept coming 0.2 s apart, which a loaded
+    # machine could miss: the server then exited 0 before the second signal.
+    args = [*_args(port, str(classifier_path)), "--grace", "60", "--max-queue-delay-us", "10000000"]
     with ServeProcess(args, port, tmp_path / "log") as proc:
         assert proc.proc is not None
         running = proc.proc
 
-        def hammer() -> None:  # a drain lasts while calls keep arriving (up to --grace)
-            with Client(proc.target, timeout=10) as client:
+        def hammer() -> None:  # a drain lasts while calls are in flight or keep arriving
+            with Client(proc.target, timeout=120) as client:
                 while running.poll() is None:
                     with contextlib.suppress(ClientError):
                         client.infer("tiny", np.zeros((1, 3, 8, 8), np.float32))
@@ -377,6 +381,7 @@ def test_a_second_signal_while_draining_exits_at_once(
         threads = [threading.Thread(target=hammer) for _ in range(2)]
         for thread in threads:
             thread.start()
+        time.sleep(1.0)  # on loopback the first calls are queued within milliseconds
         running.send_signal(signum)
         while "draining" not in proc.output():
             assert running.poll() is None, proc.output()

@@ -318,19 +318,21 @@ def _request_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_a_deadline_passing_in_the_queue_is_counted_as_deadline_not_cancelled(
     start_server, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # gRPC cancels the handler when the deadline passes, long before the 1.5 s batch window
+    # gRPC cancels the handler when the deadline passes, long before the 10 s batch window
     # closes and the batcher could answer DEADLINE_EXCEEDED itself: that cancel used to be
-    # counted as the client's own.
+    # counted as the client's own. The deadline leaves a loaded machine time to deliver the
+    # request first (with 0.3 s it could expire in the client, and the server counted none).
     caplog.set_level(logging.DEBUG)
-    bg = start_server(max_queue_delay_us=1_500_000)
+    bg = start_server(max_queue_delay_us=10_000_000)
     x = np.zeros((1, 3, 8, 8), np.float32)
     with grpc.insecure_channel(f"127.0.0.1:{bg.port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
         infer = channel.unary_unary(INFER)
-        hasty = infer.future(infer_payload("tiny", x), timeout=0.3)
+        hasty = infer.future(infer_payload("tiny", x), timeout=2)
         assert hasty.exception(timeout=30).code() == grpc.StatusCode.DEADLINE_EXCEEDED
         _settle(bg)
         withdrawn = infer.future(infer_payload("tiny", x), timeout=60)
-        time.sleep(0.3)  # queued in the open batch window
+        _settle(bg, in_flight=1)  # queued in the open batch window
         assert withdrawn.cancel()
         _settle(bg)
     assert bg.server is not None
@@ -367,7 +369,8 @@ def test_queue_depth_reads_zero_once_queued_requests_are_withdrawn_or_expire(
             busy = infer.future(infer_payload("tiny", one), timeout=60)
             assert entered.wait(30)
             withdrawn = infer.future(infer_payload("tiny", thirteen), timeout=60)  # 2 pieces
-            expired = infer.future(infer_payload("tiny", one), timeout=0.5)
+            # Long enough to be queued before it expires on a loaded machine.
+            expired = infer.future(infer_payload("tiny", one), timeout=3)
             until = time.monotonic() + 10
             while batcher.depth < 3 and time.monotonic() < until:
                 time.sleep(0.01)

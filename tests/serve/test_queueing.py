@@ -74,8 +74,10 @@ def test_instances_share_one_batch_window_instead_of_splitting_it(
     start_server: Callable[..., BackgroundServer], classifier_path: Path, reference: Reference
 ) -> None:
     # Two idle instances used to wait side by side, each taking some of the window's
-    # requests: two half batches, both after the whole delay.
-    server = start_server(instances=2, max_queue_delay_us=2_000_000)
+    # requests: two half batches, both after the whole delay. A full batch of 8 rows runs at
+    # once, so the long window costs nothing; it only has to outlast eight arrivals 50 ms
+    # apart on a loaded machine.
+    server = start_server(instances=2, max_queue_delay_us=10_000_000)
     inputs = [_rows(1, 40 + i) for i in range(16)]
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         infer = _stub(channel)
@@ -132,6 +134,16 @@ def test_deadline_passing_while_queued_is_dropped_before_compute(
     assert server.server.models["tiny"].batcher.batch_rows == {1: 1}  # the 3 rows never ran
 
 
+def _wait_in_flight(server: BackgroundServer, count: int) -> None:
+    """Wait (up to 30 s) until ``count`` requests are in flight in ``server``."""
+    assert server.server is not None
+    state = server.server.state
+    until = time.monotonic() + 30
+    while state.in_flight != count and time.monotonic() < until:
+        time.sleep(0.01)
+    assert state.in_flight == count
+
+
 def test_a_cancelled_request_is_dropped_and_others_answered(
     start_server: Callable[..., BackgroundServer], classifier_path: Path, reference: Reference
 ) -> None:
@@ -141,7 +153,7 @@ def test_a_cancelled_request_is_dropped_and_others_answered(
         infer = _stub(channel)
         kept = infer.future(_request(x), timeout=60)
         dropped = infer.future(_request(_rows(4, 8)), timeout=60)
-        time.sleep(0.3)
+        _wait_in_flight(server, 2)  # both queued in the open batch window
         assert dropped.cancel()
         np.testing.assert_allclose(_logits(kept.result()), reference(classifier_path, x), atol=1e-5)
     assert server.server.models["tiny"].batcher.batch_rows == {2: 1}

@@ -322,6 +322,15 @@ def test_sigterm_ends_an_idle_stream_unavailable_and_exits_cleanly(
     assert "Traceback" not in log and "ERROR" not in log, log
 
 
+async def _admitted(state: ServingState) -> None:
+    """Wait (up to 30 s) until a request is in flight: read by the server and queued. A fixed
+    sleep instead let a loaded machine act on the call before the server had it."""
+    until = time.monotonic() + 30
+    while state.in_flight == 0:
+        assert time.monotonic() < until, "no request reached the server within 30 s"
+        await asyncio.sleep(0.01)
+
+
 async def _drain(server: BackgroundServer, state: ServingState) -> asyncio.Future[None]:
     """Start stopping ``server`` (grace 30 s) on a thread; returns, with that stop's future, as
     soon as the server drains."""
@@ -344,7 +353,7 @@ def test_drain_answers_the_admitted_then_ends_unavailable(
         async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             call = _open(channel)
             await call.write(_request(x, "admitted"))
-            await asyncio.sleep(0.3)  # queued, its batch window still open
+            await _admitted(state)  # queued, its batch window still open
             started = time.monotonic()
             stopping = await _drain(server, state)
             await call.write(_request(x, "late"))
@@ -381,8 +390,7 @@ def test_a_closed_stream_answered_during_a_drain_ends_ok(
         async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             call = _open(channel)
             await call.write(_request(x, "last"))
-            while state.in_flight == 0:  # admitted: queued, its batch window still open
-                await asyncio.sleep(0.01)
+            await _admitted(state)  # queued, its batch window still open
             stopping = await _drain(server, state)
             await call.done_writing()
             ending = await _rest(call)
@@ -410,7 +418,7 @@ def test_a_cancelled_stream_leaves_the_server_serving(
         async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             dropped = _open(channel)
             await dropped.write(_request(_rows(4, 12), "dropped"))
-            await asyncio.sleep(0.3)  # queued in the open batch window
+            await _admitted(state)  # queued in the open batch window
             assert dropped.cancel()
             dropped_code = await dropped.code()
             kept = _open(channel)
@@ -588,14 +596,17 @@ def _settled(state: ServingState) -> None:
 def test_a_stream_deadline_passing_in_the_queue_is_counted_as_deadline(
     start_server: Callable[..., BackgroundServer], caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The stream's deadline ends the call while its request waits in the 1.5 s batch window;
-    # the request was counted as cancelled, as if the client had gone away.
-    server, state = _quiet_server(start_server, caplog, max_queue_delay_us=1_500_000)
+    # The stream's deadline ends the call while its request waits in the 10 s batch window;
+    # the request was counted as cancelled, as if the client had gone away. The deadline
+    # leaves a loaded machine time to deliver the request first (with 0.3 s the stream could
+    # end before the server read it, and nothing was counted).
+    server, state = _quiet_server(start_server, caplog, max_queue_delay_us=10_000_000)
     caplog.set_level(logging.DEBUG)
 
     async def scenario() -> tuple[Answers, grpc.StatusCode, str]:
         async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            call = _open(channel, timeout=0.3)
+            await channel.channel_ready()
+            call = _open(channel, timeout=2)
             await call.write(_request(_rows(2, 15), "hasty"))
             return await _rest(call)
 
