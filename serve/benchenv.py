@@ -3,6 +3,7 @@ the server's Prometheus metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -165,9 +166,19 @@ def measure_in_process(
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports: each is held until all are picked, since two ports taken
+    one after the other (a gRPC and a metrics port) can be the same one."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            s = held.enter_context(socket.socket())
+            s.bind((host, 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 def wait_serving(proc: subprocess.Popen[bytes], target: str, timeout: float) -> bool:
@@ -196,8 +207,7 @@ class SpawnedServer:
     ) -> None:
         self.model = model
         self.args = args
-        self.port = free_port()
-        self.metrics_port = free_port()
+        self.port, self.metrics_port = free_ports(2)
         self.ready_timeout = ready_timeout
         self.progress_every = progress_every
         self.proc: subprocess.Popen[bytes] | None = None

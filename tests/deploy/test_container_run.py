@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from tests.deploy.test_manifests import _dockerfile
-from tests.serve.conftest import free_port, make_classifier
+from tests.serve.conftest import free_ports, make_classifier
 from tests.serve.procs import probe_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_deployment_command_logs_only_json_with_an_unwritable_home(tmp_path: Pat
     blocker.write_text("")  # a home below a file cannot be created, not even by root
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **_image_env()}
     env["HOME"] = str(blocker / "home")
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     args = _deployment_args()
     assert "--log-format" in args and args[args.index("--log-format") + 1] == "json"
     # argparse keeps the last value of a repeated option: these override the manifest's.

@@ -29,7 +29,7 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.serve.conftest import free_port, make_classifier
+from tests.serve.conftest import free_ports, make_classifier
 from tests.serve.procs import probe_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,7 +146,7 @@ def test_entrypoint_serves_a_model(serving_venv: Path, tmp_path: Path) -> None:
     repository = tmp_path / "models"
     (repository / "tiny" / "1").mkdir(parents=True)
     make_classifier(repository / "tiny" / "1" / "model.onnx")
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     log = tmp_path / "serve.log"
     with log.open("wb") as err:
         proc = subprocess.Popen(

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import serve.server as server_module
 from serve.background import BackgroundServer
-from serve.benchenv import free_port
+from serve.benchenv import free_port, free_ports  # noqa: F401 (free_ports: for the tests)
 from serve.config import ServerConfig
 
 

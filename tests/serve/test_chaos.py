@@ -29,7 +29,7 @@ from grpc import aio
 
 from protos import kserve_pb2 as pb
 from serve.background import BackgroundServer
-from serve.benchenv import free_port
+from serve.benchenv import free_ports
 from tests.serve.conftest import reference
 from tests.serve.procs import ServeProcess
 from tests.serve.test_batching_faults import _gather_model
@@ -447,7 +447,7 @@ def test_many_misbehaving_clients_at_once_leave_the_server_sound(
     from tests.serve.test_batching_faults import _rows as gather_rows
 
     paths = {"tiny": classifier_path, "gather": _gather_model(tmp_path / "gather.onnx")}
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     args = [*map(str, paths.values()), "--host", "127.0.0.1", "--port", str(port),
             "--metrics-port", str(metrics_port), "--device", "cpu", "--intra-op-threads", "1",
             "--max-batch-size", "4", "--max-queue-size", "6", "--instances", "2",

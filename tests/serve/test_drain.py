@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 
 from serve.client import Client, ClientError
-from tests.serve.conftest import free_port, reference
+from tests.serve.conftest import free_port, free_ports, reference
 from tests.serve.procs import ServeProcess
 from tests.serve.v2 import INFER, infer_payload, reply_logits
 
@@ -181,7 +181,7 @@ def test_sigterm_while_warming_up_stops_without_finishing_the_warm_up(tmp_path: 
     """Each warm-up run of this model spins for seconds; a SIGTERM once the session exists
     must end the process with 0 before the remaining buckets run, never reporting ready."""
     model = _slow_model(tmp_path / "slow.onnx", iterations=3_000_000)
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     args = [
         str(model), "--host", "127.0.0.1", "--port", str(port),
         "--metrics-port", str(metrics_port), "--device", "cpu",

@@ -27,7 +27,7 @@ import numpy as np
 from grpc import aio
 
 from protos import kserve_pb2
-from tests.serve.conftest import free_port, reference
+from tests.serve.conftest import free_ports, reference
 from tests.serve.procs import ServeProcess
 from tests.serve.v2 import INFER, infer_payload, reply_logits, request_counts, samples
 
@@ -137,7 +137,7 @@ def test_mixed_faults_then_sigterm(classifier_path: Path, tmp_path: Path) -> Non
     for name in ("tiny", "cancel", "deadline"):
         (repository / name / "1").mkdir(parents=True)
         shutil.copy(classifier_path, repository / name / "1" / "model.onnx")
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     args = [
         "--model-repository", str(repository), "--host", "127.0.0.1", "--port", str(port),
         "--metrics-port", str(metrics_port), "--device", "cpu", "--intra-op-threads", "1",

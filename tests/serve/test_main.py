@@ -23,7 +23,7 @@ import tritonclient.grpc as tc
 from serve.benchenv import wait_serving
 from serve.client import Client, ClientError
 from serve.config import ServerConfig
-from tests.serve.conftest import free_port, make_reshape_model
+from tests.serve.conftest import free_port, free_ports, make_reshape_model
 from tests.serve.procs import ServeProcess
 
 
@@ -348,7 +348,7 @@ def _ipv6_loopback() -> bool:
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
 def test_bracketed_ipv6_host_serves_grpc_and_metrics(classifier_path: Path, tmp_path: Path) -> None:
     # `--host [::1]` bound gRPC, then the metrics endpoint could not resolve it and exit 1.
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     args = [str(classifier_path), "--host", "[::1]", "--port", str(port),
             "--metrics-port", str(metrics_port), "--device", "cpu"]  # fmt: skip
     with ServeProcess(args, port, tmp_path / "log", ready_line="ready: serving") as proc:
