@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import serve.server as server_module
+from serve import images
 from serve.background import BackgroundServer
 from serve.benchenv import free_port, free_ports  # noqa: F401 (free_ports: for the tests)
 from serve.config import ServerConfig
@@ -199,3 +200,17 @@ def server_held_loading(
         release.set()
         starting.join(60)
         background.close()
+
+
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Grows by one for every image the (in-process) server decodes."""
+    calls: list[int] = []
+    decode = images.decode
+
+    def counting_decode(*args: object) -> np.ndarray:
+        calls.append(1)
+        return decode(*args)
+
+    monkeypatch.setattr(images, "decode", counting_decode)
+    return calls

@@ -235,20 +235,6 @@ def test_a_pixel_limit_above_pillows_own_is_the_one_that_counts(
         assert "expected images of at most 300000000 pixels" in error.details()
 
 
-@pytest.fixture
-def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Grows by one for every image the (in-process) server decodes."""
-    calls: list[int] = []
-    decode = images.decode
-
-    def counting_decode(*args: object) -> np.ndarray:
-        calls.append(1)
-        return decode(*args)
-
-    monkeypatch.setattr(images, "decode", counting_decode)
-    return calls
-
-
 def test_more_images_than_a_request_may_hold_are_refused_before_decoding(
     start_server: Callable[..., BackgroundServer], decoded: list[int]
 ) -> None:

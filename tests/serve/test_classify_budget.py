@@ -23,20 +23,6 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture
-def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Grows by one for every image the (in-process) server decodes."""
-    calls: list[int] = []
-    decode = images.decode
-
-    def counting_decode(*args: object) -> np.ndarray:
-        calls.append(1)
-        return decode(*args)
-
-    monkeypatch.setattr(images, "decode", counting_decode)
-    return calls
-
-
 def _refused(stub: classifier_pb2_grpc.ClassifierStub, data: bytes, count: int) -> grpc.RpcError:
     request = classifier_pb2.ClassifyRequest(model="tiny", images=[{"encoded": data}] * count)
     with pytest.raises(grpc.RpcError) as caught:
