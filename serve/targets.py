@@ -30,9 +30,15 @@ def check_target(target: str) -> None:
         return
     if target.lower().startswith(("http://", "https://", "grpc://", "grpcs://")):
         # Triton's HTTP habit; gRPC would take it for a resolver's URI and fail to resolve it.
+        address = target.partition("://")[2].partition("/")[0]
+        try:
+            check_target(address)
+            example = address  # the URL's own HOST:PORT
+        except ValueError:
+            example = "localhost:8001"
         raise ValueError(
             f"expected HOST:PORT, got {target!r}, a URL: gRPC targets take no scheme; pass e.g. "
-            "localhost:8001"
+            f"{example}"
         )
     if target.startswith(_OTHER_SCHEMES) or ("://" in target and not target.startswith("dns:")):
         return

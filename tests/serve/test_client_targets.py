@@ -34,6 +34,8 @@ NO_PORT = [
     ("http://localhost", "a URL: gRPC targets take no scheme; pass e.g. localhost:8001"),
     ("HTTPS://triton.example.com", "a URL: gRPC targets take no scheme"),
     ("grpc://localhost:8001", "a URL: gRPC targets take no scheme"),
+    ("http://127.0.0.1:18431/v2", "a URL: gRPC targets take no scheme; pass e.g. 127.0.0.1:18431"),
+    ("http://[::1]", "a URL: gRPC targets take no scheme; pass e.g. localhost:8001"),
 ]
 
 
