@@ -102,8 +102,10 @@ def _coroutine(behavior: Callable, method: str, on_missing: Missing | None) -> C
             # grpc.aio keeps the latest call's state, this exception in it, until another call
             # comes: with its traceback went the frames that held the request, so a refused
             # 30 MB request stayed in memory on an idle server.
-            e.__traceback__ = e.__context__ = e.__cause__ = None
-            raise
+            # A bare `raise` would put the traceback back on Python 3.10 (3.11 raises what
+            # __traceback__ holds).
+            e.__context__ = None
+            raise e.with_traceback(None) from None
 
     return serve
 
