@@ -25,13 +25,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.serve.conftest import free_ports, make_classifier
 from tests.serve.procs import probe_until_serving
 
+tomllib = pytest.importorskip("tomllib")  # Python 3.11 on; the project supports 3.10 too
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.install
 

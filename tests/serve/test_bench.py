@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -26,6 +27,12 @@ from tests.serve.conftest import free_port, make_classifier, make_reshape_model
 from tests.serve.pki import make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
+# --plot needs the bench extra (matplotlib), which `make test` installs; `.[test]` alone has not.
+needs_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="matplotlib (the bench extra) is not installed",
+)
+
 BRIEF = ["--seconds", "1", "--warmup", "0.3", "--baseline-batches", "1,4",
          "--baseline-seconds", "0.2"]  # fmt: skip
 
@@ -49,6 +56,7 @@ def _check_row(row: dict) -> None:
     assert row["mean_batch"] is not None and row["mean_batch"] >= 1
 
 
+@needs_matplotlib
 def test_spawn_json_report_with_comparison_and_plot(classifier_path: Path, tmp_path: Path) -> None:
     plot = tmp_path / "bench.png"
     done = _bench(
@@ -274,6 +282,7 @@ def test_request_over_the_servers_message_limit(
     assert "lower --images" in capsys.readouterr().err
 
 
+@needs_matplotlib
 def test_plot_write_failure_after_the_run_is_one_line(
     start_server: Callable[..., BackgroundServer],
     tmp_path: Path,
