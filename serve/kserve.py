@@ -14,9 +14,10 @@ from serve.state import VERSION, ServingState, serves_version
 from serve.streaming import Stream
 from serve.wire import Undecodable, checked, deserializer, require_parsed
 
-SERVICE = "inference.GRPCInferenceService"
-# The package clients know our KServe messages by (Triton's); ours is private (DESIGN.md).
-WIRE_PACKAGE = SERVICE.rpartition(".")[0]
+# The package clients know our KServe service and messages by (Triton's); the one our .proto
+# compiles to is private (DESIGN.md).
+WIRE_PACKAGE = "inference"
+SERVICE = f"{WIRE_PACKAGE}.GRPCInferenceService"
 PLATFORM = "onnxruntime_onnx"
 SERVER_NAME = "onnx-classifier-serving"
 SERVER_VERSION = "0.1.0"

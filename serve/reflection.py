@@ -29,11 +29,11 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from protos import classifier_pb2, kserve_pb2
+from serve import kserve
 from serve.errors import not_found
 from serve.health import unknown_service
 from serve.wire import checked, checked_stream, deserializer
 
-UPSTREAM_PACKAGE = "inference"
 UPSTREAM_FILE = "inference/grpc_service.proto"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
@@ -69,7 +69,7 @@ def _renamed(module: object, package: str, name: str) -> descriptor_pb2.FileDesc
 
 def upstream_kserve_file() -> descriptor_pb2.FileDescriptorProto:
     """Our KServe file descriptor, renamed to the upstream ``inference`` package."""
-    return _renamed(kserve_pb2, UPSTREAM_PACKAGE, UPSTREAM_FILE)
+    return _renamed(kserve_pb2, kserve.WIRE_PACKAGE, UPSTREAM_FILE)
 
 
 def reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -114,7 +114,7 @@ class _MethodAwarePool:
 def service_names() -> tuple[str, ...]:
     """The fully qualified names reflection lists (what ``grpcurl list`` prints)."""
     return (
-        f"{UPSTREAM_PACKAGE}.GRPCInferenceService",
+        kserve.SERVICE,
         classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
         health.SERVICE_NAME,
         reflection.SERVICE_NAME,
