@@ -189,12 +189,11 @@ def health_handler(
         "Watch": grpc.unary_stream_rpc_method_handler(
             checked(watch), request_deserializer=request, response_serializer=answer
         ),
-    }
-    # List came into grpcio-health-checking's .proto after the oldest release pyproject allows.
-    if hasattr(health_pb2, "HealthListRequest"):
-        methods["List"] = grpc.unary_unary_rpc_method_handler(
+        # In grpcio-health-checking's .proto from 1.85 on, the floor in pyproject.toml.
+        "List": grpc.unary_unary_rpc_method_handler(
             checked(listed),
             request_deserializer=deserializer(health_pb2.HealthListRequest),
             response_serializer=health_pb2.HealthListResponse.SerializeToString,
-        )
+        ),
+    }
     return grpc.method_handlers_generic_handler(health.SERVICE_NAME, methods)
